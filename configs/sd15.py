@@ -1,0 +1,65 @@
+"""Stable Diffusion 1.5: LiDB DreamBooth on one GPU host, weights from a local folder.
+
+The folder is a diffusers-format SD1.5 checkout (unet/ vae/ text_encoder/ tokenizer/
+scheduler/) with Flax or PyTorch safetensors weights; there is no download.
+
+    pip install -e '.[cuda]'
+    python -m train.lidb_dreambooth --config configs/sd15.py \
+        --config.model.path=/data/stable-diffusion-v1-5 \
+        --config.images=/data/me/ --workdir /tmp/hdb_sd15_me
+
+Sizes, with no weights read (the architecture below mirrors SD1.5's config.json files):
+
+    hdb info --config configs/sd15.py     # lidb_layers 176, lidb_trainable_params 26400
+"""
+
+import ml_collections
+
+
+def sd15_model() -> ml_collections.ConfigDict:
+  model = ml_collections.ConfigDict()
+  model.path = ""  # set to the local SD1.5 folder; the architecture below is then read from it
+  model.dtype = "float32"
+  model.init_seed = 0
+  model.tokenizer_path = ""
+  model.unet = dict(
+      sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+      block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
+      cross_attention_dim=768,
+      down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+  model.vae = dict(
+      in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+      block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=512,
+      down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+      scaling_factor=0.18215)
+  model.text_encoder = dict(
+      vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+      num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+      projection_dim=768)
+  model.scheduler = dict(
+      num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+      steps_offset=1, prediction_type="epsilon")
+  return model
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model = sd15_model()
+  config.lidb = dict(seed=0, a=100, b=50, rank=1,
+                     targets=dict(unet=r"/attn[12]/(to_q|to_k|to_v|to_out_0)$",
+                                  text_encoder=r"/self_attn/(q_proj|k_proj|v_proj|out_proj)$"))
+  config.images = ""  # required: --config.images=/path/to/photos
+  config.token = "sks"
+  config.class_name = "person"
+  config.instance_prompt = "a {token} {class_name}"
+  # LiDB DreamBooth (paper): a few hundred steps, batch 1, Adam.
+  config.train = dict(steps=400, batch_size=1, learning_rate=5e-4, seed=0, hflip=True,
+                      checkpoint_every=100, log_every=10)
+  config.prior = dict(num_images=0, weight=1.0, prompt="a {class_name}", num_steps=50)
+  config.sample = dict(
+      prompts=("a photo of {token} {class_name}", "a watercolor painting of {token} {class_name}",
+               "a pencil sketch of {token} {class_name}"),
+      per_prompt=2, num_steps=50, guidance_scale=7.5, seed=0, upscale=1)
+  return config

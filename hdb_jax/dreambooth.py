@@ -1,0 +1,80 @@
+"""LiDB DreamBooth for one subject: data preparation and a jitted optax train step.
+
+The frozen base params and the LiDB aux matrices are arguments of the step (never
+closed over: XLA would constant-fold them), the LiDB train pytree is what optax updates.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hdb_jax import diffusion, lidb
+
+
+def encode_subject(sd, vae_params, images: np.ndarray, hflip: bool) -> dict:
+  """VAE latent distribution of the subject images [N, H, W, 3] (and their mirror images).
+
+  Encoded once: the VAE is frozen. Returns {"mean", "std"}: [M, C, h, w] each, M = N or 2N.
+  """
+  if hflip:
+    images = np.concatenate([images, images[:, :, ::-1]])
+  mean, std = jax.jit(sd.encode_images)(vae_params, jnp.asarray(images))
+  return {"mean": mean, "std": std}
+
+
+def make_pool(latents: Mapping[str, jax.Array], input_ids: np.ndarray, weight: float) -> dict:
+  """A pool of examples to draw batches from: latents, prompt ids [M, L], loss weight [M]."""
+  count = latents["mean"].shape[0]
+  ids = np.broadcast_to(np.asarray(input_ids, np.int32).reshape(-1, input_ids.shape[-1]),
+                        (count, input_ids.shape[-1]))
+  return {"mean": latents["mean"], "std": latents["std"], "input_ids": jnp.asarray(ids),
+          "weight": jnp.full((count,), weight, jnp.float32)}
+
+
+def _draw(pool: Mapping[str, jax.Array], rng, batch_size: int) -> dict:
+  index = jax.random.randint(rng, (batch_size,), 0, pool["mean"].shape[0])
+  return jax.tree_util.tree_map(lambda x: x[index], dict(pool))
+
+
+def loss_fn(sd, train, frozen, aux, pools, rng, batch_size: int):
+  """Diffusion loss of the merged model on `batch_size` draws from each pool."""
+  draw_rng, latent_rng, noise_rng = jax.random.split(rng, 3)
+  batches = [_draw(pool, key, batch_size)
+             for pool, key in zip(pools, jax.random.split(draw_rng, len(pools)))]
+  batch = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *batches)
+  latents = diffusion.sample_latents(latent_rng, batch["mean"], batch["std"])
+  params = lidb.merge(frozen, train, aux)
+  return diffusion.text_conditioned_loss(sd, params, batch["input_ids"], latents, noise_rng,
+                                         batch["weight"])
+
+
+def make_train_step(sd, optimizer: optax.GradientTransformation, batch_size: int):
+  """jit(step)(train, opt_state, frozen, aux, pools, rng) -> (train, opt_state, loss).
+
+  `pools` is a tuple of `make_pool` dicts (instance, and optionally prior images).
+  """
+  def step(train, opt_state, frozen, aux, pools, rng):
+    loss, grads = jax.value_and_grad(
+        lambda t: loss_fn(sd, t, frozen, aux, pools, rng, batch_size))(train)
+    updates, opt_state = optimizer.update(grads, opt_state, train)
+    return optax.apply_updates(train, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_generate(sd, num_steps: int):
+  """jit(fn)(frozen, train, aux, cond_ids, uncond_ids, rng, guidance) -> images [B, H, W, 3].
+
+  With `train=None` and `aux=None` the base model samples (a separate compilation).
+  """
+  def generate(frozen, train, aux, cond_ids, uncond_ids, rng, guidance_scale):
+    params = frozen if train is None else lidb.merge(frozen, train, aux)
+    return diffusion.generate(sd, params, cond_ids, uncond_ids, rng, guidance_scale,
+                              num_steps)
+
+  return jax.jit(generate)

@@ -1,0 +1,96 @@
+"""Files: atomic writes, image reading, image grids."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+  """Yield a temp file path beside `path`; rename it onto `path` only on success."""
+  path = os.path.abspath(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path),
+                             dir=os.path.dirname(path))
+  os.close(fd)
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str):
+  """Yield a temp folder beside `path`; on success it replaces `path` (old one removed)."""
+  path = os.path.abspath(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path), dir=os.path.dirname(path))
+  os.chmod(tmp, 0o755)
+  try:
+    yield tmp
+    if os.path.exists(path):
+      old = path + ".old"
+      os.replace(path, old)
+      os.replace(tmp, path)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+
+
+def list_images(path: str) -> list[str]:
+  """An image file, or the image files of a folder (sorted)."""
+  if os.path.isfile(path):
+    return [path]
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no such image file or folder")
+  found = sorted(os.path.join(path, f) for f in os.listdir(path)
+                 if f.lower().endswith(IMAGE_SUFFIXES))
+  if not found:
+    raise FileNotFoundError(f"{path}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
+  return found
+
+
+def read_image(path: str, size: int) -> np.ndarray:
+  """RGB image, center-cropped to a square and resized -> float32 [size, size, 3] in [-1, 1]."""
+  try:
+    with Image.open(path) as im:
+      im = im.convert("RGB")
+      side = min(im.size)
+      left, top = (im.width - side) // 2, (im.height - side) // 2
+      im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+      pixels = np.asarray(im, dtype=np.float32)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: cannot read image ({e})") from e
+  return pixels / 127.5 - 1.0
+
+
+def to_uint8(images) -> np.ndarray:
+  """Images in [-1, 1] [..., H, W, 3] -> uint8."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def save_grid(images, path: str, rows: int, upscale: int = 1) -> None:
+  """Images [N, H, W, 3] in [-1, 1] -> one PNG grid of `rows` rows (N must divide)."""
+  images = to_uint8(images)
+  n, h, w, c = images.shape
+  cols = n // rows
+  grid = images[: rows * cols].reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4)
+  grid = grid.reshape(rows * h, cols * w, c)
+  im = Image.fromarray(grid)
+  if upscale > 1:
+    im = im.resize((im.width * upscale, im.height * upscale), Image.NEAREST)
+  with atomic_path(path) as tmp:
+    im.save(tmp, format="PNG")

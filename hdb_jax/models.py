@@ -1,0 +1,344 @@
+"""Stable Diffusion components: build from a config, load from a local folder, save.
+
+This is the only module that imports the Flax model classes of diffusers (<= 0.39) and
+transformers (< 5). Everything else works with `StableDiffusion` (stateless modules and
+the tokenizer/scheduler) and a params dict `{"unet": ..., "vae": ..., "text_encoder": ...}`.
+
+Folder layout (diffusers): `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`.
+Weights are read as Flax msgpack (`diffusion_flax_model.msgpack`, `flax_model.msgpack`)
+or as PyTorch safetensors (`diffusion_pytorch_model.safetensors`, `model.safetensors`),
+converted on load. Only local paths are accepted: no model hub.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hdb_jax import params as params_lib
+
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
+
+
+# Quiet the deprecation notices that diffusers 0.39 and transformers 4.x log for every
+# Flax object: the pins in setup.cfg are deliberate. Other messages pass.
+class _DropFlaxDeprecation(logging.Filter):
+  def filter(self, record):
+    message = record.getMessage()
+    return not ("Flax classes are deprecated" in message
+                or "TensorFlow and JAX classes are deprecated" in message)
+
+
+for _library in (diffusers_logging.get_logger("diffusers"),
+                 transformers_logging.get_logger("transformers")):
+  for _handler in _library.handlers:
+    _handler.addFilter(_DropFlaxDeprecation())
+
+from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxUNet2DConditionModel  # noqa: E402
+from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
+from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax  # noqa: E402
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+FLAX_WEIGHTS = {"unet": "diffusion_flax_model.msgpack", "vae": "diffusion_flax_model.msgpack",
+                "text_encoder": "flax_model.msgpack"}
+TORCH_WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors",
+                 "vae": "diffusion_pytorch_model.safetensors",
+                 "text_encoder": "model.safetensors"}
+
+
+class ModelLoadError(ValueError):
+  """A model folder or weights file is missing, unreadable or does not fit the config."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StableDiffusion:
+  """Stateless SD components. Params live outside, in a dict keyed by `COMPONENTS`."""
+  unet: FlaxUNet2DConditionModel
+  vae: FlaxAutoencoderKL
+  text_encoder: FlaxCLIPTextModel  # created with _do_init=False: holds no weights
+  tokenizer: CLIPTokenizer
+  scheduler: FlaxDDIMScheduler
+
+  @property
+  def latent_channels(self) -> int:
+    return self.unet.config.in_channels
+
+  @property
+  def latent_size(self) -> int:
+    return self.unet.config.sample_size
+
+  @property
+  def image_size(self) -> int:
+    return self.latent_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+  @property
+  def max_length(self) -> int:
+    return self.tokenizer.model_max_length
+
+  @property
+  def prediction_type(self) -> str:
+    return self.scheduler.config.prediction_type
+
+  def tokenize(self, prompts: list[str]) -> np.ndarray:
+    """Prompts -> token ids [B, max_length] (padded, truncated), on the host."""
+    return self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                          max_length=self.max_length, return_tensors="np").input_ids
+
+  def encode_text(self, text_params, input_ids):
+    """Token ids [B, L] -> hidden states [B, L, D] (last layer, as SD1.5)."""
+    batch, length = input_ids.shape
+    position_ids = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
+    out = self.text_encoder.module.apply(
+        {"params": text_params}, input_ids, jnp.ones_like(input_ids), position_ids,
+        deterministic=True)
+    return out[0]
+
+  def predict(self, unet_params, latents, timesteps, context):
+    """UNet output [B, C, h, w] for noisy latents [B, C, h, w], timesteps [B], context [B, L, D]."""
+    return self.unet.apply({"params": unet_params}, latents, timesteps, context).sample
+
+  def encode_images(self, vae_params, images):
+    """Images [B, H, W, 3] in [-1, 1] -> (latent mean, latent std), each [B, C, h, w], scaled."""
+    dist = self.vae.apply({"params": vae_params}, jnp.transpose(images, (0, 3, 1, 2)),
+                          method=self.vae.encode).latent_dist
+    scale = self.vae.config.scaling_factor
+    # Flax VAE returns NHWC latents; the UNet takes NCHW.
+    to_nchw = lambda x: jnp.transpose(x, (0, 3, 1, 2)) * scale
+    return to_nchw(dist.mean), to_nchw(dist.std)
+
+  def decode_latents(self, vae_params, latents):
+    """Scaled latents [B, C, h, w] -> images [B, H, W, 3] in [-1, 1]."""
+    latents = latents / self.vae.config.scaling_factor
+    images = self.vae.apply({"params": vae_params}, latents, method=self.vae.decode).sample
+    return jnp.clip(jnp.transpose(images, (0, 2, 3, 1)), -1.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------
+# Construction
+
+def _as_dict(cfg) -> dict:
+  return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def _make(unet_cfg, vae_cfg, text_cfg, scheduler_cfg, tokenizer, dtype) -> StableDiffusion:
+  unet = FlaxUNet2DConditionModel.from_config(_as_dict(unet_cfg), dtype=dtype)
+  vae = FlaxAutoencoderKL.from_config(_as_dict(vae_cfg), dtype=dtype)
+  text_config = CLIPTextConfig(**{k: v for k, v in _as_dict(text_cfg).items()
+                                  if not k.startswith("_")})
+  text_encoder = FlaxCLIPTextModel(text_config, _do_init=False, dtype=dtype)
+  scheduler = FlaxDDIMScheduler.from_config(_as_dict(scheduler_cfg))
+  return StableDiffusion(unet, vae, text_encoder, tokenizer, scheduler)
+
+
+def abstract_params(sd: StableDiffusion) -> dict:
+  """Parameter shapes of every component via jax.eval_shape (nothing allocated)."""
+  rng = jax.random.PRNGKey(0)
+  text_len = sd.text_encoder.config.max_position_embeddings
+  return flax.core.unfreeze({
+      "unet": jax.eval_shape(sd.unet.init_weights, rng),
+      "vae": jax.eval_shape(sd.vae.init_weights, rng),
+      "text_encoder": jax.eval_shape(
+          lambda r: sd.text_encoder.init_weights(r, (1, text_len)), rng),
+  })
+
+
+def from_config(model_cfg, tokenizer: CLIPTokenizer | None = None):
+  """Components and their abstract params from a config's architecture (no weights).
+
+  `model_cfg` has `unet`, `vae`, `text_encoder`, `scheduler` (constructor kwargs, as in
+  the diffusers `config.json` files), `dtype`, and optionally `tokenizer_path`.
+  """
+  dtype = jnp.dtype(model_cfg.get("dtype", "float32"))
+  if tokenizer is None and model_cfg.get("tokenizer_path"):
+    tokenizer = _load_tokenizer(model_cfg.tokenizer_path)
+  sd = _make(model_cfg.unet, model_cfg.vae, model_cfg.text_encoder, model_cfg.scheduler,
+             tokenizer, dtype)
+  return sd, abstract_params(sd)
+
+
+def init_random(sd: StableDiffusion, seed: int) -> dict:
+  """Random-init params of every component (the weights a config builds before training)."""
+  rng = jax.random.PRNGKey(seed)
+  keys = dict(zip(COMPONENTS, jax.random.split(rng, len(COMPONENTS))))
+  text_len = sd.text_encoder.config.max_position_embeddings
+  params = {
+      "unet": sd.unet.init_weights(keys["unet"]),
+      "vae": sd.vae.init_weights(keys["vae"]),
+      "text_encoder": sd.text_encoder.init_weights(keys["text_encoder"], (1, text_len)),
+  }
+  return flax.core.unfreeze(params)
+
+
+# ------------------------------------------------------------------------------------
+# Loading
+
+def _require(path: str, what: str) -> str:
+  if not os.path.exists(path):
+    raise ModelLoadError(f"{path}: missing ({what})")
+  return path
+
+
+def _read_json(path: str) -> dict:
+  _require(path, "config file")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ModelLoadError(f"{path}: not a readable JSON config ({e})") from e
+
+
+def _load_tokenizer(folder: str) -> CLIPTokenizer:
+  for name in ("vocab.json", "merges.txt"):
+    _require(os.path.join(folder, name), "CLIP tokenizer file")
+  try:
+    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+  except Exception as e:  # the tokenizer raises many types on bad files
+    raise ModelLoadError(f"{folder}: cannot load the CLIP tokenizer ({e})") from e
+
+
+def _read_weights(component: str, folder: str, sd: StableDiffusion, expected) -> dict:
+  """Weights of one component from `folder`: Flax msgpack, else PyTorch safetensors."""
+  flax_file = os.path.join(folder, FLAX_WEIGHTS[component])
+  torch_file = os.path.join(folder, TORCH_WEIGHTS[component])
+  if os.path.exists(flax_file):
+    try:
+      with open(flax_file, "rb") as f:
+        return flax.serialization.msgpack_restore(f.read())
+    except Exception as e:
+      raise ModelLoadError(f"{flax_file}: not a readable Flax msgpack file ({e})") from e
+  if os.path.exists(torch_file):
+    import safetensors.numpy
+    try:
+      torch_state = safetensors.numpy.load_file(torch_file)
+    except Exception as e:
+      raise ModelLoadError(f"{torch_file}: not a readable safetensors file ({e})") from e
+    try:
+      return _torch_to_flax(component, torch_state, sd, expected)
+    except ModelLoadError:
+      raise
+    except Exception as e:
+      raise ModelLoadError(f"{torch_file}: cannot convert PyTorch weights ({e})") from e
+  raise ModelLoadError(
+      f"{folder}: no weights ({FLAX_WEIGHTS[component]} or {TORCH_WEIGHTS[component]})")
+
+
+def _torch_to_flax(component: str, torch_state: dict, sd, expected) -> dict:
+  """PyTorch state dict (numpy arrays) -> Flax params, renamed and transposed."""
+  if component == "text_encoder":
+    # transformers' converter accepts numpy arrays (its safetensors path does the same).
+    return convert_pytorch_state_dict_to_flax(torch_state, sd.text_encoder)
+  # diffusers' converter calls `.numpy()` on torch tensors and random-inits the model;
+  # its two renaming helpers are pure and only need the expected shapes.
+  expected_flat = flax.traverse_util.flatten_dict(expected)
+  flat = {}
+  for torch_key, tensor in torch_state.items():
+    key = tuple(rename_key(torch_key).split("."))
+    flax_key, flax_tensor = rename_key_and_reshape_tensor(key, tensor, expected_flat)
+    flat[flax_key] = flax_tensor
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def _check_fits(component: str, folder: str, loaded: dict, expected: dict) -> dict:
+  """Loaded params must have exactly the expected paths and shapes; cast to its dtype."""
+  got = params_lib.flatten(loaded)
+  want = params_lib.flatten(expected)
+  missing = sorted(set(want) - set(got))
+  unexpected = sorted(set(got) - set(want))
+  wrong = [f"{k}: {tuple(np.shape(got[k]))} != {tuple(want[k].shape)}"
+           for k in sorted(set(got) & set(want)) if tuple(np.shape(got[k])) != tuple(want[k].shape)]
+  problems = []
+  if missing:
+    problems.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+  if unexpected:
+    problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+  if wrong:
+    problems.append(f"{len(wrong)} with wrong shape (e.g. {wrong[:3]})")
+  if problems:
+    raise ModelLoadError(f"{folder}: weights do not fit the {component} config: "
+                         + "; ".join(problems))
+  return params_lib.unflatten(
+      {k: jnp.asarray(v, dtype=want[k].dtype) for k, v in got.items()})
+
+
+def load(path: str, dtype: str = "float32"):
+  """Load `(StableDiffusion, params)` from a local diffusers-format folder."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise ModelLoadError(f"{path}: not a folder (expected a local diffusers-format "
+                         "Stable Diffusion folder; model hub ids are not supported)")
+  for sub in SUBFOLDERS:
+    if not os.path.isdir(os.path.join(path, sub)):
+      raise ModelLoadError(f"{os.path.join(path, sub)}: missing subfolder '{sub}'")
+  cfg = {
+      "unet": _read_json(os.path.join(path, "unet", "config.json")),
+      "vae": _read_json(os.path.join(path, "vae", "config.json")),
+      "text_encoder": _read_json(os.path.join(path, "text_encoder", "config.json")),
+      "scheduler": _read_json(os.path.join(path, "scheduler", "scheduler_config.json")),
+  }
+  tokenizer = _load_tokenizer(os.path.join(path, "tokenizer"))
+  try:
+    sd = _make(cfg["unet"], cfg["vae"], cfg["text_encoder"], cfg["scheduler"], tokenizer,
+               jnp.dtype(dtype))
+  except Exception as e:
+    raise ModelLoadError(f"{path}: config files do not describe a supported model ({e})") from e
+  expected = abstract_params(sd)
+  params = {}
+  for component in COMPONENTS:
+    folder = os.path.join(path, component)
+    loaded = _read_weights(component, folder, sd, expected[component])
+    params[component] = _check_fits(component, folder, loaded, expected[component])
+  return sd, params
+
+
+def load_or_build(model_cfg):
+  """`model_cfg.path` set: load that folder. Else build from the config, random init."""
+  if model_cfg.get("path"):
+    return load(model_cfg.path, model_cfg.get("dtype", "float32"))
+  sd, _ = from_config(model_cfg)
+  if sd.tokenizer is None:
+    raise ModelLoadError("model.tokenizer_path is empty: a model built from a config "
+                         "needs a CLIP-format tokenizer folder")
+  return sd, init_random(sd, model_cfg.get("init_seed", 0))
+
+
+# ------------------------------------------------------------------------------------
+# Saving
+
+def save(sd: StableDiffusion, params: Mapping[str, Any], path: str) -> None:
+  """Write a diffusers-format folder with Flax weights, atomically (temp dir + rename)."""
+  from hdb_jax import files
+  with files.atomic_dir(path) as tmp:
+    for name, model in (("unet", sd.unet), ("vae", sd.vae)):
+      model.save_pretrained(os.path.join(tmp, name), params=params[name])
+    sd.text_encoder.save_pretrained(os.path.join(tmp, "text_encoder"),
+                                    params=params["text_encoder"])
+    sd.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    sd.scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
+    with open(os.path.join(tmp, "model_index.json"), "w") as f:
+      json.dump(MODEL_INDEX, f, indent=2)
+
+
+# What PyTorch tools (diffusers StableDiffusionPipeline) expect at the folder root.
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": "0.39.0",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
