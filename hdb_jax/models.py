@@ -46,7 +46,8 @@ for _library in (diffusers_logging.get_logger("diffusers"),
 from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxUNet2DConditionModel  # noqa: E402
 from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
-from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax  # noqa: E402
+from transformers.modeling_flax_pytorch_utils import (  # noqa: E402
+    rename_key_and_reshape_tensor as transformers_rename_key)
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -207,7 +208,7 @@ def _load_tokenizer(folder: str) -> CLIPTokenizer:
     raise ModelLoadError(f"{folder}: cannot load the CLIP tokenizer ({e})") from e
 
 
-def _read_weights(component: str, folder: str, sd: StableDiffusion, expected) -> dict:
+def _read_weights(component: str, folder: str, expected) -> dict:
   """Weights of one component from `folder`: Flax msgpack, else PyTorch safetensors."""
   flax_file = os.path.join(folder, FLAX_WEIGHTS[component])
   torch_file = os.path.join(folder, TORCH_WEIGHTS[component])
@@ -224,7 +225,7 @@ def _read_weights(component: str, folder: str, sd: StableDiffusion, expected) ->
     except Exception as e:
       raise ModelLoadError(f"{torch_file}: not a readable safetensors file ({e})") from e
     try:
-      return _torch_to_flax(component, torch_state, sd, expected)
+      return _torch_to_flax(component, torch_state, expected)
     except ModelLoadError:
       raise
     except Exception as e:
@@ -233,19 +234,35 @@ def _read_weights(component: str, folder: str, sd: StableDiffusion, expected) ->
       f"{folder}: no weights ({FLAX_WEIGHTS[component]} or {TORCH_WEIGHTS[component]})")
 
 
-def _torch_to_flax(component: str, torch_state: dict, sd, expected) -> dict:
-  """PyTorch state dict (numpy arrays) -> Flax params, renamed and transposed."""
+def torch_key_to_flax(torch_key: str, shape, expected_flat: Mapping,
+                      component: str = "unet") -> tuple[str, ...]:
+  """The PyTorch->Flax name rule of diffusers (UNet, VAE) or transformers (CLIP) for one
+  weight -> Flax key tuple. `expected_flat`: {Flax key tuple: array or shape struct}."""
+  dummy = np.empty(shape, np.float32)
   if component == "text_encoder":
-    # transformers' converter accepts numpy arrays (its safetensors path does the same).
-    return convert_pytorch_state_dict_to_flax(torch_state, sd.text_encoder)
-  # diffusers' converter calls `.numpy()` on torch tensors and random-inits the model;
-  # its two renaming helpers are pure and only need the expected shapes.
+    return transformers_rename_key(tuple(torch_key.split(".")), dummy, expected_flat,
+                                   "text_model")[0]
+  return rename_key_and_reshape_tensor(tuple(rename_key(torch_key).split(".")), dummy,
+                                       expected_flat)[0]
+
+
+def _torch_to_flax(component: str, torch_state: dict, expected) -> dict:
+  """PyTorch state dict (numpy arrays) -> Flax params: renamed, transposed.
+
+  The library converters random-init the Flax model and need torch tensors; their
+  renaming rules only need the expected shapes, so they are applied here directly.
+  """
   expected_flat = flax.traverse_util.flatten_dict(expected)
   flat = {}
   for torch_key, tensor in torch_state.items():
-    key = tuple(rename_key(torch_key).split("."))
-    flax_key, flax_tensor = rename_key_and_reshape_tensor(key, tensor, expected_flat)
-    flat[flax_key] = flax_tensor
+    if torch_key.endswith("position_ids"):  # a buffer of CLIP's PyTorch module, not a weight
+      continue
+    flax_key = torch_key_to_flax(torch_key, tensor.shape, expected_flat, component)
+    if flax_key[-1] == "kernel" and tensor.ndim == 4:
+      tensor = tensor.transpose(2, 3, 1, 0)  # [out, in, kh, kw] -> [kh, kw, in, out]
+    elif flax_key[-1] == "kernel":
+      tensor = tensor.T                      # [out, in] -> [in, out]
+    flat[flax_key] = tensor
   return flax.traverse_util.unflatten_dict(flat)
 
 
@@ -296,7 +313,7 @@ def load(path: str, dtype: str = "float32"):
   params = {}
   for component in COMPONENTS:
     folder = os.path.join(path, component)
-    loaded = _read_weights(component, folder, sd, expected[component])
+    loaded = _read_weights(component, folder, expected[component])
     params[component] = _check_fits(component, folder, loaded, expected[component])
   return sd, params
 
