@@ -1,0 +1,38 @@
+"""Build a mini-world dataset into the data dir ($HDB_DATA_DIR or ~/tensorflow_datasets).
+
+    python -m hdb_jax.data --config default          # synthetic_faces/default
+    python -m hdb_jax.data --folder ~/my_faces       # face_folder from your own photos
+"""
+
+import argparse
+import sys
+import time
+
+from hdb_jax import data
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default="default", help="synthetic_faces config: default, tiny")
+  parser.add_argument("--folder", default=None, help="build face_folder from this folder instead")
+  parser.add_argument("--image_size", type=int, default=32, help="face_folder image size")
+  parser.add_argument("--data_dir", default=None, help="default: $HDB_DATA_DIR or "
+                      "~/tensorflow_datasets")
+  args = parser.parse_args(argv)
+  start = time.time()
+  try:
+    if args.folder:
+      builder = data.build_folder(args.folder, args.data_dir, image_size=args.image_size)
+    else:
+      builder = data.build(args.config, args.data_dir)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  for split, info in builder.info.splits.items():
+    print(f"{split}: {info.num_examples} records")
+  print(f"{builder.data_dir} ready in {time.time() - start:.1f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
