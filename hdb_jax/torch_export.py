@@ -41,7 +41,7 @@ def flax_to_torch_state(torch_state_shapes: dict, flax_params, component: str) -
     elif flax_key[-1] == "kernel":
       value = value.T                          # [in, out] -> [out, in]
     value = value.reshape(shape)              # (1x1 conv attention weights, if any)
-    out[torch_key] = np.ascontiguousarray(value)
+    out[torch_key] = np.array(value, np.float32, copy=True, order="C")
     used.add(flax_key)
   unused = sorted("/".join(k) for k in set(flax_flat) - used)
   if unused:

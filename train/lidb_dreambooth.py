@@ -43,10 +43,8 @@ def read_subject_images(spec: str, size: int) -> np.ndarray:
   return np.stack([files.read_image(p, size) for p in paths])
 
 
-def main(argv):
-  del argv
-  logs.quiet_libraries()
-  config, workdir = FLAGS.config, FLAGS.workdir
+def run(config, workdir: str) -> dict:
+  """Train (or resume) and write the artefacts; returns the final LiDB train pytree."""
   os.makedirs(workdir, exist_ok=True)
   with files.atomic_path(os.path.join(workdir, "config.json")) as tmp, open(tmp, "w") as f:
     f.write(config.to_json(indent=2))
@@ -127,6 +125,13 @@ def main(argv):
   files.save_grid(jnp.concatenate(rows), grid_path, rows=len(rows),
                   upscale=config.sample.upscale)
   logging.info("wrote %s", grid_path)
+  return train
+
+
+def main(argv):
+  del argv
+  logs.quiet_libraries()
+  run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""LiDB: aux matrices, merge, counts, files."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hdb_jax import cli, lidb
+from hdb_jax import params as params_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _random_train(spec, seed=1, scale=0.1):
+  """A train pytree with both factors nonzero."""
+  train = lidb.init(spec, jax.random.key(seed))
+  return jax.tree_util.tree_map(
+      lambda x: x + scale * jax.random.normal(jax.random.key(seed + 1), x.shape), train)
+
+
+def test_aux_orthonormal():
+  for in_dim, out_dim, a, b in [(320, 640, 100, 50), (32, 32, 32, 32), (768, 40, 100, 40)]:
+    aux = lidb.layer_aux(0, "unet", "x/attn1/to_q", in_dim, out_dim, a, b)
+    down, up = aux["D_aux"], aux["U_aux"]
+    assert down.shape == (in_dim, a) and up.shape == (b, out_dim)
+    np.testing.assert_allclose(down.T @ down, np.eye(a), atol=2e-6)
+    np.testing.assert_allclose(up @ up.T, np.eye(b), atol=2e-6)
+
+
+def test_aux_depends_on_seed_and_path():
+  base = lidb.layer_aux(0, "unet", "p/attn1/to_q", 64, 64, 8, 8)["D_aux"]
+  assert not np.array_equal(base, lidb.layer_aux(1, "unet", "p/attn1/to_q", 64, 64, 8, 8)["D_aux"])
+  assert not np.array_equal(base, lidb.layer_aux(0, "unet", "p/attn1/to_k", 64, 64, 8, 8)["D_aux"])
+  np.testing.assert_array_equal(base, lidb.layer_aux(0, "unet", "p/attn1/to_q", 64, 64, 8, 8)["D_aux"])
+
+
+_AUX_DIGEST = """
+import hashlib, sys
+from hdb_jax import lidb
+aux = lidb.layer_aux(7, "text_encoder", "text_model/encoder/layers/3/self_attn/q_proj", 768, 768, 100, 50)
+print(hashlib.sha256(aux["D_aux"].tobytes() + aux["U_aux"].tobytes()).hexdigest())
+"""
+
+
+def test_aux_bit_identical_across_processes():
+  """Two fresh interpreters (different PYTHONHASHSEED) give the same aux bytes as this one."""
+  aux = lidb.layer_aux(7, "text_encoder", "text_model/encoder/layers/3/self_attn/q_proj",
+                       768, 768, 100, 50)
+  here = hashlib.sha256(aux["D_aux"].tobytes() + aux["U_aux"].tobytes()).hexdigest()
+  for hash_seed in ("1", "2"):
+    env = dict(os.environ, PYTHONHASHSEED=hash_seed, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", _AUX_DIGEST], env=env, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == here
+
+
+def test_merge_matches_dense_reference(tiny_model, tiny_lidb):
+  _, params = tiny_model
+  spec, aux = tiny_lidb
+  train = _random_train(spec)
+  merged = jax.jit(lidb.merge)(params, train, aux)
+  for component, layers in spec.layers.items():
+    flat_base = params_lib.flatten(params[component])
+    flat_merged = params_lib.flatten(merged[component])
+    for layer in layers:
+      w, x = train[component][layer], aux[component][layer]
+      reference = (np.asarray(flat_base[layer + "/kernel"], np.float64)
+                   + np.asarray(x["D_aux"], np.float64) @ np.asarray(w["D_train"], np.float64)
+                   @ np.asarray(w["U_train"], np.float64) @ np.asarray(x["U_aux"], np.float64))
+      np.testing.assert_allclose(flat_merged[layer + "/kernel"], reference, atol=1e-5)
+    # Everything that is not a target is untouched.
+    for path, value in flat_base.items():
+      if path[: -len("/kernel")] not in layers:
+        assert flat_merged[path] is value or np.array_equal(flat_merged[path], value)
+  assert not np.allclose(params_lib.flatten(merged["unet"])[next(iter(spec.layers["unet"])) + "/kernel"],
+                         params_lib.flatten(params["unet"])[next(iter(spec.layers["unet"])) + "/kernel"])
+
+
+def test_zero_residual_reproduces_base_exactly(tiny_model, tiny_lidb):
+  sd, params = tiny_model
+  spec, aux = tiny_lidb
+  train = lidb.init(spec, jax.random.key(0))  # U_train = 0
+  ids = sd.tokenize(["a sks face on a blue background"])
+  latents = jax.random.normal(jax.random.key(1), (1, 4, 8, 8))
+
+  @jax.jit
+  def outputs(p):
+    context = sd.encode_text(p["text_encoder"], ids)
+    return context, sd.predict(p["unet"], latents, jnp.array([500]), context)
+
+  base_context, base_out = outputs(params)
+  merged_context, merged_out = outputs(lidb.merge(params, train, aux))
+  np.testing.assert_array_equal(base_context, merged_context)
+  np.testing.assert_array_equal(base_out, merged_out)
+
+
+def test_sd15_counts_with_eval_shape(capsys):
+  assert cli.main(["info", "--config", os.path.join(REPO, "configs", "sd15.py")]) == 0
+  info = json.loads(capsys.readouterr().out)
+  assert info["lidb_layers"] == 176
+  assert info["lidb_layers_per_component"] == {"unet": 128, "text_encoder": 48}
+  assert info["lidb_trainable_params"] == 26400
+  assert info["lidb_bytes_fp32"] == 105600
+  assert info["base_params"]["unet"] == 859520964
+  assert info["base_params"]["text_encoder"] == 123060480
+
+
+def test_file_roundtrip_regenerates_aux(tmp_path, tiny_model, tiny_lidb):
+  _, params = tiny_model
+  spec, aux = tiny_lidb
+  train = _random_train(spec)
+  path = str(tmp_path / "lidb.safetensors")
+  lidb.save(path, train, spec, params_lib.fingerprint(params, spec.layers))
+  loaded, loaded_spec, metadata = lidb.load(path)
+  assert loaded_spec == spec
+  assert metadata["base_fingerprint"] == params_lib.fingerprint(params, spec.layers)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, jax.tree_util.tree_map(np.asarray, train))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, lidb.make_aux(loaded_spec), aux)
+  lidb.check_base(loaded_spec, params, path)
+  assert os.path.getsize(path) < 4 * spec.num_trainable + 20_000
+
+
+def test_file_errors(tmp_path, tiny_lidb):
+  spec, _ = tiny_lidb
+  train = _random_train(spec)
+  with pytest.raises(FileNotFoundError, match="no such LiDB file"):
+    lidb.load(str(tmp_path / "missing.safetensors"))
+  garbage = tmp_path / "garbage.safetensors"
+  garbage.write_bytes(b"not a safetensors file")
+  with pytest.raises(ValueError, match="garbage.safetensors"):
+    lidb.load(str(garbage))
+  component, layer = "unet", next(iter(spec.layers["unet"]))
+  train[component][layer]["U_train"] = train[component][layer]["U_train"].at[0, 0].set(jnp.nan)
+  bad = str(tmp_path / "nan.safetensors")
+  lidb.save(bad, train, spec)
+  with pytest.raises(ValueError, match="NaN or Inf"):
+    lidb.load(bad)
