@@ -44,7 +44,7 @@ _HAIR = np.array([[28, 24, 24], [240, 205, 55], [190, 55, 25], [238, 238, 238]])
 _BACKGROUND = np.array([[60, 90, 215], [70, 165, 80], [135, 65, 180], [240, 130, 185],
                         [128, 128, 128]]) / 255.
 _SCLERA = np.array([246, 246, 246]) / 255.
-_LIPS = np.array([[170, 30, 45], [55, 10, 20], [170, 30, 45]]) / 255.  # per mouth value
+_LIPS = np.array([[225, 35, 60], [45, 8, 18], [225, 35, 60]]) / 255.  # per mouth value
 _FRAME = np.array([18, 18, 18]) / 255.
 _LINE = np.array([20, 20, 20]) / 255.
 
@@ -136,7 +136,9 @@ def _box_down(images, factor):
 
 
 def _edges(labels, width):
-  """Pixels where the label changes within `width` pixels: bool [N, H, W]."""
+  """Pixels where the label changes within `width` pixels: bool [N, H, W]. The iris has
+  no outline of its own (at 32x32 an outline would cover it)."""
+  labels = np.where(labels == IRIS, np.int8(SCLERA), labels)
   edge = np.zeros(labels.shape, bool)
   edge[:, 1:, :] |= labels[:, 1:, :] != labels[:, :-1, :]
   edge[:, :, 1:] |= labels[:, :, 1:] != labels[:, :, :-1]
@@ -153,7 +155,7 @@ def _per_image_noise(seeds, shape, salt):
                    for s in seeds]).astype(np.float32)
 
 
-def _upsample(noise, size):
+def upsample(noise, size):
   """Noise [N, h, w, C] -> [N, size, size, C], bilinear-ish (separable linear interp)."""
   n, h, w, c = noise.shape
   grid_y, grid_x = np.linspace(0, h - 1, size), np.linspace(0, w - 1, size)
@@ -185,19 +187,19 @@ def _layers(attributes, x, y):
   cap = _ellipse(x, y, 0.0, cy - 0.02, col(rx) + 0.07, col(ry) + 0.12) & (y < top + 0.26)
   hair_front = (((style == 0) | (style == 1)) & cap
                 | (style == 2) & (np.abs(x) < 0.15) & (y > top - 0.34) & (y < top + 0.3))
-  beard = (a["beard"][:, None, None] == 1) & face & (y > 0.24) & ~_ellipse(x, y, 0.0, 0.42, 0.3, 0.13)
+  beard = (a["beard"][:, None, None] == 1) & face & (y > 0.24) & ~_ellipse(x, y, 0.0, 0.38, 0.32, 0.17)
 
   mouth_kind = a["mouth"][:, None, None]
-  arc = np.hypot(x, y - 0.2)
-  mouth = ((mouth_kind == 0) & (arc > 0.17) & (arc < 0.245) & (y > 0.3) & (np.abs(x) < 0.2)
-           | (mouth_kind == 1) & _ellipse(x, y, 0.0, 0.42, 0.12, 0.095)
-           | (mouth_kind == 2) & (np.abs(x) < 0.18) & (np.abs(y - 0.42) < 0.04))
+  arc = np.hypot(x, y - 0.16)
+  mouth = ((mouth_kind == 0) & (arc > 0.2) & (arc < 0.28) & (y > 0.26) & (np.abs(x) < 0.22)
+           | (mouth_kind == 1) & _ellipse(x, y, 0.0, 0.41, 0.12, 0.1)
+           | (mouth_kind == 2) & (np.abs(x) < 0.2) & (np.abs(y - 0.42) < 0.045))
 
   eye_x, eye_y = 0.21, 0.0
-  sclera = _ellipse(x, y, -eye_x, eye_y, 0.14, 0.095) | _ellipse(x, y, eye_x, eye_y, 0.14, 0.095)
-  iris = ((np.hypot(x + eye_x, y - eye_y) < 0.08) | (np.hypot(x - eye_x, y - eye_y) < 0.08))
-  ring = lambda cx: (_ellipse(x, y, cx, eye_y, 0.215, 0.17)
-                     & ~_ellipse(x, y, cx, eye_y, 0.15, 0.105))
+  sclera = _ellipse(x, y, -eye_x, eye_y, 0.155, 0.11) | _ellipse(x, y, eye_x, eye_y, 0.155, 0.11)
+  iris = ((np.hypot(x + eye_x, y - eye_y) < 0.095) | (np.hypot(x - eye_x, y - eye_y) < 0.095))
+  ring = lambda cx: (_ellipse(x, y, cx, eye_y, 0.235, 0.19)
+                     & ~_ellipse(x, y, cx, eye_y, 0.17, 0.125))
   frame = (a["glasses"][:, None, None] == 1) & (ring(-eye_x) | ring(eye_x)
                                       | (np.abs(x) < 0.07) & (np.abs(y - eye_y + 0.03) < 0.03))
 
@@ -243,10 +245,10 @@ def _painting(colour, labels, views, x, y):
   """Saturated colours, soft edges, streaky brush-stroke texture."""
   del labels, x, y
   seeds, size = views["seed"], colour.shape[1]
-  streaks = _upsample(_per_image_noise(seeds, (16, 4, 3), 0xB1), size)
+  streaks = upsample(_per_image_noise(seeds, (16, 4, 3), 0xB1), size)
   streaks = np.where((seeds % 2 == 0)[:, None, None, None], streaks,
                      streaks.transpose(0, 2, 1, 3))
-  blotch = _upsample(_per_image_noise(seeds, (6, 6, 3), 0xB2), size)
+  blotch = upsample(_per_image_noise(seeds, (6, 6, 3), 0xB2), size)
   mean = colour.mean(axis=-1, keepdims=True)
   paint = (mean + 1.35 * (colour - mean)) * (1.0 + 0.1 * streaks + 0.06 * blotch)
   return 0.5 * paint + 0.125 * (np.roll(paint, 1, 1) + np.roll(paint, -1, 1)
@@ -256,7 +258,7 @@ def _painting(colour, labels, views, x, y):
 def _cartoon(colour, labels, views, x, y):
   """Flat, brighter colours with thick black outlines."""
   del views, x, y
-  return np.where(_edges(labels, 3)[..., None], _LINE.astype(np.float32),
+  return np.where(_edges(labels, 2)[..., None], _LINE.astype(np.float32),
                   np.clip(colour * 1.08 + 0.03, 0, 1))
 
 

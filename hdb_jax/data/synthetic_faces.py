@@ -74,8 +74,9 @@ def render_examples(config: SyntheticFacesConfig, identities):
 class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
   """Procedurally rendered faces with known identity attributes and captioned context."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Irises keep their colour in sketch and cartoon styles."}
   BUILDER_CONFIGS = list(CONFIGS)
 
   def _info(self) -> tfds.core.DatasetInfo:
