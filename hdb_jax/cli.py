@@ -1,6 +1,12 @@
 """`hdb`: command-line tools of hdb-jax.
 
     hdb info --config configs/sd15.py      sizes of the model and of its LiDB, as JSON
+    hdb export --weights lidb.safetensors --format peft|kohya --out lora.safetensors
+                                            a LiDB / hdb-lora file as a PyTorch LoRA
+    hdb import --lora lora.safetensors --config configs/sd15.py --out hdb_lora.safetensors
+                                            a PyTorch LoRA (PEFT or kohya) as an hdb-lora file
+    hdb export-base --config configs/tiny.py --out DIR   (or --model DIR)
+                                            the base model as a diffusers PyTorch folder
 """
 
 from __future__ import annotations
@@ -43,6 +49,67 @@ def info(args) -> dict:
   }
 
 
+def export(args) -> dict:
+  """An hdb-jax LiDB or LoRA file -> a PyTorch LoRA file (PEFT/diffusers or kohya)."""
+  import os
+  from hdb_jax import convert, lora
+  weights, metadata = lora.read(args.weights)
+  provenance = {"hdb_source": os.path.basename(args.weights),
+                "hdb_source_format": metadata.get("format", ""),
+                "hdb_base_fingerprint": metadata.get("base_fingerprint", "")}
+  convert.export(weights, args.out, args.format, provenance)
+  return {"out": args.out, "format": args.format,
+          "layers": {c: len(v) for c, v in weights.items()},
+          "ranks": sorted({r for c in lora.ranks(weights).values() for r in c.values()})}
+
+
+def _abstract_base(model_cfg) -> dict:
+  """Abstract params (jax.eval_shape) of the config's base model. With model.path set the
+  architecture is read from that folder's config files; no weights are read either way."""
+  import os
+  import ml_collections
+  from hdb_jax import models
+  if model_cfg.get("path"):
+    folder = os.path.expanduser(model_cfg.path)
+    architecture = {"dtype": model_cfg.get("dtype", "float32")}
+    for name, file in (("unet", "unet/config.json"), ("vae", "vae/config.json"),
+                       ("text_encoder", "text_encoder/config.json"),
+                       ("scheduler", "scheduler/scheduler_config.json")):
+      architecture[name] = models._read_json(os.path.join(folder, file))
+    model_cfg = ml_collections.ConfigDict(architecture)
+  _, abstract = models.from_config(model_cfg, tokenizer=None)
+  return abstract
+
+
+def import_lora(args) -> dict:
+  """A PyTorch LoRA file (PEFT/diffusers or kohya) -> an hdb-lora file, checked against the
+  base model of --config (its model.path folder's config files, else the config's own
+  architecture; shapes via jax.eval_shape, no weights read)."""
+  import os
+  from hdb_jax import config_file, convert, lora
+  from hdb_jax import params as params_lib
+  config = config_file.load(args.config, _parse_overrides(args.set))
+  abstract = _abstract_base(config.model)
+  weights, fmt = convert.load(args.lora, abstract)
+  lora.save(args.out, weights, {"source": os.path.basename(args.lora), "source_format": fmt,
+                                "base_fingerprint": params_lib.fingerprint(abstract)})
+  return {"out": args.out, "source_format": fmt,
+          "layers": {c: len(v) for c, v in weights.items()},
+          "ranks": sorted({r for c in lora.ranks(weights).values() for r in c.values()})}
+
+
+def export_base(args) -> dict:
+  """The base model (--model folder, or built/loaded from --config) -> diffusers PyTorch folder."""
+  from hdb_jax import config_file, models, torch_export
+  if args.model:
+    sd, params = models.load(args.model)
+  else:
+    config = config_file.load(args.config, _parse_overrides(args.set))
+    sd, params = models.load_or_build(config.model)
+  torch_export.export_base(sd, params, args.out)
+  return {"out": args.out}
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="hdb", description="hdb-jax: HyperDreamBooth in JAX.")
   commands = parser.add_subparsers(dest="command", required=True)
@@ -51,10 +118,34 @@ def main(argv=None) -> int:
   p.add_argument("--config", required=True, help="config file, e.g. configs/sd15.py")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value, e.g. --set lidb.a=64 (repeatable)")
+  p = commands.add_parser("export", help="an hdb-jax LiDB/LoRA file as a PyTorch LoRA file",
+                          description=export.__doc__)
+  p.add_argument("--weights", required=True, help="LiDB or hdb-lora .safetensors file")
+  p.add_argument("--format", required=True, choices=("peft", "kohya"),
+                 help="peft: diffusers load_lora_weights; kohya: A1111 / ComfyUI")
+  p.add_argument("--out", required=True, help="output .safetensors file")
+  p = commands.add_parser("import", help="a PyTorch LoRA file as an hdb-lora file",
+                          description=import_lora.__doc__)
+  p.add_argument("--lora", required=True, help="PEFT/diffusers or kohya .safetensors file")
+  p.add_argument("--config", required=True, help="config of the base model, e.g. configs/sd15.py")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config value (repeatable)")
+  p.add_argument("--out", required=True, help="output hdb-lora .safetensors file")
+  p = commands.add_parser("export-base", help="the base model as a diffusers PyTorch folder",
+                          description=export_base.__doc__)
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--config", help="config file: its model.path, or random init (tiny)")
+  source.add_argument("--model", help="local diffusers-format folder (Flax or PyTorch weights)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config value (repeatable)")
+  p.add_argument("--out", required=True, help="output folder")
   args = parser.parse_args(argv)
+  file_commands = {"export": export, "import": import_lora, "export-base": export_base}
   try:
     if args.command == "info":
       print(json.dumps(info(args), indent=2))
+    else:
+      print(json.dumps(file_commands[args.command](args), indent=2))
   except (FileNotFoundError, ValueError) as e:
     print(f"hdb {args.command}: error: {e}", file=sys.stderr)
     return 1

@@ -1,0 +1,197 @@
+"""Generic LoRA residuals: plain `down @ up` factors per dense layer, and their file.
+
+The common currency between LiDB files, rank-relaxed finetuning and PyTorch LoRA files
+(hdb_jax/convert.py). For a dense layer with Flax kernel `K [in, out]` (`y = x @ K`):
+
+    dW = down @ up        down [in, r]   up [r, out]
+
+exactly: any alpha / rank scale of other formats is folded into the factors. Ranks may
+differ between layers.
+
+Pytree (component -> Flax layer path without '/kernel' -> factors):
+    {"unet": {"down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q":
+                  {"down": [in, r], "up": [r, out]}},
+     "text_encoder": {"text_model/encoder/layers/0/self_attn/q_proj": {...}}}
+
+File: safetensors, keys "<component>/<layer path>/down|up" (float32), metadata
+format "hdb-lora", version "1", and free-form provenance (source, base_fingerprint).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from hdb_jax import lidb
+from hdb_jax import params as params_lib
+
+FILE_FORMAT = "hdb-lora"
+FILE_VERSION = "1"
+FACTORS = ("down", "up")
+
+
+def from_lidb(train: Mapping, spec: lidb.LiDBSpec) -> dict:
+  """LiDB train values -> LoRA of rank `spec.rank`: down = D_aux @ D_train, up = U_train @ U_aux.
+
+  The aux matrices are regenerated from the spec's seed; the result is float32 NumPy.
+  """
+  factors = lidb.factors(train, lidb.make_aux(spec))
+  return {component: {layer: {name: np.asarray(f[name], np.float32) for name in FACTORS}
+                      for layer, f in layers.items()}
+          for component, layers in factors.items()}
+
+
+def layer_shapes(lora: Mapping) -> dict:
+  """{component: {layer: (in, out)}} of the kernels the LoRA changes."""
+  return {component: {layer: (int(f["down"].shape[0]), int(f["up"].shape[1]))
+                      for layer, f in layers.items()}
+          for component, layers in lora.items()}
+
+
+def ranks(lora: Mapping) -> dict:
+  """{component: {layer: r}}."""
+  return {component: {layer: int(f["down"].shape[1]) for layer, f in layers.items()}
+          for component, layers in lora.items()}
+
+
+def deltas(lora: Mapping) -> dict:
+  """Dense residuals {component: {layer: dW = down @ up [in, out]}}."""
+  return {component: {layer: f["down"] @ f["up"] for layer, f in layers.items()}
+          for component, layers in lora.items()}
+
+
+def merge(frozen: Mapping[str, Mapping], lora: Mapping, scale: float = 1.0) -> dict:
+  """Params with every changed kernel replaced by `K + scale * down @ up`. Pure, jittable.
+
+  Components without residuals are passed through unchanged (not copied).
+  """
+  merged = dict(frozen)
+  for component, layer_deltas in deltas(lora).items():
+    if component not in frozen:
+      raise KeyError(f"LoRA component {component!r} not in params {sorted(frozen)}")
+    merged[component] = params_lib.add_to_kernels(
+        frozen[component], {layer: scale * delta for layer, delta in layer_deltas.items()})
+  return merged
+
+
+def concat(loras: list[Mapping], scales: list[float] | None = None) -> dict:
+  """One LoRA whose dW is `sum_i scale_i * dW_i`, exactly: factors stacked on the rank axis.
+
+  For example an identity and a style LoRA in one file. Layers present in only some of
+  the inputs keep the factors they have.
+  """
+  scales = [1.0] * len(loras) if scales is None else list(scales)
+  if len(scales) != len(loras):
+    raise ValueError(f"{len(loras)} LoRAs but {len(scales)} scales")
+  parts = {}
+  for lora, scale in zip(loras, scales):
+    for component, layers in lora.items():
+      for layer, f in layers.items():
+        parts.setdefault(component, {}).setdefault(layer, []).append(
+            (np.asarray(f["down"], np.float32), np.float32(scale) * np.asarray(f["up"], np.float32)))
+  return {component: {layer: {"down": np.concatenate([d for d, _ in pairs], axis=1),  # [in, sum r]
+                              "up": np.concatenate([u for _, u in pairs], axis=0)}    # [sum r, out]
+                      for layer, pairs in layers.items()}
+          for component, layers in parts.items()}
+
+
+def check(lora: Mapping, where: str = "") -> None:
+  """Raise ValueError unless every layer has finite factors down [in, r], up [r, out]."""
+  for component, layers in lora.items():
+    for layer, f in layers.items():
+      name = f"{component}/{layer}"
+      if set(f) != set(FACTORS):
+        raise ValueError(f"{where}: LoRA layer {name} has factors {sorted(f)}, expected "
+                         f"{list(FACTORS)}")
+      down, up = f["down"], f["up"]
+      if np.ndim(down) != 2 or np.ndim(up) != 2 or np.shape(down)[1] != np.shape(up)[0]:
+        raise ValueError(f"{where}: LoRA layer {name} has factors down {np.shape(down)} and "
+                         f"up {np.shape(up)}; expected [in, r] and [r, out]")
+      for factor_name, value in f.items():
+        if not np.all(np.isfinite(np.asarray(value))):
+          raise ValueError(f"{where}: LoRA layer {name} ({factor_name}) has NaN or Inf values")
+
+
+def check_base(lora: Mapping, params: Mapping[str, Mapping], where: str = "") -> None:
+  """Raise ValueError if a changed layer is not a dense kernel of `params` with its shape.
+
+  `params` may be abstract (jax.eval_shape): only paths and shapes are read.
+  """
+  for component, shapes in layer_shapes(lora).items():
+    if component not in params:
+      raise ValueError(f"{where}: LoRA component {component!r} not in the base model "
+                       f"({sorted(params)})")
+    kernels = params_lib.find_kernels(params[component], ".*")
+    for layer, shape in shapes.items():
+      if layer not in kernels:
+        raise ValueError(f"{where}: LoRA layer {component}/{layer} is not a dense layer of "
+                         "the base model")
+      if kernels[layer] != shape:
+        raise ValueError(f"{where}: LoRA layer {component}/{layer} changes a [in, out] = "
+                         f"{list(shape)} kernel; the base model's is {list(kernels[layer])}")
+
+
+# ------------------------------------------------------------------------------------
+# Files
+
+def save(path: str, lora: Mapping, metadata: Mapping[str, str] | None = None) -> None:
+  """Write an hdb-lora file atomically (float32 factors, provenance in the metadata)."""
+  import safetensors.numpy
+  from hdb_jax import files
+  check(lora, path)
+  tensors = {f"{component}/{layer}/{name}": np.ascontiguousarray(f[name], np.float32)
+             for component, layers in lora.items()
+             for layer, f in layers.items() for name in FACTORS}
+  header = {str(k): str(v) for k, v in (metadata or {}).items()}
+  header.update(format=FILE_FORMAT, version=FILE_VERSION)
+  with files.atomic_path(path) as tmp:
+    safetensors.numpy.save_file(tensors, tmp, metadata=header)
+
+
+def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """(tensors, metadata) of any safetensors file, with errors that name the file."""
+  import safetensors
+  try:
+    with safetensors.safe_open(path, framework="numpy") as f:
+      metadata = dict(f.metadata() or {})
+      tensors = {k: f.get_tensor(k) for k in f.keys()}
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path}: no such file")
+  except Exception as e:  # safetensors raises its own error types on bad files
+    raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+  return tensors, metadata
+
+
+def load(path: str) -> tuple[dict, dict[str, str]]:
+  """Read an hdb-lora file -> (LoRA pytree of float32 NumPy arrays, metadata). Checks it."""
+  tensors, metadata = read_safetensors(path)
+  if metadata.get("format") != FILE_FORMAT:
+    raise ValueError(f"{path}: not an hdb-lora file (metadata format="
+                     f"{metadata.get('format')!r})")
+  lora = {}
+  for key, value in tensors.items():
+    component, _, rest = key.partition(params_lib.SEP)
+    layer, _, name = rest.rpartition(params_lib.SEP)
+    if not component or not layer or name not in FACTORS:
+      raise ValueError(f"{path}: unexpected tensor {key!r} (expected "
+                       "'<component>/<layer path>/down|up')")
+    lora.setdefault(component, {}).setdefault(layer, {})[name] = value.astype(np.float32)
+  check(lora, path)
+  return lora, metadata
+
+
+def read(path: str) -> tuple[dict, dict[str, str]]:
+  """An hdb-jax weights file, LiDB or hdb-lora -> (LoRA pytree, metadata).
+
+  A LiDB file needs no base model: it holds the layer shapes and the aux seed.
+  """
+  _, metadata = read_safetensors(path)
+  kind = metadata.get("format")
+  if kind == lidb.FILE_FORMAT:
+    train, spec, metadata = lidb.load(path)
+    return from_lidb(train, spec), metadata
+  if kind == FILE_FORMAT:
+    return load(path)
+  raise ValueError(f"{path}: not an hdb-jax LiDB or LoRA file (metadata format={kind!r}); "
+                   "PyTorch LoRA files are read with `hdb import`")

@@ -1,0 +1,421 @@
+"""PyTorch LoRA export/import, checked numerically in PyTorch (diffusers + peft) on CPU.
+
+A tiny base with random nonzero residuals; exported with `hdb export-base` and
+`hdb export`; loaded with diffusers' `load_lora_weights` (PEFT and kohya files) and
+`load_lora_adapter`; PyTorch outputs compared with the hdb-jax merged outputs.
+
+Run with `-s` to see the measured max abs differences.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+
+from hdb_jax import cli, convert, lidb, models
+from hdb_jax import lora as lora_lib
+from hdb_jax import params as params_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
+ATOL = 1e-4          # PyTorch vs JAX, fp32
+MIN_EFFECT = 1e-2    # the residuals must change the outputs by far more than ATOL
+CASES = ("lidb", "mixed")
+FORMATS = ("peft", "kohya")
+
+
+def _run(capsys, *argv):
+  """`hdb argv...` in-process -> (exit code, stdout, stderr)."""
+  code = cli.main(list(argv))
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def _assert_lora_equal(got, want, rtol=0.0):
+  assert lora_lib.layer_shapes(got) == lora_lib.layer_shapes(want)
+  for component, layers in want.items():
+    for layer, factors in layers.items():
+      for name in ("down", "up"):
+        if rtol:
+          np.testing.assert_allclose(got[component][layer][name], factors[name], rtol=rtol, atol=0)
+        else:
+          np.testing.assert_array_equal(got[component][layer][name], factors[name])
+
+
+# ------------------------------------------------------------------------------------
+# Fixtures: built once per module.
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+  return tmp_path_factory.mktemp("convert")
+
+
+@pytest.fixture(scope="module")
+def abstract(tiny_model):
+  return jax.eval_shape(lambda p: p, tiny_model[1])
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_model, tiny_lidb, work):
+  """{case: (hdb-jax file, LoRA pytree)}: a LiDB file (rank 1, nonzero D_train and U_train
+  on the default targets) and an hdb-lora file with ranks 1-3 on every dense layer."""
+  spec, _ = tiny_lidb
+  train = lidb.init(spec, jax.random.key(3))
+  train = jax.tree_util.tree_map(
+      lambda x: np.asarray(x + 0.3 * jax.random.normal(jax.random.key(4), x.shape)), train)
+  lidb_file = str(work / "lidb.safetensors")
+  lidb.save(lidb_file, train, spec, base_fingerprint="test")
+
+  _, params = tiny_model
+  rng = np.random.default_rng(0)
+  mixed = {}
+  for component in ("unet", "text_encoder"):
+    for i, (layer, (in_dim, out_dim)) in enumerate(
+        params_lib.find_kernels(params[component], ".*").items()):
+      rank = 1 + i % 3
+      mixed.setdefault(component, {})[layer] = {
+          "down": (rng.standard_normal((in_dim, rank)) / np.sqrt(in_dim)).astype(np.float32),
+          "up": (0.1 * rng.standard_normal((rank, out_dim))).astype(np.float32)}
+  mixed_file = str(work / "mixed.safetensors")
+  lora_lib.save(mixed_file, mixed, {"source": "test"})
+  return {"lidb": (lidb_file, lora_lib.from_lidb(train, spec)), "mixed": (mixed_file, mixed)}
+
+
+@pytest.fixture(scope="module")
+def exported(sources, work):
+  """{(case, format): PyTorch LoRA file}, written by `hdb export`."""
+  files = {}
+  for case, (source, _) in sources.items():
+    for fmt in FORMATS:
+      out = str(work / f"{case}_{fmt}.safetensors")
+      assert cli.main(["export", "--weights", source, "--format", fmt, "--out", out]) == 0
+      files[(case, fmt)] = out
+  return files
+
+
+@pytest.fixture(scope="module")
+def pt_dir(work):
+  """The tiny base as a diffusers PyTorch folder, written by `hdb export-base`."""
+  out = str(work / "pt_base")
+  assert cli.main(["export-base", "--config", TINY, "--out", out]) == 0
+  return out
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_model):
+  sd, _ = tiny_model
+  rng = np.random.default_rng(1)
+  return {"ids": sd.tokenize(["a sks face", "a photo of a dog"]),
+          "latents": rng.standard_normal((2, 4, 8, 8)).astype(np.float32),
+          "timesteps": np.array([10, 500], np.int32),
+          "context": rng.standard_normal((2, sd.max_length, 32)).astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def jax_outputs(tiny_model, sources, inputs):
+  """{"base" | case: (text encoder out [B, L, D], UNet out [B, C, h, w])} in hdb-jax."""
+  sd, params = tiny_model
+  encode, predict = jax.jit(sd.encode_text), jax.jit(sd.predict)
+
+  def forward(p):
+    return (np.asarray(encode(p["text_encoder"], jnp.asarray(inputs["ids"]))),
+            np.asarray(predict(p["unet"], jnp.asarray(inputs["latents"]),
+                               jnp.asarray(inputs["timesteps"]), jnp.asarray(inputs["context"]))))
+
+  outputs = {"base": forward(params)}
+  for case, (_, lora) in sources.items():
+    outputs[case] = forward(lora_lib.merge(params, lora))
+  return outputs
+
+
+def _torch_outputs(text_encoder, unet, inputs):
+  with torch.no_grad():
+    text = text_encoder(torch.from_numpy(inputs["ids"])).last_hidden_state.numpy()
+    eps = unet(torch.from_numpy(inputs["latents"]), torch.from_numpy(inputs["timesteps"]).long(),
+               encoder_hidden_states=torch.from_numpy(inputs["context"])).sample.numpy()
+  return text, eps
+
+
+def _pipeline(pt_dir):
+  from diffusers import StableDiffusionPipeline
+  return StableDiffusionPipeline.from_pretrained(pt_dir, safety_checker=None)
+
+
+@pytest.fixture
+def flax_gelu(monkeypatch):
+  """diffusers' Flax GEGLU (UNet feed-forward) uses flax.linen.gelu, i.e. the tanh
+  approximation; the PyTorch GEGLU uses exact erf GELU. That alone moves tiny-UNet outputs
+  by ~3e-4, LoRA or not. Give PyTorch the same GELU, so that the comparison measures the
+  conversion. (test_lora_effect_with_stock_pytorch runs without this.)"""
+  from diffusers.models import activations
+  monkeypatch.setattr(activations.GEGLU, "gelu", lambda self, gate: torch.nn.functional.gelu(
+      gate, approximate="tanh"))
+
+
+# ------------------------------------------------------------------------------------
+# PyTorch numbers
+
+def test_base_export_runs_in_pytorch(flax_gelu, pt_dir, jax_outputs, inputs, tiny_model):
+  pipe = _pipeline(pt_dir)
+  got = _torch_outputs(pipe.text_encoder, pipe.unet, inputs)
+  diffs = [float(np.abs(g - w).max()) for g, w in zip(got, jax_outputs["base"])]
+  print(f"\nbase: max |PyTorch - JAX| text encoder {diffs[0]:.2e}, UNet {diffs[1]:.2e}")
+  assert max(diffs) < ATOL
+  # The folder holds PyTorch weights only, and loads back into hdb-jax exactly.
+  assert os.path.exists(os.path.join(pt_dir, "unet", "diffusion_pytorch_model.safetensors"))
+  assert not os.path.exists(os.path.join(pt_dir, "unet", "diffusion_flax_model.msgpack"))
+  _, loaded = models.load(pt_dir)
+  for component in ("unet", "text_encoder"):
+    for (path, a), b in zip(params_lib.flatten(loaded[component]).items(),
+                            params_lib.flatten(tiny_model[1][component]).values()):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=path)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", CASES)
+def test_pipeline_load_lora_weights_matches_jax(flax_gelu, case, fmt, pt_dir, exported,
+                                                jax_outputs, inputs):
+  pipe = _pipeline(pt_dir)
+  pipe.load_lora_weights(exported[(case, fmt)])
+  got = _torch_outputs(pipe.text_encoder, pipe.unet, inputs)
+  want = jax_outputs[case]
+  diffs = [float(np.abs(g - w).max()) for g, w in zip(got, want)]
+  effects = [float(np.abs(w - b).max()) for w, b in zip(want, jax_outputs["base"])]
+  print(f"\n{case}/{fmt}: max |PyTorch - JAX| text encoder {diffs[0]:.2e}, UNet {diffs[1]:.2e} "
+        f"(LoRA changes them by {effects[0]:.2f}, {effects[1]:.2f})")
+  assert min(effects) > MIN_EFFECT
+  assert max(diffs) < ATOL
+
+
+def test_unet_load_lora_adapter_matches_jax(flax_gelu, pt_dir, exported, jax_outputs, inputs):
+  """The UNet alone, through `load_lora_adapter` (PEFT file with per-layer ranks 1-3).
+
+  diffusers 0.39 reads the file's lora_adapter_metadata here only with use_safetensors=True
+  (or weight_name); without it a file whose ranks differ between layers is scaled wrongly
+  (uniform-rank files, such as LiDB exports, load right either way). docs/pytorch.md says so."""
+  from diffusers import UNet2DConditionModel
+  from transformers import CLIPTextModel
+  unet = UNet2DConditionModel.from_pretrained(os.path.join(pt_dir, "unet"))
+  unet.load_lora_adapter(exported[("mixed", "peft")], prefix="unet", use_safetensors=True)
+  text_encoder = CLIPTextModel.from_pretrained(os.path.join(pt_dir, "text_encoder"))
+  _, eps = _torch_outputs(text_encoder, unet, inputs)
+  diff = float(np.abs(eps - jax_outputs["mixed"][1]).max())
+  print(f"\nmixed/peft via unet.load_lora_adapter: max |PyTorch - JAX| UNet {diff:.2e}")
+  assert diff < ATOL
+
+
+def test_stock_pytorch_gap_is_the_gelu_approximation(pt_dir, exported, jax_outputs, inputs):
+  """Unpatched PyTorch (exact GELU in the UNet's GEGLU): the text encoder still matches to
+  ATOL; the UNet differs by a few 1e-4 with or without the LoRA (the Flax UNet's tanh GELU)."""
+  base = _torch_outputs(*_components(_pipeline(pt_dir)), inputs)
+  pipe = _pipeline(pt_dir)
+  pipe.load_lora_weights(exported[("lidb", "peft")])
+  with_lora = _torch_outputs(*_components(pipe), inputs)
+  gaps = {name: [float(np.abs(t - j).max()) for t, j in zip(got, jax_outputs[case])]
+          for name, got, case in (("base", base, "base"), ("lidb", with_lora, "lidb"))}
+  print(f"\nstock PyTorch GELU: max |PyTorch - JAX| (text encoder, UNet): base "
+        f"{gaps['base'][0]:.2e}, {gaps['base'][1]:.2e}; lidb/peft {gaps['lidb'][0]:.2e}, "
+        f"{gaps['lidb'][1]:.2e}")
+  for text_gap, unet_gap in gaps.values():
+    assert text_gap < ATOL and unet_gap < 1e-3
+
+
+def _components(pipe):
+  return pipe.text_encoder, pipe.unet
+
+
+# ------------------------------------------------------------------------------------
+# Files and names
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", CASES)
+def test_import_of_export_is_identity(case, fmt, sources, exported, abstract):
+  got, detected = convert.load(exported[(case, fmt)], abstract)
+  assert detected == fmt
+  # kohya has one alpha per file: layers of another rank carry r / alpha in `up`.
+  _assert_lora_equal(got, sources[case][1], rtol=1e-6 if (case, fmt) == ("mixed", "kohya") else 0)
+
+
+def test_file_contents(exported):
+  tensors = safetensors.numpy.load_file(exported[("lidb", "peft")])
+  with open(exported[("lidb", "peft")], "rb") as f:
+    header = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+  key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
+  assert tensors[key + ".lora_A.weight"].shape == (1, 32)    # [r, in]
+  assert tensors[key + ".lora_B.weight"].shape == (32, 1)    # [out, r]
+  assert "text_encoder.text_model.encoder.layers.1.self_attn.v_proj.lora_A.weight" in tensors
+  adapter = json.loads(header["lora_adapter_metadata"])
+  assert adapter["unet.r"] == adapter["unet.lora_alpha"] == 1
+  assert key[len("unet."):] in adapter["unet.target_modules"]
+  assert header["format"] == "pt" and header["hdb_source"] == "lidb.safetensors"
+
+  tensors = safetensors.numpy.load_file(exported[("mixed", "kohya")])
+  name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+  assert {name + ".lora_down.weight", name + ".lora_up.weight", name + ".alpha"} <= set(tensors)
+  assert "lora_unet_time_embedding_linear_1.lora_down.weight" in tensors
+  assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj.alpha" in tensors
+  alphas = {float(v) for k, v in tensors.items() if k.endswith(".alpha")}
+  assert len(alphas) == 1
+
+
+def test_cli_roundtrip(capsys, sources, exported, pt_dir, work):
+  """kohya -> `hdb import` -> hdb-lora == the LiDB's LoRA; `hdb export` of it == export of the LiDB."""
+  imported = str(work / "imported.safetensors")
+  code, out, err = _run(capsys, "import", "--lora", exported[("lidb", "kohya")],
+                        "--config", TINY, "--out", imported)
+  assert code == 0, err
+  assert json.loads(out)["source_format"] == "kohya"
+  got, metadata = lora_lib.load(imported)
+  assert metadata["format"] == "hdb-lora" and metadata["source_format"] == "kohya"
+  _assert_lora_equal(got, sources["lidb"][1])
+
+  again = str(work / "again_peft.safetensors")
+  assert _run(capsys, "export", "--weights", imported, "--format", "peft", "--out", again)[0] == 0
+  first, second = (safetensors.numpy.load_file(p) for p in (exported[("lidb", "peft")], again))
+  assert first.keys() == second.keys()
+  for key in first:
+    np.testing.assert_array_equal(first[key], second[key])
+
+  # The base from a model folder (its config files; no weights read).
+  from_folder = str(work / "imported_from_folder.safetensors")
+  code, _, err = _run(capsys, "import", "--lora", exported[("mixed", "peft")], "--config", TINY,
+                      "--set", f"model.path={pt_dir}", "--out", from_folder)
+  assert code == 0, err
+  _assert_lora_equal(lora_lib.load(from_folder)[0], sources["mixed"][1])
+
+
+def test_torch_names():
+  assert (convert.torch_module("unet", "down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_out_0")
+          == "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0")
+  assert convert.torch_module("unet", "time_embedding/linear_1") == "time_embedding.linear_1"
+  assert (convert.torch_module("text_encoder", "text_model/encoder/layers/0/self_attn/q_proj")
+          == "text_model.encoder.layers.0.self_attn.q_proj")
+  assert (convert.kohya_name("unet", "mid_block/attentions_0/transformer_blocks_0/attn2/to_k")
+          == "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k")
+
+
+@pytest.mark.parametrize("config", ["tiny.py", "sd15.py"])
+def test_torch_names_are_the_pytorch_linear_layers(config):
+  """Every dense layer's name is a torch.nn.Linear of the PyTorch model and back (SD1.5: 184
+  UNet + 72 CLIP layers; architecture only, PyTorch modules on the meta device)."""
+  from diffusers import UNet2DConditionModel
+  from transformers import CLIPTextConfig, CLIPTextModel
+  from hdb_jax import config_file
+  model_cfg = config_file.load(os.path.join(REPO, "configs", config)).model
+  _, abstract_params = models.from_config(model_cfg, tokenizer=None)
+  names = convert.torch_names(abstract_params)  # checks each name with models.torch_key_to_flax
+  with torch.device("meta"):
+    torch_models = {"unet": UNet2DConditionModel(**dict(model_cfg.unet)),
+                    "text_encoder": CLIPTextModel(CLIPTextConfig(**dict(model_cfg.text_encoder)))}
+  for component, model in torch_models.items():
+    linear = {n: tuple(m.weight.shape) for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear)}
+    assert {n: (out_dim, in_dim) for n, (_, (in_dim, out_dim)) in names[component].items()} == linear
+
+
+def test_lora_merge_concat_and_file(tiny_model, tiny_lidb, sources, work):
+  _, params = tiny_model
+  spec, aux = tiny_lidb
+  train, _, _ = lidb.load(sources["lidb"][0])
+  lora = sources["lidb"][1]
+  by_lidb = lidb.merge(params, train, aux)
+  by_lora = lora_lib.merge(params, lora)
+  layer = "down_blocks_0/attentions_0/transformer_blocks_0/attn2/to_v"
+  np.testing.assert_allclose(params_lib.flatten(by_lora["unet"])[layer + "/kernel"],
+                             params_lib.flatten(by_lidb["unet"])[layer + "/kernel"], atol=1e-6)
+  assert by_lora["vae"] is params["vae"]
+
+  mixed = sources["mixed"][1]
+  stacked = lora_lib.concat([lora, mixed], [1.0, -0.5])
+  assert lora_lib.ranks(stacked)["unet"][layer] == 1 + lora_lib.ranks(mixed)["unet"][layer]
+  want = lora_lib.merge(lora_lib.merge(params, lora), mixed, scale=-0.5)
+  np.testing.assert_allclose(params_lib.flatten(lora_lib.merge(params, stacked)["unet"])[layer + "/kernel"],
+                             params_lib.flatten(want["unet"])[layer + "/kernel"], atol=1e-6)
+
+  path = str(work / "stacked.safetensors")
+  lora_lib.save(path, stacked, {"note": "x"})
+  got, metadata = lora_lib.load(path)
+  _assert_lora_equal(got, stacked)
+  assert metadata["note"] == "x" and metadata["format"] == "hdb-lora"
+
+
+# ------------------------------------------------------------------------------------
+# Errors
+
+def _edit(tensors, edit):
+  tensors = dict(tensors)
+  edit(tensors)
+  return tensors
+
+
+_Q = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+_K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"
+BAD = {
+    "peft_unknown_key": ("peft", lambda t: t.update({"vae.encoder.conv_in.lora_A.weight": np.zeros((1, 3), np.float32)}),
+                         "unknown key 'vae.encoder.conv_in.lora_A.weight'"),
+    "peft_unknown_layer": ("peft", lambda t: t.update({"unet.foo.lora_A.weight": np.zeros((1, 3), np.float32)}),
+                           "no dense layer 'foo'"),
+    "peft_wrong_shape": ("peft", lambda t: t.update({_Q + ".lora_A.weight": np.zeros((1, 33), np.float32)}),
+                         r"shape \(1, 33\), which does not fit"),
+    "peft_nan": ("peft", lambda t: t[_Q + ".lora_B.weight"].__setitem__((0, 0), np.nan), "NaN or Inf"),
+    "peft_missing_b": ("peft", lambda t: t.pop(_Q + ".lora_B.weight"), "lora_B.weight is missing"),
+    "kohya_unknown_key": ("kohya", lambda t: t.update({_K + ".dora_scale": np.zeros((1,), np.float32)}),
+                          "unknown key"),
+    "kohya_unknown_layer": ("kohya", lambda t: t.update({"lora_unet_conv_in.lora_down.weight": np.zeros((1, 4, 3, 3), np.float32)}),
+                            "no dense layer named 'lora_unet_conv_in'"),
+    "kohya_wrong_shape": ("kohya", lambda t: t.update({_K + ".lora_up.weight": np.zeros((64, 1), np.float32)}),
+                          r"shape \(64, 1\), which does not fit"),
+    "kohya_conv": ("kohya", lambda t: t.update({_K + ".lora_down.weight": np.zeros((1, 32, 1, 1), np.float32)}),
+                   "only 2-D"),
+    "kohya_inf": ("kohya", lambda t: t[_K + ".lora_down.weight"].__setitem__((0, 0), np.inf), "NaN or Inf"),
+    "kohya_inf_alpha": ("kohya", lambda t: t.update({_K + ".alpha": np.array(np.inf, np.float32)}),
+                        "not finite"),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(BAD))
+def test_import_errors(problem, exported, abstract, work):
+  fmt, edit, message = BAD[problem]
+  tensors = _edit(safetensors.numpy.load_file(exported[("lidb", fmt)]), edit)
+  path = str(work / f"bad_{problem}.safetensors")
+  safetensors.numpy.save_file(tensors, path)
+  with pytest.raises(ValueError, match=message) as info:
+    convert.load(path, abstract)
+  assert path in str(info.value)
+
+
+def test_cli_errors(capsys, exported, work):
+  out = str(work / "never.safetensors")
+  bad = str(work / "bad_peft_nan.safetensors")
+  safetensors.numpy.save_file(_edit(safetensors.numpy.load_file(exported[("lidb", "peft")]),
+                                    BAD["peft_nan"][1]), bad)
+  code, _, err = _run(capsys, "import", "--lora", bad, "--config", TINY, "--out", out)
+  assert code == 1 and bad in err and "NaN or Inf" in err
+  code, _, err = _run(capsys, "export", "--weights", exported[("lidb", "kohya")], "--format",
+                      "peft", "--out", out)
+  assert code == 1 and "not an hdb-jax LiDB or LoRA file" in err
+  code, _, err = _run(capsys, "export", "--weights", str(work / "missing.safetensors"),
+                      "--format", "kohya", "--out", out)
+  assert code == 1 and "missing.safetensors: no such file" in err
+  code, _, err = _run(capsys, "export-base", "--model", str(work / "no_model"), "--out",
+                      str(work / "never_dir"))
+  assert code == 1 and "no_model" in err
+  assert not os.path.exists(out) and not os.path.exists(str(work / "never_dir"))
+
+
+def test_export_rejects_non_finite_and_unknown_components(sources, work):
+  lora = sources["lidb"][1]
+  broken = {c: {layer: dict(f) for layer, f in layers.items()} for c, layers in lora.items()}
+  layer = next(iter(broken["unet"]))
+  broken["unet"][layer]["up"] = np.full_like(broken["unet"][layer]["up"], np.nan)
+  for fmt in FORMATS:
+    with pytest.raises(ValueError, match="NaN or Inf"):
+      convert.export(broken, str(work / "x.safetensors"), fmt)
+  with pytest.raises(ValueError, match="component 'vae'"):
+    convert.export({"vae": {"a/b": lora["unet"][layer]}}, str(work / "x.safetensors"), "peft")
+  assert not os.path.exists(str(work / "x.safetensors"))
