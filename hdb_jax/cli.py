@@ -57,6 +57,7 @@ def export(args) -> dict:
   provenance = {"hdb_source": os.path.basename(args.weights),
                 "hdb_source_format": metadata.get("format", ""),
                 "hdb_base_fingerprint": metadata.get("base_fingerprint", "")}
+  provenance.update({f"hdb_{k}": metadata[k] for k in ("token", "class_name") if k in metadata})
   convert.export(weights, args.out, args.format, provenance)
   return {"out": args.out, "format": args.format,
           "layers": {c: len(v) for c, v in weights.items()},

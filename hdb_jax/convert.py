@@ -37,7 +37,7 @@ from typing import Mapping
 
 import numpy as np
 
-from hdb_jax import files
+from hdb_jax import files, lidb
 from hdb_jax import lora as lora_lib
 from hdb_jax import params as params_lib
 
@@ -52,7 +52,8 @@ UNET_MODULE_LISTS = ("down_blocks", "up_blocks", "attentions", "resnets", "trans
                      "to_out", "net", "downsamplers", "upsamplers")
 
 _PEFT_KEY = re.compile(r"^(?P<prefix>[^.]+)\.(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
-_KOHYA_KEY = re.compile(r"^(?P<name>lora_[a-z0-9]+_.+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA_KEY = re.compile(
+    r"^(?P<name>lora_[a-z0-9]+_.+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 
 
 # ------------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def export(lora: Mapping, path: str, fmt: str,
 
 def detect_format(tensors: Mapping, metadata: Mapping[str, str]) -> str:
   """"peft", "kohya", "hdb-lora" or "hdb-lidb"; ValueError for anything else."""
-  if metadata.get("format") in (lora_lib.FILE_FORMAT, "hdb-lidb"):
+  if metadata.get("format") in (lora_lib.FILE_FORMAT, lidb.FILE_FORMAT):
     return metadata["format"]
   if tensors and all(k.startswith("lora_") for k in tensors):
     return "kohya"

@@ -149,13 +149,15 @@ def save(path: str, lora: Mapping, metadata: Mapping[str, str] | None = None) ->
     safetensors.numpy.save_file(tensors, tmp, metadata=header)
 
 
-def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-  """(tensors, metadata) of any safetensors file, with errors that name the file."""
+def read_safetensors(path: str, tensors: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """(tensors, metadata) of any safetensors file, with errors that name the file.
+
+  `tensors=False` reads the header only (tensors come back empty)."""
   import safetensors
   try:
     with safetensors.safe_open(path, framework="numpy") as f:
       metadata = dict(f.metadata() or {})
-      tensors = {k: f.get_tensor(k) for k in f.keys()}
+      tensors = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
   except FileNotFoundError:
     raise FileNotFoundError(f"{path}: no such file")
   except Exception as e:  # safetensors raises its own error types on bad files
@@ -186,7 +188,7 @@ def read(path: str) -> tuple[dict, dict[str, str]]:
 
   A LiDB file needs no base model: it holds the layer shapes and the aux seed.
   """
-  _, metadata = read_safetensors(path)
+  _, metadata = read_safetensors(path, tensors=False)
   kind = metadata.get("format")
   if kind == lidb.FILE_FORMAT:
     train, spec, metadata = lidb.load(path)

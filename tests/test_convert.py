@@ -281,6 +281,13 @@ def test_cli_roundtrip(capsys, sources, exported, pt_dir, work):
   for key in first:
     np.testing.assert_array_equal(first[key], second[key])
 
+  # hdb-jax files import too (checked against the base).
+  from_lidb_file = str(work / "imported_lidb.safetensors")
+  code, out, err = _run(capsys, "import", "--lora", sources["lidb"][0], "--config", TINY,
+                        "--out", from_lidb_file)
+  assert code == 0 and json.loads(out)["source_format"] == "hdb-lidb", err
+  _assert_lora_equal(lora_lib.load(from_lidb_file)[0], sources["lidb"][1])
+
   # The base from a model folder (its config files; no weights read).
   from_folder = str(work / "imported_from_folder.safetensors")
   code, _, err = _run(capsys, "import", "--lora", exported[("mixed", "peft")], "--config", TINY,
@@ -334,7 +341,8 @@ def test_lora_merge_concat_and_file(tiny_model, tiny_lidb, sources, work):
   stacked = lora_lib.concat([lora, mixed], [1.0, -0.5])
   assert lora_lib.ranks(stacked)["unet"][layer] == 1 + lora_lib.ranks(mixed)["unet"][layer]
   want = lora_lib.merge(lora_lib.merge(params, lora), mixed, scale=-0.5)
-  np.testing.assert_allclose(params_lib.flatten(lora_lib.merge(params, stacked)["unet"])[layer + "/kernel"],
+  got = lora_lib.merge(params, stacked)
+  np.testing.assert_allclose(params_lib.flatten(got["unet"])[layer + "/kernel"],
                              params_lib.flatten(want["unet"])[layer + "/kernel"], atol=1e-6)
 
   path = str(work / "stacked.safetensors")
@@ -355,26 +363,33 @@ def _edit(tensors, edit):
 
 _Q = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
 _K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"
+
+
+def _put(key, *shape, value=0.0):
+  return lambda t: t.update({key: np.full(shape, value, np.float32)})
+
+
+def _poke(key, value):
+  return lambda t: t[key].__setitem__((0, 0), value)
+
+
+# problem -> (file format, edit of the exported tensors, expected message)
 BAD = {
-    "peft_unknown_key": ("peft", lambda t: t.update({"vae.encoder.conv_in.lora_A.weight": np.zeros((1, 3), np.float32)}),
+    "peft_unknown_key": ("peft", _put("vae.encoder.conv_in.lora_A.weight", 1, 3),
                          "unknown key 'vae.encoder.conv_in.lora_A.weight'"),
-    "peft_unknown_layer": ("peft", lambda t: t.update({"unet.foo.lora_A.weight": np.zeros((1, 3), np.float32)}),
-                           "no dense layer 'foo'"),
-    "peft_wrong_shape": ("peft", lambda t: t.update({_Q + ".lora_A.weight": np.zeros((1, 33), np.float32)}),
+    "peft_unknown_layer": ("peft", _put("unet.foo.lora_A.weight", 1, 3), "no dense layer 'foo'"),
+    "peft_wrong_shape": ("peft", _put(_Q + ".lora_A.weight", 1, 33),
                          r"shape \(1, 33\), which does not fit"),
-    "peft_nan": ("peft", lambda t: t[_Q + ".lora_B.weight"].__setitem__((0, 0), np.nan), "NaN or Inf"),
+    "peft_nan": ("peft", _poke(_Q + ".lora_B.weight", np.nan), "NaN or Inf"),
     "peft_missing_b": ("peft", lambda t: t.pop(_Q + ".lora_B.weight"), "lora_B.weight is missing"),
-    "kohya_unknown_key": ("kohya", lambda t: t.update({_K + ".dora_scale": np.zeros((1,), np.float32)}),
-                          "unknown key"),
-    "kohya_unknown_layer": ("kohya", lambda t: t.update({"lora_unet_conv_in.lora_down.weight": np.zeros((1, 4, 3, 3), np.float32)}),
+    "kohya_unknown_key": ("kohya", _put(_K + ".dora_scale", 1), "unknown key"),
+    "kohya_unknown_layer": ("kohya", _put("lora_unet_conv_in.lora_down.weight", 1, 4, 3, 3),
                             "no dense layer named 'lora_unet_conv_in'"),
-    "kohya_wrong_shape": ("kohya", lambda t: t.update({_K + ".lora_up.weight": np.zeros((64, 1), np.float32)}),
+    "kohya_wrong_shape": ("kohya", _put(_K + ".lora_up.weight", 64, 1),
                           r"shape \(64, 1\), which does not fit"),
-    "kohya_conv": ("kohya", lambda t: t.update({_K + ".lora_down.weight": np.zeros((1, 32, 1, 1), np.float32)}),
-                   "only 2-D"),
-    "kohya_inf": ("kohya", lambda t: t[_K + ".lora_down.weight"].__setitem__((0, 0), np.inf), "NaN or Inf"),
-    "kohya_inf_alpha": ("kohya", lambda t: t.update({_K + ".alpha": np.array(np.inf, np.float32)}),
-                        "not finite"),
+    "kohya_conv": ("kohya", _put(_K + ".lora_down.weight", 1, 32, 1, 1), "only 2-D"),
+    "kohya_inf": ("kohya", _poke(_K + ".lora_down.weight", np.inf), "NaN or Inf"),
+    "kohya_inf_alpha": ("kohya", _put(_K + ".alpha", value=np.inf), "not finite"),
 }
 
 
