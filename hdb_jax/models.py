@@ -49,6 +49,27 @@ from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noq
 from transformers.modeling_flax_pytorch_utils import (  # noqa: E402
     rename_key_and_reshape_tensor as transformers_rename_key)
 
+from diffusers.models import attention_flax  # noqa: E402
+
+
+class _ExactGELUFlaxGEGLU(attention_flax.FlaxGEGLU):
+  """The UNet feed-forward's GEGLU with the exact (erf) GELU.
+
+  diffusers' Flax GEGLU calls `flax.linen.gelu`, whose default is the tanh
+  approximation; SD1.5 and diffusers' PyTorch UNet use the exact GELU, and the
+  difference shows as ~3e-4 on UNet outputs. Same parameters, same names.
+  """
+
+  def __call__(self, hidden_states, deterministic=True):
+    hidden_states = self.proj(hidden_states)
+    hidden_linear, hidden_gelu = jnp.split(hidden_states, 2, axis=2)
+    return self.dropout_layer(hidden_linear * jax.nn.gelu(hidden_gelu, approximate=False),
+                              deterministic=deterministic)
+
+
+# FlaxFeedForward.setup looks the class up by this module-level name.
+attention_flax.FlaxGEGLU = _ExactGELUFlaxGEGLU
+
 COMPONENTS = ("unet", "vae", "text_encoder")
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 FLAX_WEIGHTS = {"unet": "diffusion_flax_model.msgpack", "vae": "diffusion_flax_model.msgpack",
@@ -120,7 +141,9 @@ class StableDiffusion:
 
   def decode_latents(self, vae_params, latents):
     """Scaled latents [B, C, h, w] -> images [B, H, W, 3] in [-1, 1]."""
-    latents = latents / self.vae.config.scaling_factor
+    latents = jnp.transpose(latents / self.vae.config.scaling_factor, (0, 2, 3, 1))
+    # NHWC in: the Flax VAE only transposes when the last axis is not the channel axis,
+    # a guess that fails for NCHW latents whose width equals the channel count.
     images = self.vae.apply({"params": vae_params}, latents, method=self.vae.decode).sample
     return jnp.clip(jnp.transpose(images, (0, 2, 3, 1)), -1.0, 1.0)
 
