@@ -277,6 +277,8 @@ def render(attributes, views: dict, size: int = 32, supersample: int = 2,
   n = attributes.shape[0]
   if attributes.shape != (n, NUM_ATTRIBUTES):
     raise ValueError(f"attributes must be [N, {NUM_ATTRIBUTES}], got {attributes.shape}")
+  if n == 0:
+    return np.zeros((0, size, size, 3), np.uint8)
   res = size * supersample
   grid = (np.arange(res, dtype=np.float32) + 0.5) / res * 2.0 - 1.0  # [-1, 1]
   gy, gx = np.meshgrid(grid, grid, indexing="ij")  # [res, res]
