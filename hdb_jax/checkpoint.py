@@ -13,8 +13,9 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+def manager(workdir: str, max_to_keep: int = 2,
+            subdir: str = "checkpoints") -> ocp.CheckpointManager:
+  directory = os.path.join(os.path.abspath(workdir), subdir)
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          cleanup_tmp_directories=True)
   return ocp.CheckpointManager(directory, options=options)
