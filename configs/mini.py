@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
                                   text_encoder=r"/self_attn/(q_proj|k_proj|v_proj|out_proj)$"))
 
   # LiDB DreamBooth of one subject (train/lidb_dreambooth.py).
-  config.images = os.path.join(REPO, "assets", "example_subject")
+  config.images = os.path.join(REPO, "assets", "mini_subject")  # a holdout identity
   config.token = "sks"
   config.class_name = "face"
   config.instance_prompt = "a {token} {class_name}"
