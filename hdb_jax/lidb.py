@@ -88,7 +88,7 @@ def _orthonormal_columns(key, rows: int, cols: int) -> np.ndarray:
   independent bits); QR runs in float64 NumPy and the signs are fixed so that R has a
   positive diagonal (QR is otherwise unique only up to signs).
   """
-  with jax.default_device(jax.devices("cpu")[0]):
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):  # local: multi-host safe
     gaussian = np.asarray(jax.random.normal(key, (rows, cols), jnp.float32), np.float64)
   q, r = np.linalg.qr(gaussian)
   signs = np.where(np.diag(r) < 0, -1.0, 1.0)
