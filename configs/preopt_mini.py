@@ -1,0 +1,69 @@
+"""Pre-optimization on the CPU mini world: LiDB weights of every synthetic_faces train identity.
+
+Uses the committed mini base (configs/mini.py, assets/mini_base) and the photo reference
+image of each identity; 16 identities per device in one vmapped block.
+
+    python -m train.preoptimize --config configs/preopt_mini.py --workdir workdir/preopt_mini
+
+Fewer identities, or the random stand-in data on the tiny random-init model (smoke runs):
+
+    python -m train.preoptimize --config configs/preopt_mini.py --workdir /tmp/preopt \
+        --config.data.max_identities=64
+    python -m train.preoptimize --config configs/preopt_mini.py:tiny --workdir /tmp/preopt_tiny
+
+Output: workdir/preopt_mini/weights (hdb_jax/weights_dataset.py), summary.json, losses.csv.
+Kill it any time (SIGTERM/Ctrl-C checkpoint first); the same command continues.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sibling(name: str):
+  """Another config file of this folder, as a module (configs/ is not a package)."""
+  spec = importlib.util.spec_from_file_location(f"hdb_configs_{name}",
+                                                os.path.join(HERE, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  """variant "": the mini world. "tiny": configs/tiny.py's random-init model on random
+  stand-in images (smoke runs, tests and benchmarks without the committed base)."""
+  config = ml_collections.ConfigDict()
+  source = _sibling("tiny" if variant == "tiny" else "mini")
+  config.model = source.tiny_model() if variant == "tiny" else source.mini_model()
+  config.lidb = dict(seed=0, a=100, b=50, rank=1,
+                     targets=dict(unet=r"/attn[12]/(to_q|to_k|to_v|to_out_0)$",
+                                  text_encoder=r"/self_attn/(q_proj|k_proj|v_proj|out_proj)$"))
+  config.token = "sks"
+  config.class_name = "face"
+  config.prompt = "a {token} {class_name}"
+
+  # Identities: synthetic_faces/<config>:<split> records grouped by identity; each trains
+  # on `num_images` of its style-`photo_style` records (the reference photo comes first).
+  # source "face_folder": your photos in `folder` (one subfolder or file per identity).
+  # source "random": `random_identities` identities of random uint8 images (no dataset).
+  config.data = dict(source="synthetic_faces", config="default", split="train", data_dir="",
+                     folder="", num_images=1, photo_style=0, max_identities=0,
+                     random_identities=64, random_seed=0)
+  if variant == "tiny":
+    config.data.source = "random"
+
+  config.preopt = dict(
+      steps=100, steps_per_call=25, batch_size=1, learning_rate=5e-3, seed=0, hflip=True,
+      per_device_block=16,
+      residual="side",          # "side" (low-rank side path) or "merge" (vmap of merge)
+      eval_batch_size=8,        # fixed-noise eval loss before/after per identity; 0: skip
+      checkpoint_every_blocks=8)
+  config.mesh = dict(data=-1)   # devices on the data axis; -1: all (every process's)
+  # Multi-host: initialize=True calls jax.distributed.initialize(), with no arguments on
+  # TPU pods and SLURM (auto-detected), or with the coordinator/process fields below.
+  config.distributed = dict(initialize=False, coordinator_address="", num_processes=0,
+                            process_id=-1, cpu_collectives="")  # "gloo": CPU multi-process
+  return config

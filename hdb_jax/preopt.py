@@ -1,0 +1,266 @@
+"""Pre-optimization: LiDB weights for many identities at once, vmapped and sharded.
+
+Every identity gets its own LiDB train pytree, optimized with the diffusion loss on its
+own images and the prompt "a [V] face" (shared/DESIGN.md 1.2). A *block* of identities
+trains together: the identity axis of the train state, optimizer state and image pool
+is `vmap`ped inside one device and sharded over the `data` axis of a
+`jax.sharding.Mesh` through `jax.jit` shardings; the frozen base params and the LiDB aux
+matrices are replicated jit arguments, never copied per identity.
+
+Two ways to apply per-identity residuals (`residual=`):
+  "side"   y = x @ K + (x @ down_i) @ up_i on every target `nn.Dense`, injected with
+           `flax.linen.intercept_methods`; per-identity weights are never materialized
+           and the frozen K gets no weight gradient.
+  "merge"  vmap of `lidb.merge`: materializes K + dW_i [in, out] per identity.
+docs/benchmarks.md has the numbers; "side" is faster and the default.
+
+Randomness comes from `fold_in(fold_in(seed, purpose), identity)` and then the step
+number, so an identity's weights do not depend on the block size, the device or process
+count, or on where a run was interrupted (up to float reassociation of batched ops).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hdb_jax import diffusion, lidb
+
+PURPOSE_INIT, PURPOSE_TRAIN, PURPOSE_EVAL = 0, 1, 2
+RESIDUALS = ("side", "merge")
+
+
+def identity_keys(seed: int, purpose: int, identities: jax.Array) -> jax.Array:
+  """One PRNG key per identity [G]: fold_in(fold_in(key(seed), purpose), identity)."""
+  base = jax.random.fold_in(jax.random.key(seed), purpose)
+  return jax.vmap(lambda identity: jax.random.fold_in(base, identity))(identities)
+
+
+# ------------------------------------------------------------------------------------
+# Per-identity residuals
+
+@contextlib.contextmanager
+def low_rank_side_path(factors: Mapping[str, Mapping[str, Mapping[str, jax.Array]]]):
+  """Inside: each target Dense returns `x @ K (+ bias) + (x @ down) @ up`.
+
+  `factors` is `lidb.factors(train, aux)`: {component: {layer path: {"down": [in, r],
+  "up": [r, out]}}}. Layers are found by module path, which equals the param path in
+  the diffusers/transformers Flax models (unet paths never start with "text_model/").
+  On exit, raises if a target layer was never called: a model whose projections are
+  not `nn.Dense` would otherwise train nothing silently.
+  """
+  by_path = {}
+  for component, layers in factors.items():
+    for layer, layer_factors in layers.items():
+      if layer in by_path:
+        raise ValueError(f"LiDB layer path {layer!r} is in two components; the side path "
+                         "cannot tell them apart")
+      by_path[layer] = layer_factors
+  called = set()
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name != "__call__" or not isinstance(context.module, nn.Dense):
+      return out
+    layer = "/".join(context.module.path)
+    layer_factors = by_path.get(layer)
+    if layer_factors is None:
+      return out
+    called.add(layer)
+    x = args[0]                                            # [..., in]
+    down = layer_factors["down"].astype(x.dtype)           # [in, r]
+    up = layer_factors["up"].astype(x.dtype)               # [r, out]
+    return out + ((x @ down) @ up).astype(out.dtype)
+
+  with nn.intercept_methods(interceptor):
+    yield
+  missing = sorted(set(by_path) - called)
+  if missing:
+    raise ValueError(f"LiDB side path: {len(missing)} target layers were never called as "
+                     f"nn.Dense (e.g. {missing[:2]})")
+
+
+def identity_loss(sd, residual: str, train, frozen, aux, pool, input_ids, rng,
+                  batch_size: int):
+  """Diffusion loss of one identity on `batch_size` draws from its pool.
+
+  train: that identity's LiDB train pytree; pool: {"mean", "std"} [M, C, h, w] VAE latent
+  distributions of its images; input_ids [1, L]: the prompt, encoded once per step (the
+  text encoder carries the identity's residuals) and broadcast over the batch.
+  """
+  draw_rng, latent_rng, noise_rng = jax.random.split(rng, 3)
+  index = jax.random.randint(draw_rng, (batch_size,), 0, pool["mean"].shape[0])
+  latents = diffusion.sample_latents(latent_rng, pool["mean"][index], pool["std"][index])
+  if residual == "side":
+    params, residuals = frozen, low_rank_side_path(lidb.factors(train, aux))
+  elif residual == "merge":
+    params, residuals = lidb.merge(frozen, train, aux), contextlib.nullcontext()
+  else:
+    raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+  with residuals:
+    context = sd.encode_text(params["text_encoder"], input_ids)        # [1, L, D]
+    context = jnp.broadcast_to(context, (batch_size,) + context.shape[1:])
+    losses = diffusion.per_example_loss(sd, params["unet"], context, latents, noise_rng)
+  return losses.mean()
+
+
+# ------------------------------------------------------------------------------------
+# Jitted block functions
+
+@dataclasses.dataclass(frozen=True)
+class BlockFns:
+  """Compiled functions over a block of G identities (G = per-device block x devices).
+
+  init(identities [G]) -> (train, opt_state)                       each leaf [G, ...]
+  encode(vae_params, images [G, N, H, W, 3] uint8) -> pool         {"mean", "std"} [G, M, C, h, w]
+  train(train, opt_state, frozen, aux, pool, identities, input_ids [1, L], first_step)
+      -> (train, opt_state, losses [G, steps_per_call])            steps_per_call optax steps
+  evaluate(train, frozen, aux, pool, identities, input_ids) -> loss [G]   fixed noise per identity
+  """
+  init: callable
+  encode: callable
+  train: callable
+  evaluate: callable
+  identity_sharding: NamedSharding
+  replicated: NamedSharding
+
+
+def make_block_fns(sd, spec: lidb.LiDBSpec, optimizer: optax.GradientTransformation,
+                   mesh: Mesh, *, seed: int, batch_size: int, steps_per_call: int,
+                   eval_batch_size: int = 8, residual: str = "side",
+                   hflip: bool = True) -> BlockFns:
+  """Block functions with the identity axis sharded over `mesh` axis "data"."""
+  if residual not in RESIDUALS:
+    raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+  per_identity = NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(mesh, P())
+
+  def init(identities):
+    keys = identity_keys(seed, PURPOSE_INIT, identities)
+    train = jax.vmap(lambda key: lidb.init(spec, key))(keys)
+    return train, jax.vmap(optimizer.init)(train)
+
+  def encode(vae_params, images):
+    count, per_identity_images = images.shape[:2]
+    pixels = images.reshape((-1,) + images.shape[2:]).astype(jnp.float32) / 127.5 - 1.0
+    mean, std = sd.encode_images(vae_params, pixels)                   # [G*N, C, h, w]
+    unflat = lambda x: x.reshape((count, per_identity_images) + x.shape[1:])
+    pool = {"mean": unflat(mean), "std": unflat(std)}
+    if hflip:  # mirror images [G*N, H, W, 3] along W: twice the pool, encoded once
+      mean_f, std_f = sd.encode_images(vae_params, pixels[:, :, ::-1])
+      pool = {"mean": jnp.concatenate([pool["mean"], unflat(mean_f)], axis=1),
+              "std": jnp.concatenate([pool["std"], unflat(std_f)], axis=1)}
+    return pool
+
+  def one_step(frozen, aux, input_ids, train, opt_state, pool, key, step):
+    loss, grads = jax.value_and_grad(identity_loss, argnums=2)(
+        sd, residual, train, frozen, aux, pool, input_ids, jax.random.fold_in(key, step),
+        batch_size)
+    updates, opt_state = optimizer.update(grads, opt_state, train)
+    return optax.apply_updates(train, updates), opt_state, loss
+
+  def train_steps(train, opt_state, frozen, aux, pool, identities, input_ids, first_step):
+    keys = identity_keys(seed, PURPOSE_TRAIN, identities)
+    step_block = jax.vmap(one_step, in_axes=(None, None, None, 0, 0, 0, 0, None))
+
+    def body(carry, step):
+      train, opt_state = carry
+      train, opt_state, loss = step_block(frozen, aux, input_ids, train, opt_state, pool,
+                                          keys, step)
+      return (train, opt_state), loss
+
+    steps = first_step + jnp.arange(steps_per_call)
+    (train, opt_state), losses = jax.lax.scan(body, (train, opt_state), steps)
+    return train, opt_state, losses.T
+
+  def evaluate(train, frozen, aux, pool, identities, input_ids):
+    keys = identity_keys(seed, PURPOSE_EVAL, identities)
+    return jax.vmap(
+        lambda t, p, k: identity_loss(sd, residual, t, frozen, aux, p, input_ids, k,
+                                      eval_batch_size),
+        in_axes=(0, 0, 0))(train, pool, keys)
+
+  s, r = per_identity, replicated
+  return BlockFns(
+      init=jax.jit(init, in_shardings=s, out_shardings=(s, s)),
+      encode=jax.jit(encode, in_shardings=(r, s), out_shardings=s),
+      train=jax.jit(train_steps, in_shardings=(s, s, r, r, s, s, r, r),
+                    out_shardings=(s, s, s), donate_argnums=(0, 1)),
+      evaluate=jax.jit(evaluate, in_shardings=(s, r, r, s, s, r), out_shardings=s),
+      identity_sharding=s, replicated=r)
+
+
+# ------------------------------------------------------------------------------------
+# Layout: which identities a block holds, and which of them this process feeds.
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Blocks of `global_block` consecutive identity positions; block k holds positions
+  [k * global_block, (k + 1) * global_block), padded past `num_identities`. This process
+  feeds the rows [local_start, local_stop) of every block (its devices' rows)."""
+  num_identities: int
+  global_block: int
+  local_start: int
+  local_stop: int
+
+  @property
+  def num_blocks(self) -> int:
+    return math.ceil(self.num_identities / self.global_block)
+
+  def local_positions(self, block: int) -> np.ndarray:
+    """Identity positions of this process's rows of `block` [local rows]; >= N is padding."""
+    first = block * self.global_block
+    return np.arange(first + self.local_start, first + self.local_stop)
+
+
+def make_layout(num_identities: int, per_device_block: int,
+                sharding: NamedSharding) -> Layout:
+  """The layout for an identity-axis `sharding`; this process's rows must be contiguous."""
+  global_block = per_device_block * sharding.mesh.devices.size
+  rows = sorted((index[0].start or 0, index[0].stop or global_block) for index in
+                sharding.addressable_devices_indices_map((global_block,)).values())
+  for (_, stop), (start, _) in zip(rows, rows[1:]):
+    if stop != start:
+      raise ValueError(f"this process's devices hold non-contiguous rows {rows} of a block")
+  return Layout(num_identities, global_block, rows[0][0], rows[-1][1])
+
+
+def replicate(tree, sharding: NamedSharding):
+  """Host values (the same in every process) -> arrays replicated over `sharding`'s mesh.
+
+  Built from NumPy copies with make_array_from_callback: jax.device_put of an array
+  committed to one local device cannot target devices of other processes."""
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree_util.tree_map(put, tree)
+
+
+def global_block_array(local_rows: np.ndarray, sharding: NamedSharding,
+                       global_block: int) -> jax.Array:
+  """A global [global_block, ...] array from this process's rows of it."""
+  return jax.make_array_from_process_local_data(
+      sharding, local_rows, (global_block,) + local_rows.shape[1:])
+
+
+def local_rows(tree):
+  """This process's rows of global per-identity arrays, as NumPy (in row order)."""
+  def rows(array):
+    shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+    seen, parts = set(), []
+    for shard in shards:  # replicas of a row on several local devices: keep one
+      start = shard.index[0].start or 0
+      if start not in seen:
+        seen.add(start)
+        parts.append(np.asarray(shard.data))
+    return np.concatenate(parts)
+  return jax.tree_util.tree_map(rows, tree)

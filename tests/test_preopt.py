@@ -1,0 +1,285 @@
+"""Pre-optimization: side path == merge, weights dataset, and whole runs that must agree:
+1 vs 8 devices, killed (SIGTERM, then SIGKILL) and resumed vs uninterrupted, 2 processes
+vs 1.
+
+Runs use a model smaller than configs/tiny.py (one UNet block, one text layer) on
+synthetic_faces/tiny. The 1-device reference runs in this process; the others run
+`python -m train.preoptimize` in subprocesses (8 fake CPU devices need XLA_FLAGS before
+JAX starts) that share this session's XLA compilation cache.
+
+Tolerance (weights are ~0.01-0.3; one Adam step moves a value by up to lr = 5e-3, so a
+wrong noise draw, step count or identity shows up far above it):
+- the same compiled program (killed and resumed vs uninterrupted): atol 1e-6 (measured: 0);
+- other programs (1 device x 2 identities vs 8 devices x 1; 2 processes x 4 devices vs
+  1 x 8; XLA reassociates sums differently, and Adam amplifies that noise where a
+  gradient is near zero): atol 1e-3 (measured: 4e-6 for 1 vs 8 devices; up to 2e-4
+  between the same run compiled under different XLA_FLAGS).
+"""
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from hdb_jax import lidb, preopt, weights_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_IDENTITIES = 16
+RUN = {  # config overrides shared by every run (dotted keys)
+    "model.unet.block_out_channels": (32,),
+    "model.unet.down_block_types": ("CrossAttnDownBlock2D",),
+    "model.unet.up_block_types": ("CrossAttnUpBlock2D",),
+    "model.text_encoder.num_hidden_layers": 1,
+    "data.source": "synthetic_faces", "data.config": "tiny",
+    "data.max_identities": NUM_IDENTITIES,
+    "preopt.steps": 8, "preopt.steps_per_call": 2, "preopt.learning_rate": 5e-3,
+    "preopt.per_device_block": 2, "preopt.checkpoint_every_blocks": 1,
+    "preopt.eval_batch_size": 0,
+}
+EIGHT_DEVICES = {"preopt.per_device_block": 1}
+SAME_PROGRAM_ATOL = 1e-6
+OTHER_PROGRAM_ATOL = 1e-3
+
+
+def _config(overrides):
+  spec = importlib.util.spec_from_file_location(
+      "preopt_mini", os.path.join(REPO, "configs", "preopt_mini.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def _flags(overrides):
+  return [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
+          for k, v in overrides.items()]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  from hdb_jax import data
+  path = str(tmp_path_factory.mktemp("tfds"))
+  data.build("tiny", path)
+  return path
+
+
+def _launch(workdir, overrides, devices=1, extra_env=None):
+  env = dict(os.environ, PYTHONUNBUFFERED="1",
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  if devices > 1:  # 1 device: this process's flags, so that its compiled programs are reused
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env.update(extra_env or {})
+  command = [sys.executable, "-m", "train.preoptimize",
+             "--config", os.path.join(REPO, "configs", "preopt_mini.py:tiny"),
+             "--workdir", str(workdir)] + _flags(overrides)
+  return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process, timeout=600):
+  out, _ = process.communicate(timeout=timeout)
+  return process.returncode, out
+
+
+def _shards(workdir):
+  return {name for name, *_ in weights_dataset.list_shards(os.path.join(workdir, "weights"))}
+
+
+def _wait_for_new_shard(process, workdir, known):
+  while process.poll() is None:
+    if _shards(workdir) - known:
+      return True
+    time.sleep(0.02)
+  return False
+
+
+def _assert_same_weights(dir_a, dir_b, atol):
+  a = weights_dataset.open_dataset(os.path.join(dir_a, "weights"))
+  b = weights_dataset.open_dataset(os.path.join(dir_b, "weights"))
+  np.testing.assert_array_equal(a.identities, b.identities)
+  for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a.train),
+                               jax.tree_util.tree_leaves_with_path(b.train)):
+    np.testing.assert_allclose(x, y, rtol=0, atol=atol, err_msg=jax.tree_util.keystr(path))
+  np.testing.assert_allclose(a.stats["train_loss"], b.stats["train_loss"], rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, data_dir):
+  """1 device, 2 identities per block, in this process, with the eval losses."""
+  import train.preoptimize as entry
+  workdir = str(tmp_path_factory.mktemp("preopt_ref"))
+  config = _config({**RUN, "data.data_dir": data_dir, "preopt.eval_batch_size": 4})
+  assert entry.run(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(tmp_path_factory, data_dir):
+  workdir = str(tmp_path_factory.mktemp("preopt_8"))
+  code, out = _finish(_launch(workdir, {**RUN, **EIGHT_DEVICES, "data.data_dir": data_dir},
+                              devices=8))
+  assert code == 0, out[-3000:]
+  return workdir
+
+
+# ------------------------------------------------------------------------------------
+# Pieces
+
+def test_side_path_equals_merge(tiny_model, tiny_lidb):
+  """The low-rank side path computes exactly the merged model's loss (same noise)."""
+  sd, params = tiny_model
+  spec, aux = tiny_lidb
+  train = lidb.init(spec, jax.random.key(1))
+  train = jax.tree_util.tree_map(lambda x: x + 0.3 * jax.random.normal(
+      jax.random.key(2), x.shape), train)  # U_train != 0: a real residual
+  rng = np.random.default_rng(0)
+  pool = {"mean": rng.normal(size=(2, 4, 8, 8)).astype(np.float32),
+          "std": np.full((2, 4, 8, 8), 0.1, np.float32)}
+  input_ids = sd.tokenize(["a sks face"])
+
+  @jax.jit
+  def losses(train, base_train, params, aux, pool):
+    loss = lambda residual, t: preopt.identity_loss(sd, residual, t, params, aux, pool,
+                                                    input_ids, jax.random.key(3), 2)
+    return loss("side", train), loss("merge", train), loss("side", base_train)
+  side, merge, base = map(float, losses(train, lidb.init(spec, jax.random.key(1)), params,
+                                        aux, pool))
+  assert abs(side - merge) < 1e-5 * merge
+  assert abs(side - base) > 1e-3  # the residual changed the loss
+
+
+def test_side_path_reports_layers_never_called():
+  import flax.linen as nn
+  dense = nn.Dense(3, name="to_q")
+  x = np.ones((1, 2), np.float32)
+  variables = dense.init(jax.random.key(0), x)
+  factors = {"unet": {"elsewhere/to_q": {"down": np.ones((2, 1)), "up": np.ones((1, 3))}}}
+  with pytest.raises(ValueError, match="never called"):
+    with preopt.low_rank_side_path(factors):
+      dense.apply(variables, x)
+
+
+def test_weights_dataset_round_trip_and_checks(tmp_path, tiny_lidb):
+  spec, _ = tiny_lidb
+  rows = lambda n, seed: jax.vmap(lambda k: lidb.init(spec, k))(
+      jax.random.split(jax.random.key(seed), n))
+  train_a, train_b = rows(3, 0), rows(2, 1)
+  folder = str(tmp_path)
+  stats = np.arange(15, dtype=np.float32).reshape(5, 3)  # columns: strided views
+  weights_dataset.write_shard(folder, weights_dataset.shard_name(1, 3, 5), [7, 2], train_b,
+                              {"train_loss": stats[3:, 0]}, spec)
+  with pytest.raises(ValueError, match="miss 3 identities"):
+    weights_dataset.finalize(folder, [7, 2, 5, 9, 4])
+  weights_dataset.write_shard(folder, weights_dataset.shard_name(0, 0, 3), [5, 9, 4], train_a,
+                              {"train_loss": stats[:3, 0]}, spec)
+  with pytest.raises(FileNotFoundError, match="index.json"):
+    weights_dataset.open_dataset(folder)
+  index = weights_dataset.finalize(folder, [7, 2, 5, 9, 4])
+  assert index["num_identities"] == 5 and len(index["shards"]) == 2
+  dataset = weights_dataset.open_dataset(folder)
+  assert dataset.spec == spec
+  np.testing.assert_array_equal(dataset.identities, [2, 4, 5, 7, 9])
+  np.testing.assert_array_equal(dataset.stats["train_loss"], [12, 6, 0, 9, 3])
+  layer = next(iter(spec.layers["unet"]))
+  np.testing.assert_array_equal(dataset.get(9)["unet"][layer]["D_train"],
+                                np.asarray(train_a["unet"][layer]["D_train"][1]))
+  with pytest.raises(KeyError):
+    dataset.get(3)
+  # A second copy of an identity (a stale shard) is an error, and stale shards are removable.
+  weights_dataset.write_shard(folder, weights_dataset.shard_name(0, 3, 4), [7], rows(1, 2),
+                              {"train_loss": stats[:1, 0]}, spec)
+  with pytest.raises(ValueError, match="identity 7"):
+    weights_dataset.finalize(folder, [7, 2, 5, 9, 4])
+  assert weights_dataset.remove_shards_from(folder, 3) == [
+      weights_dataset.shard_name(0, 3, 4), weights_dataset.shard_name(1, 3, 5)]
+
+
+def test_layout_rows_and_padding():
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  layout = preopt.make_layout(10, 4, sharding)
+  assert layout.num_blocks == 3
+  np.testing.assert_array_equal(layout.local_positions(2), [8, 9, 10, 11])
+
+
+# ------------------------------------------------------------------------------------
+# Whole runs
+
+def test_reference_run_writes_dataset_and_summary(reference_run):
+  import json
+  dataset = weights_dataset.open_dataset(os.path.join(reference_run, "weights"))
+  assert len(dataset) == NUM_IDENTITIES
+  assert set(dataset.stats) == {"train_loss", "eval_loss_before", "eval_loss_after"}
+  layer = next(iter(dataset.spec.layers["unet"]))
+  assert np.abs(dataset.train["unet"][layer]["U_train"]).min(axis=(1, 2)).max() > 0
+  with open(os.path.join(reference_run, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["num_identities"] == NUM_IDENTITIES
+  assert 0.0 <= summary["fraction_eval_loss_improved"] <= 1.0
+  # One identity's row is a complete LiDB file.
+  path = os.path.join(reference_run, "one.safetensors")
+  lidb.save(path, dataset.get(int(dataset.identities[0])), dataset.spec)
+  assert lidb.load(path)[1] == dataset.spec
+
+
+def test_one_vs_eight_devices(reference_run, eight_device_run):
+  _assert_same_weights(reference_run, eight_device_run, OTHER_PROGRAM_ATOL)
+
+
+def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path, data_dir,
+                                                               reference_run):
+  workdir = str(tmp_path / "killed")
+  overrides = {**RUN, "data.data_dir": data_dir}
+  # SIGTERM mid-run: checkpoint, clean exit 0, no index (not finished).
+  process = _launch(workdir, overrides)
+  assert _wait_for_new_shard(process, workdir, set())
+  process.send_signal(signal.SIGTERM)
+  code, out = _finish(process)
+  assert code == 0 and "stopped: progress saved" in out, out[-3000:]
+  assert not os.path.exists(os.path.join(workdir, "weights", weights_dataset.INDEX))
+  # Rerun resumes the block in flight; SIGKILL it after it wrote one more shard.
+  known = _shards(workdir)
+  process = _launch(workdir, overrides)
+  assert _wait_for_new_shard(process, workdir, known)
+  process.send_signal(signal.SIGKILL)
+  code, out = _finish(process)
+  assert code == -signal.SIGKILL and "resuming block" in out, out[-3000:]
+  # The same command finishes the run.
+  code, out = _finish(_launch(workdir, overrides))
+  assert code == 0, out[-3000:]
+  _assert_same_weights(reference_run, workdir, SAME_PROGRAM_ATOL)
+
+
+def test_two_processes_equal_one(tmp_path, data_dir, eight_device_run):
+  """2 processes x 4 devices (gloo) == 1 process x 8 devices: the same global blocks."""
+  workdir = str(tmp_path / "two")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  overrides = {**RUN, **EIGHT_DEVICES, "data.data_dir": data_dir,
+               "distributed.initialize": True, "distributed.cpu_collectives": "gloo",
+               "distributed.coordinator_address": f"127.0.0.1:{port}",
+               "distributed.num_processes": 2}
+  processes = [_launch(workdir, {**overrides, "distributed.process_id": i}, devices=4)
+               for i in range(2)]
+  results = [_finish(p) for p in processes]
+  for code, out in results:
+    assert code == 0, out[-3000:]
+  names = _shards(workdir)
+  assert any("-p00000-" in n for n in names) and any("-p00001-" in n for n in names)
+  _assert_same_weights(eight_device_run, workdir, OTHER_PROGRAM_ATOL)
+

@@ -1,0 +1,323 @@
+r"""Pre-optimization: LiDB weights for every identity of a face dataset (HyperDreamBooth 1.2).
+
+    python -m train.preoptimize --config configs/preopt_mini.py --workdir workdir/preopt_mini
+
+For every identity, optimizes its LiDB weights with prompt "a [V] face" on its reference
+photo(s), many identities at once: a block of `per_device_block` identities per device,
+vmapped, the blocks sharded over the mesh's `data` axis by jit (see hdb_jax/preopt.py).
+With `config.distributed.initialize`, every process of a multi-host job reads only its own
+rows of each block and writes its own shards. Writes to --workdir:
+  weights/       the weights dataset (hdb_jax/weights_dataset.py); weights/index.json last
+  summary.json   losses: mean and quantiles of the final train loss and of a fixed-noise
+                 eval loss before/after; losses.csv: the same per identity
+  checkpoints/   orbax progress (identity position, step, the block in flight), saved every
+                 `checkpoint_every_blocks` blocks and on SIGTERM/SIGINT (then exit 0)
+Rerunning the same command continues (also after SIGKILL); a finished run exits at once.
+"""
+
+import csv
+import json
+import os
+import signal
+import time
+
+from absl import app, flags, logging
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from hdb_jax import checkpoint, files, lidb, logs, models, preopt
+from hdb_jax import params as params_lib
+from hdb_jax import weights_dataset
+
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Output folder; rerunning resumes from it.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+class _StopFlag:
+  """Set by SIGTERM/SIGINT; the loop checkpoints and exits at the next step boundary."""
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.requested = False
+    self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+  def restore(self):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("signal %d: checkpointing at the next step boundary", signum)
+    self.requested = True
+
+  def agreed(self) -> bool:
+    """True when any process was asked to stop (all processes must stop together)."""
+    if jax.process_count() == 1:
+      return self.requested
+    flags_all = multihost_utils.process_allgather(np.int32(self.requested))
+    return bool(np.asarray(flags_all).any())
+
+
+def init_distributed(cfg) -> None:
+  if not cfg.initialize:
+    return
+  if cfg.cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+  kwargs = {}
+  if cfg.coordinator_address:
+    kwargs = dict(coordinator_address=cfg.coordinator_address,
+                  num_processes=cfg.num_processes, process_id=cfg.process_id)
+  jax.distributed.initialize(**kwargs)  # no arguments: auto-detected (TPU pods, SLURM)
+
+
+def open_identities(cfg, image_size: int):
+  """(identities [N] int64, read(positions) -> images [n, num_images, S, S, 3] uint8).
+
+  Sources: synthetic_faces (records grouped by identity, photos have style 0),
+  face_folder (your photos: one subfolder or file per identity, all photos), or random
+  (stand-in with the data contract's shapes: smoke runs, benchmarks)."""
+  if cfg.source == "random":
+    identities = np.arange(cfg.random_identities, dtype=np.int64)
+
+    def read_random(positions):
+      return np.stack([np.random.default_rng([cfg.random_seed, int(identities[p])]).integers(
+          0, 256, (cfg.num_images, image_size, image_size, 3), dtype=np.uint8)
+          for p in positions])
+    return identities, read_random
+  from hdb_jax import data
+  if cfg.source == "synthetic_faces":
+    records = data.source(cfg.config, cfg.split, cfg.data_dir or None)
+    where = f"synthetic_faces/{cfg.config}:{cfg.split}"
+  elif cfg.source == "face_folder":
+    records = data.folder_source(cfg.folder, cfg.data_dir or None, image_size)
+    where = cfg.folder
+  else:
+    raise app.UsageError(f"config.data.source must be 'synthetic_faces', 'face_folder' or "
+                         f"'random', got {cfg.source!r}")
+  ranges = data.identity_ranges(records)
+  if cfg.max_identities:
+    ranges = ranges[:cfg.max_identities]
+  identities = np.array([identity for identity, _, _ in ranges], np.int64)
+  if len(identities) and identities.max() >= 2**31:
+    raise ValueError(f"{where}: identity ids must be < 2**31 (PRNG fold_in), got "
+                     f"{identities.max()}")
+
+  def read_records(positions):
+    out = []
+    for p in positions:
+      identity, start, stop = ranges[p]
+      views = [records[i] for i in range(start, stop)]
+      photos = [v["image"] for v in views if int(v.get("style", 0)) == cfg.photo_style]
+      if not photos:
+        raise ValueError(f"{where}: identity {identity} has no style-{cfg.photo_style} photo")
+      if photos[0].shape != (image_size, image_size, 3):
+        raise ValueError(f"{where}: images are {photos[0].shape}, the model takes "
+                         f"{image_size}x{image_size}x3")
+      out.append(np.stack([photos[i % len(photos)] for i in range(cfg.num_images)]))
+    return np.stack(out)
+  return identities, read_records
+
+
+def write_summary(workdir: str, dataset_dir: str, identities_this_run: int,
+                  seconds: float) -> dict:
+  dataset = weights_dataset.open_dataset(dataset_dir)
+  summary = {"num_identities": len(dataset), "identities_this_run": identities_this_run,
+             "seconds_this_run": round(seconds, 1),
+             "identities_per_second": round(identities_this_run / max(seconds, 1e-9), 3)}
+  for name, values in dataset.stats.items():
+    q = np.quantile(values, [0.0, 0.1, 0.5, 0.9, 1.0])
+    summary[name] = {"mean": float(values.mean()), "std": float(values.std()),
+                     "quantiles_0_10_50_90_100": [round(float(v), 5) for v in q]}
+  if "eval_loss_after" in dataset.stats:
+    better = dataset.stats["eval_loss_after"] < dataset.stats["eval_loss_before"]
+    summary["fraction_eval_loss_improved"] = float(better.mean())
+  with files.atomic_path(os.path.join(workdir, "summary.json")) as tmp, open(tmp, "w") as f:
+    json.dump(summary, f, indent=2)
+  with files.atomic_path(os.path.join(workdir, "losses.csv")) as tmp, open(tmp, "w") as f:
+    writer = csv.writer(f)
+    writer.writerow(["identity"] + list(dataset.stats))
+    for i, identity in enumerate(dataset.identities):
+      writer.writerow([int(identity)] + [f"{v[i]:.6f}" for v in dataset.stats.values()])
+  return summary
+
+
+def run(config, workdir: str) -> bool:
+  """Pre-optimize every identity of `config.data` into `workdir`. Returns True when the
+  weights dataset is complete, False when stopped by a signal (progress saved)."""
+  stop = _StopFlag()
+  try:
+    return _run(config, workdir, stop)
+  finally:
+    stop.restore()
+
+
+def _run(config, workdir, stop) -> bool:
+  run = config.preopt
+  if run.steps % run.steps_per_call:
+    raise app.UsageError(f"preopt.steps ({run.steps}) must be a multiple of "
+                         f"preopt.steps_per_call ({run.steps_per_call})")
+  is_main = jax.process_index() == 0
+  dataset_dir = os.path.join(workdir, "weights")
+  os.makedirs(dataset_dir, exist_ok=True)
+  if is_main:
+    with files.atomic_path(os.path.join(workdir, "config.json")) as tmp, open(tmp, "w") as f:
+      f.write(config.to_json(indent=2))
+
+  sd, frozen = models.load_or_build(config.model)
+  spec = lidb.make_spec(frozen, seed=config.lidb.seed, a=config.lidb.a, b=config.lidb.b,
+                        rank=config.lidb.rank, targets=dict(config.lidb.targets))
+  aux = lidb.make_aux(spec)
+  prompt = config.prompt.format(token=config.token, class_name=config.class_name)
+  input_ids = sd.tokenize([prompt])                                     # [1, L]
+  identities, read_images = open_identities(config.data, sd.image_size)
+
+  num_devices = jax.device_count() if config.mesh.data == -1 else config.mesh.data
+  mesh = jax.make_mesh((num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:num_devices])
+  fns = preopt.make_block_fns(
+      sd, spec, optax.adam(run.learning_rate), mesh, seed=run.seed, batch_size=run.batch_size,
+      steps_per_call=run.steps_per_call, eval_batch_size=run.eval_batch_size,
+      residual=run.residual, hflip=run.hflip)
+  base_fingerprint = params_lib.fingerprint(frozen, spec.layers)
+  frozen, aux, input_ids = preopt.replicate((frozen, aux, input_ids), fns.replicated)
+  global_block = run.per_device_block * num_devices
+  shard_meta = {"base_fingerprint": base_fingerprint,
+                "prompt": prompt, "steps": str(run.steps), "learning_rate": str(run.learning_rate),
+                "seed": str(run.seed), "data": json.dumps(config.data.to_dict(), sort_keys=True)}
+
+  # Progress: the first identity position not yet written, and the block in flight. The
+  # layout (devices, block size, steps per call) may change between runs; what decides
+  # the weights may not.
+  run_id = params_lib.stable_hash32(params_lib.to_json({
+      "base": base_fingerprint, "lidb": config.lidb.to_dict(), "data": config.data.to_dict(),
+      "prompt": prompt, "preopt": {k: run[k] for k in (
+          "steps", "batch_size", "learning_rate", "seed", "hflip")}}))
+  ckpt = checkpoint.manager(workdir)
+  progress = {"position": 0, "step": 0, "global_block": global_block, "run_id": run_id}
+  if ckpt.latest_step() is not None:
+    progress = ckpt.restore(ckpt.latest_step(), args=ocp.args.Composite(
+        progress=ocp.args.JsonRestore()))["progress"]
+    if progress.get("run_id") != run_id:
+      raise app.UsageError(f"{workdir}: holds a run with another base, data, LiDB or "
+                           "optimization config; use a new --workdir")
+  start = progress["position"]
+  layout = preopt.make_layout(len(identities) - start, run.per_device_block,
+                              fns.identity_sharding)
+  if is_main:
+    removed = weights_dataset.remove_shards_from(dataset_dir, start)
+    if removed:
+      logging.info("removed %d shards of an interrupted run: %s", len(removed), removed[:3])
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("preopt: stale shards removed")
+  logging.info("%d identities, %d done; %d blocks of %d (%d per device x %d devices), "
+               "%d steps, LiDB %d values, residual=%s", len(identities), start,
+               layout.num_blocks, global_block, run.per_device_block, num_devices, run.steps,
+               spec.num_trainable, run.residual)
+
+  bar = tqdm(total=len(identities), initial=start, unit="id", desc="pre-optimization",
+             disable=not is_main, smoothing=0.1)
+  buffer, flush_start, began = [], start, time.time()
+
+  def flush(position):
+    """Write this process's finished rows [flush_start, position) as one shard."""
+    nonlocal buffer, flush_start
+    if buffer:
+      rows = {k: np.concatenate([b[k] for b in buffer]) for k in ("identity", "stats")}
+      train_rows = jax.tree_util.tree_map(lambda *x: np.concatenate(x),
+                                          *[b["train"] for b in buffer])
+      stats = {name: rows["stats"][:, i] for i, name in enumerate(weights_dataset.STATS)
+               if run.eval_batch_size or name == "train_loss"}
+      weights_dataset.write_shard(
+          dataset_dir, weights_dataset.shard_name(jax.process_index(), flush_start, position),
+          rows["identity"], train_rows, stats, spec, shard_meta)
+    buffer, flush_start = [], position
+
+  def save_progress(position, step, block_state):
+    checkpoint_id = position * run.steps + step  # increases monotonically
+    ckpt.save(checkpoint_id, args=ocp.args.Composite(
+        progress=ocp.args.JsonSave({"position": position, "step": step,
+                                    "global_block": global_block, "run_id": run_id}),
+        block=ocp.args.StandardSave(block_state)), force=True)
+
+  for block in range(layout.num_blocks):
+    positions = start + layout.local_positions(block)                  # this process's rows
+    valid = positions < len(identities)
+    block_ids = np.where(valid, identities[np.minimum(positions, len(identities) - 1)], 0)
+    images = read_images(np.minimum(positions, len(identities) - 1))   # padding: repeats
+    ids_global = preopt.global_block_array(block_ids.astype(np.int32), fns.identity_sharding,
+                                           global_block)
+    pool = fns.encode(frozen["vae"], preopt.global_block_array(
+        images, fns.identity_sharding, global_block))
+    train, opt_state = fns.init(ids_global)
+    first_step = 0
+    block_start = start + block * global_block
+    if (block == 0 and progress["step"] and progress["global_block"] == global_block
+        and (run.steps - progress["step"]) % run.steps_per_call == 0):
+      abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                        {"train": train, "opt_state": opt_state})
+      state = ckpt.restore(ckpt.latest_step(), args=ocp.args.Composite(
+          block=ocp.args.StandardRestore(abstract)))["block"]
+      train, opt_state, first_step = state["train"], state["opt_state"], progress["step"]
+      logging.info("resuming block at position %d from step %d", block_start, first_step)
+    for step in range(first_step, run.steps, run.steps_per_call):
+      train, opt_state, losses = fns.train(train, opt_state, frozen, aux, pool, ids_global,
+                                           input_ids, preopt.replicate(np.int32(step),
+                                                                       fns.replicated))
+      bar.set_postfix(step=step + run.steps_per_call, refresh=False)
+      if stop.agreed():
+        flush(block_start)
+        save_progress(block_start, step + run.steps_per_call,
+                      {"train": train, "opt_state": opt_state})
+        ckpt.wait_until_finished()
+        ckpt.close()
+        bar.close()
+        logging.warning("stopped: progress saved at identity %d, step %d; rerun the same "
+                        "command to continue", block_start, step + run.steps_per_call)
+        return False
+    stats = [np.asarray(preopt.local_rows(losses)).mean(axis=1)]      # mean of last call
+    if run.eval_batch_size:
+      base_train, _ = fns.init(ids_global)  # dW = 0 at init: the base model's loss
+      stats += [preopt.local_rows(fns.evaluate(t, frozen, aux, pool, ids_global, input_ids))
+                for t in (base_train, train)]
+    else:
+      stats += [np.full_like(stats[0], np.nan)] * 2
+    train_rows = preopt.local_rows(train)
+    buffer.append({"identity": identities[positions[valid]],
+                   "train": jax.tree_util.tree_map(lambda x: x[valid], train_rows),
+                   "stats": np.stack(stats, axis=1)[valid]})
+    done = min(block_start + global_block, len(identities))
+    bar.update(done - bar.n)
+    if (block + 1) % run.checkpoint_every_blocks == 0 or block + 1 == layout.num_blocks:
+      flush(done)
+      save_progress(done, 0, {"train": train, "opt_state": opt_state})
+  bar.close()
+  ckpt.wait_until_finished()
+  ckpt.close()
+
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("preopt: all shards written")
+  if is_main:
+    weights_dataset.finalize(dataset_dir, identities, {"prompt": prompt, **shard_meta})
+    summary = write_summary(workdir, dataset_dir, len(identities) - start,
+                            time.time() - began)
+    logging.info("wrote %s (%d identities); summary: %s", dataset_dir, len(identities),
+                 json.dumps({k: v for k, v in summary.items() if k != "num_identities"}))
+  return True
+
+
+def main(argv):
+  del argv
+  init_distributed(FLAGS.config.distributed)
+  logs.quiet_libraries()
+  run(FLAGS.config, FLAGS.workdir)  # stopped by a signal: progress saved, exit 0
+
+
+if __name__ == "__main__":
+  app.run(main)
