@@ -56,7 +56,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.data.source = "random"
 
   config.preopt = dict(
-      steps=100, steps_per_call=25, batch_size=1, learning_rate=5e-3, seed=0, hflip=True,
+      steps=100, batch_size=1, learning_rate=5e-3, seed=0, hflip=True, loss_window=10,
       per_device_block=16,
       residual="side",          # "side" (low-rank side path) or "merge" (vmap of merge)
       eval_batch_size=8,        # fixed-noise eval loss before/after per identity; 0: skip

@@ -39,7 +39,6 @@ def get_config():
   config.data.source = "face_folder"
   config.data.folder = ""                        # required: --config.data.folder=...
   config.preopt.steps = 200
-  config.preopt.steps_per_call = 50
   config.preopt.batch_size = 1
   config.preopt.learning_rate = 2e-3
   config.preopt.per_device_block = 8

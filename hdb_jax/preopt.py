@@ -53,10 +53,12 @@ def low_rank_side_path(factors: Mapping[str, Mapping[str, Mapping[str, jax.Array
   """Inside: each target Dense returns `x @ K (+ bias) + (x @ down) @ up`.
 
   `factors` is `lidb.factors(train, aux)`: {component: {layer path: {"down": [in, r],
-  "up": [r, out]}}}. Layers are found by module path, which equals the param path in
-  the diffusers/transformers Flax models (unet paths never start with "text_model/").
-  On exit, raises if a target layer was never called: a model whose projections are
-  not `nn.Dense` would otherwise train nothing silently.
+  "up": [r, out]}}}, one residual for every row; or its vmap over G identities (leaves
+  [G, in, r], [G, r, out]): then the rows of x [N, ..., in] are G consecutive groups of
+  N / G, group g with residual g. Layers are found by module path, which equals the param
+  path in the diffusers/transformers Flax models (unet paths never start with
+  "text_model/"). On exit, raises if a target layer was never called: a model whose
+  projections are not `nn.Dense` would otherwise train nothing silently.
   """
   by_path = {}
   for component, layers in factors.items():
@@ -76,10 +78,15 @@ def low_rank_side_path(factors: Mapping[str, Mapping[str, Mapping[str, jax.Array
     if layer_factors is None:
       return out
     called.add(layer)
-    x = args[0]                                            # [..., in]
-    down = layer_factors["down"].astype(x.dtype)           # [in, r]
-    up = layer_factors["up"].astype(x.dtype)               # [r, out]
-    return out + ((x @ down) @ up).astype(out.dtype)
+    x = args[0]                                            # [N, ..., in]
+    down = layer_factors["down"].astype(x.dtype)           # [in, r] or [G, in, r]
+    up = layer_factors["up"].astype(x.dtype)               # [r, out] or [G, r, out]
+    if down.ndim == 2:
+      return out + ((x @ down) @ up).astype(out.dtype)
+    grouped = x.reshape((down.shape[0], -1) + x.shape[1:])  # [G, N / G, ..., in]
+    hidden = jnp.einsum("g...i,gir->g...r", grouped, down)
+    return out + jnp.einsum("g...r,gro->g...o", hidden, up).reshape(out.shape).astype(
+        out.dtype)
 
   with nn.intercept_methods(interceptor):
     yield
@@ -113,6 +120,54 @@ def identity_loss(sd, residual: str, train, frozen, aux, pool, input_ids, rng,
   return losses.mean()
 
 
+def _draw(sd, pool, rng, batch_size: int):
+  """One identity's examples: latents, noise [B, C, h, w], timesteps [B] (the draws of
+  `identity_loss` for the same rng)."""
+  draw_rng, latent_rng, noise_rng = jax.random.split(rng, 3)
+  index = jax.random.randint(draw_rng, (batch_size,), 0, pool["mean"].shape[0])
+  latents = diffusion.sample_latents(latent_rng, pool["mean"][index], pool["std"][index])
+  noise, timesteps = diffusion.noise_and_timesteps(sd, noise_rng, latents)
+  return latents, noise, timesteps
+
+
+def _loss_given_noise(sd, unet_params, context, latents, noise, timesteps):
+  """`diffusion.per_example_loss` with the noise and timesteps given [N] (drawn per
+  identity, so that they do not depend on the block size)."""
+  state = sd.scheduler.create_state()
+  noisy = sd.scheduler.add_noise(state, latents, noise, timesteps)
+  if sd.prediction_type == "epsilon":
+    target = noise
+  elif sd.prediction_type == "v_prediction":
+    target = sd.scheduler.get_velocity(state, latents, noise, timesteps)
+  else:
+    raise ValueError(f"unsupported prediction_type {sd.prediction_type!r}")
+  prediction = sd.predict(unet_params, noisy, timesteps, context)
+  error = (prediction.astype(jnp.float32) - target.astype(jnp.float32)) ** 2
+  return error.reshape(error.shape[0], -1).mean(axis=1)
+
+
+def block_losses(sd, train, frozen, aux, pool, input_ids, rngs, batch_size: int):
+  """Loss of each identity of a block [G], side path, the model run once on the block.
+
+  train: leaves [G, ...]; pool: {"mean", "std"} [G, M, C, h, w]; rngs [G]. The same values
+  as vmap of `identity_loss(sd, "side", ...)`, but the UNet and the text encoder see one
+  flat batch of G * batch_size rows (G prompts): vmapping the model itself made XLA:CPU
+  run its backward convolutions without its fast kernels (docs/benchmarks.md).
+  """
+  count = rngs.shape[0]
+  latents, noise, timesteps = jax.vmap(_draw, in_axes=(None, 0, 0, None))(
+      sd, pool, rngs, batch_size)                                    # [G, B, ...]
+  flat = lambda x: x.reshape((count * batch_size,) + x.shape[2:])
+  factors = jax.vmap(lidb.factors, in_axes=(0, None))(train, aux)   # [G, in, r], [G, r, out]
+  with low_rank_side_path(factors):
+    context = sd.encode_text(frozen["text_encoder"],
+                             jnp.tile(input_ids, (count, 1)))        # [G, L, D]
+    context = jnp.repeat(context, batch_size, axis=0)                # [G * B, L, D]
+    losses = _loss_given_noise(sd, frozen["unet"], context, flat(latents), flat(noise),
+                               flat(timesteps))
+  return losses.reshape(count, batch_size).mean(axis=1)
+
+
 # ------------------------------------------------------------------------------------
 # Jitted block functions
 
@@ -122,8 +177,8 @@ class BlockFns:
 
   init(identities [G]) -> (train, opt_state)                       each leaf [G, ...]
   encode(vae_params, images [G, N, H, W, 3] uint8) -> pool         {"mean", "std"} [G, M, C, h, w]
-  train(train, opt_state, frozen, aux, pool, identities, input_ids [1, L], first_step)
-      -> (train, opt_state, losses [G, steps_per_call])            steps_per_call optax steps
+  train(train, opt_state, frozen, aux, pool, identities, input_ids [1, L], step)
+      -> (train, opt_state, losses [G])                            one optax step
   evaluate(train, frozen, aux, pool, identities, input_ids) -> loss [G]   fixed noise per identity
   """
   init: callable
@@ -135,7 +190,7 @@ class BlockFns:
 
 
 def make_block_fns(sd, spec: lidb.LiDBSpec, optimizer: optax.GradientTransformation,
-                   mesh: Mesh, *, seed: int, batch_size: int, steps_per_call: int,
+                   mesh: Mesh, *, seed: int, batch_size: int,
                    eval_batch_size: int = 8, residual: str = "side",
                    hflip: bool = True) -> BlockFns:
   """Block functions with the identity axis sharded over `mesh` axis "data"."""
@@ -161,29 +216,31 @@ def make_block_fns(sd, spec: lidb.LiDBSpec, optimizer: optax.GradientTransformat
               "std": jnp.concatenate([pool["std"], unflat(std_f)], axis=1)}
     return pool
 
-  def one_step(frozen, aux, input_ids, train, opt_state, pool, key, step):
-    loss, grads = jax.value_and_grad(identity_loss, argnums=2)(
-        sd, residual, train, frozen, aux, pool, input_ids, jax.random.fold_in(key, step),
-        batch_size)
-    updates, opt_state = optimizer.update(grads, opt_state, train)
-    return optax.apply_updates(train, updates), opt_state, loss
+  def losses_and_grads(train, frozen, aux, pool, input_ids, rngs, count):
+    """Per-identity losses [G] and gradients (each identity's own: its loss only)."""
+    if residual == "side":
+      total = lambda t: (lambda l: (l.sum(), l))(
+          block_losses(sd, t, frozen, aux, pool, input_ids, rngs, count))
+      (_, losses), grads = jax.value_and_grad(total, has_aux=True)(train)
+      return losses, grads
+    one = jax.value_and_grad(identity_loss, argnums=2)
+    return jax.vmap(one, in_axes=(None, None, 0, None, None, 0, None, 0, None))(
+        sd, residual, train, frozen, aux, pool, input_ids, rngs, count)
 
-  def train_steps(train, opt_state, frozen, aux, pool, identities, input_ids, first_step):
+  def train_step(train, opt_state, frozen, aux, pool, identities, input_ids, step):
+    # One optax step per call, no lax.scan over steps: XLA:CPU runs a while loop's body
+    # without intra-op threads (tiny model, block 16: 129 ms/step in a scan, 76 ms as
+    # one call); on accelerators, async dispatch hides the per-call host cost.
     keys = identity_keys(seed, PURPOSE_TRAIN, identities)
-    step_block = jax.vmap(one_step, in_axes=(None, None, None, 0, 0, 0, 0, None))
-
-    def body(carry, step):
-      train, opt_state = carry
-      train, opt_state, loss = step_block(frozen, aux, input_ids, train, opt_state, pool,
-                                          keys, step)
-      return (train, opt_state), loss
-
-    steps = first_step + jnp.arange(steps_per_call)
-    (train, opt_state), losses = jax.lax.scan(body, (train, opt_state), steps)
-    return train, opt_state, losses.T
+    rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+    losses, grads = losses_and_grads(train, frozen, aux, pool, input_ids, rngs, batch_size)
+    updates, opt_state = jax.vmap(optimizer.update)(grads, opt_state, train)
+    return optax.apply_updates(train, updates), opt_state, losses
 
   def evaluate(train, frozen, aux, pool, identities, input_ids):
     keys = identity_keys(seed, PURPOSE_EVAL, identities)
+    if residual == "side":
+      return block_losses(sd, train, frozen, aux, pool, input_ids, keys, eval_batch_size)
     return jax.vmap(
         lambda t, p, k: identity_loss(sd, residual, t, frozen, aux, p, input_ids, k,
                                       eval_batch_size),
@@ -193,7 +250,7 @@ def make_block_fns(sd, spec: lidb.LiDBSpec, optimizer: optax.GradientTransformat
   return BlockFns(
       init=jax.jit(init, in_shardings=s, out_shardings=(s, s)),
       encode=jax.jit(encode, in_shardings=(r, s), out_shardings=s),
-      train=jax.jit(train_steps, in_shardings=(s, s, r, r, s, s, r, r),
+      train=jax.jit(train_step, in_shardings=(s, s, r, r, s, s, r, r),
                     out_shardings=(s, s, s), donate_argnums=(0, 1)),
       evaluate=jax.jit(evaluate, in_shardings=(s, r, r, s, s, r), out_shardings=s),
       identity_sharding=s, replicated=r)

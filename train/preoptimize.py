@@ -15,6 +15,7 @@ rows of each block and writes its own shards. Writes to --workdir:
 Rerunning the same command continues (also after SIGKILL); a finished run exits at once.
 """
 
+import collections
 import csv
 import json
 import os
@@ -160,9 +161,6 @@ def run(config, workdir: str) -> bool:
 
 def _run(config, workdir, stop) -> bool:
   run = config.preopt
-  if run.steps % run.steps_per_call:
-    raise app.UsageError(f"preopt.steps ({run.steps}) must be a multiple of "
-                         f"preopt.steps_per_call ({run.steps_per_call})")
   is_main = jax.process_index() == 0
   dataset_dir = os.path.join(workdir, "weights")
   os.makedirs(dataset_dir, exist_ok=True)
@@ -183,7 +181,7 @@ def _run(config, workdir, stop) -> bool:
                        devices=jax.devices()[:num_devices])
   fns = preopt.make_block_fns(
       sd, spec, optax.adam(run.learning_rate), mesh, seed=run.seed, batch_size=run.batch_size,
-      steps_per_call=run.steps_per_call, eval_batch_size=run.eval_batch_size,
+      eval_batch_size=run.eval_batch_size,
       residual=run.residual, hflip=run.hflip)
   base_fingerprint = params_lib.fingerprint(frozen, spec.layers)
   frozen, aux, input_ids = preopt.replicate((frozen, aux, input_ids), fns.replicated)
@@ -258,30 +256,31 @@ def _run(config, workdir, stop) -> bool:
     train, opt_state = fns.init(ids_global)
     first_step = 0
     block_start = start + block * global_block
-    if (block == 0 and progress["step"] and progress["global_block"] == global_block
-        and (run.steps - progress["step"]) % run.steps_per_call == 0):
+    if block == 0 and progress["step"] and progress["global_block"] == global_block:
       abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
                                         {"train": train, "opt_state": opt_state})
       state = ckpt.restore(ckpt.latest_step(), args=ocp.args.Composite(
           block=ocp.args.StandardRestore(abstract)))["block"]
       train, opt_state, first_step = state["train"], state["opt_state"], progress["step"]
       logging.info("resuming block at position %d from step %d", block_start, first_step)
-    for step in range(first_step, run.steps, run.steps_per_call):
+    recent_losses = collections.deque(maxlen=run.loss_window)  # device arrays [G]: no sync
+    for step in range(first_step, run.steps):
       train, opt_state, losses = fns.train(train, opt_state, frozen, aux, pool, ids_global,
                                            input_ids, preopt.replicate(np.int32(step),
                                                                        fns.replicated))
-      bar.set_postfix(step=step + run.steps_per_call, refresh=False)
+      recent_losses.append(losses)
+      bar.set_postfix(step=step + 1, refresh=False)
       if stop.agreed():
         flush(block_start)
-        save_progress(block_start, step + run.steps_per_call,
-                      {"train": train, "opt_state": opt_state})
+        save_progress(block_start, step + 1, {"train": train, "opt_state": opt_state})
         ckpt.wait_until_finished()
         ckpt.close()
         bar.close()
         logging.warning("stopped: progress saved at identity %d, step %d; rerun the same "
-                        "command to continue", block_start, step + run.steps_per_call)
+                        "command to continue", block_start, step + 1)
         return False
-    stats = [np.asarray(preopt.local_rows(losses)).mean(axis=1)]      # mean of last call
+    # Train loss: mean over the last `loss_window` steps of this run (fewer after a resume).
+    stats = [np.mean([preopt.local_rows(l) for l in recent_losses], axis=0)]
     if run.eval_batch_size:
       base_train, _ = fns.init(ids_global)  # dW = 0 at init: the base model's loss
       stats += [preopt.local_rows(fns.evaluate(t, frozen, aux, pool, ids_global, input_ids))
