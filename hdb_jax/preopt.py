@@ -9,8 +9,9 @@ matrices are replicated jit arguments, never copied per identity.
 
 Two ways to apply per-identity residuals (`residual=`):
   "side"   y = x @ K + (x @ down_i) @ up_i on every target `nn.Dense`, injected with
-           `flax.linen.intercept_methods`; per-identity weights are never materialized
-           and the frozen K gets no weight gradient.
+           `flax.linen.intercept_methods`; the model runs once on the flat block and
+           the rows of identity i use its factors. Per-identity weights are never
+           materialized and the frozen K gets no weight gradient.
   "merge"  vmap of `lidb.merge`: materializes K + dW_i [in, out] per identity.
 docs/benchmarks.md has the numbers; "side" is faster and the default.
 
@@ -151,8 +152,8 @@ def block_losses(sd, train, frozen, aux, pool, input_ids, rngs, batch_size: int)
 
   train: leaves [G, ...]; pool: {"mean", "std"} [G, M, C, h, w]; rngs [G]. The same values
   as vmap of `identity_loss(sd, "side", ...)`, but the UNet and the text encoder see one
-  flat batch of G * batch_size rows (G prompts): vmapping the model itself made XLA:CPU
-  run its backward convolutions without its fast kernels (docs/benchmarks.md).
+  ordinary batch of G * batch_size rows (G prompts); 6% faster on CPU than the vmap
+  (docs/benchmarks.md).
   """
   count = rngs.shape[0]
   latents, noise, timesteps = jax.vmap(_draw, in_axes=(None, 0, 0, None))(
