@@ -220,8 +220,9 @@ def make_block_fns(sd, spec: lidb.LiDBSpec, optimizer: optax.GradientTransformat
   def losses_and_grads(train, frozen, aux, pool, input_ids, rngs, count):
     """Per-identity losses [G] and gradients (each identity's own: its loss only)."""
     if residual == "side":
-      total = lambda t: (lambda l: (l.sum(), l))(
-          block_losses(sd, t, frozen, aux, pool, input_ids, rngs, count))
+      def total(train):  # identities share no params: d(sum)/d(train_i) = d(loss_i)/d(train_i)
+        losses = block_losses(sd, train, frozen, aux, pool, input_ids, rngs, count)
+        return losses.sum(), losses
       (_, losses), grads = jax.value_and_grad(total, has_aux=True)(train)
       return losses, grads
     one = jax.value_and_grad(identity_loss, argnums=2)
