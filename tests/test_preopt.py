@@ -7,13 +7,13 @@ synthetic_faces/tiny. The 1-device reference runs in this process; the others ru
 `python -m train.preoptimize` in subprocesses (8 fake CPU devices need XLA_FLAGS before
 JAX starts) that share this session's XLA compilation cache.
 
-Tolerance (weights are ~0.01-0.3; one Adam step moves a value by up to lr = 5e-3, so a
+Tolerance (weights are ~0.01-1; one Adam step moves a value by up to lr = 5e-3, so a
 wrong noise draw, step count or identity shows up far above it):
 - the same compiled program (killed and resumed vs uninterrupted): atol 1e-6 (measured: 0);
 - other programs (1 device x 2 identities vs 8 devices x 1; 2 processes x 4 devices vs
-  1 x 8; XLA reassociates sums differently, and Adam amplifies that noise where a
-  gradient is near zero): atol 1e-3 (measured: 4e-6 for 1 vs 8 devices; up to 2e-4
-  between the same run compiled under different XLA_FLAGS).
+  1 x 8; XLA may reassociate sums differently, and Adam amplifies that noise where a
+  gradient is near zero): atol 1e-3 (measured: 6e-6 for 1 vs 8 devices, 0 for 2
+  processes vs 1; up to 2e-4 once between the same run compiled under other XLA_FLAGS).
 """
 
 import importlib.util
