@@ -47,6 +47,8 @@ def run_config(tiny_config):
   config.sample.prompts = ("a sks face",)
   config.sample.per_prompt = 2
   config.sample.num_steps = 2
+  config.prior.num_images = 2  # prior preservation on: the base's own class samples
+  config.prior.num_steps = 2
   return config
 
 
@@ -74,6 +76,7 @@ def test_run_writes_artefacts_and_resumes(run_config, tmp_path):
   with Image.open(os.path.join(workdir, "samples.png")) as grid:
     assert grid.size == (2 * 32 * run_config.sample.upscale, 32 * run_config.sample.upscale)
   assert os.path.exists(os.path.join(workdir, "subject.png"))
+  assert os.path.exists(os.path.join(workdir, "prior.png"))
 
 
 def test_missing_images_are_a_clear_error(tmp_path):

@@ -18,12 +18,16 @@ from ml_collections import config_flags
 
 from hdb_jax import base_eval, files, logs, models
 
-config_flags.DEFINE_config_file("config", None, "Config file (configs/mini.py).")
-flags.DEFINE_string("out", None, "Metrics JSON to write (a PNG grid goes beside it).")
-flags.DEFINE_integer("per_group", 256, "Samples per prompt group.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.mark_flags_as_required(["config", "out"])
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (tests import run())."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/mini.py).")
+  flags.DEFINE_string("out", None, "Metrics JSON to write (a PNG grid goes beside it).")
+  flags.DEFINE_integer("per_group", 256, "Samples per prompt group.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.mark_flags_as_required(["config", "out"])
 
 
 def main(argv):
@@ -48,4 +52,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -27,10 +27,14 @@ from tqdm import tqdm
 from hdb_jax import checkpoint, dreambooth, files, lidb, logs, models
 from hdb_jax import params as params_lib
 
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Output folder; rerunning resumes from it.")
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (tests import run())."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output folder; rerunning resumes from it.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 PURPOSE_INIT, PURPOSE_TRAIN, PURPOSE_PRIOR = 0, 1, 2
 
@@ -135,4 +139,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

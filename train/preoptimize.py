@@ -35,10 +35,14 @@ from hdb_jax import checkpoint, files, lidb, logs, models, preopt
 from hdb_jax import params as params_lib
 from hdb_jax import weights_dataset
 
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Output folder; rerunning resumes from it.")
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (tests import run())."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output folder; rerunning resumes from it.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _StopFlag:
@@ -319,4 +323,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

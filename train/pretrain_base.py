@@ -29,10 +29,14 @@ from tqdm import tqdm
 
 from hdb_jax import checkpoint, data, dreambooth, files, logs, models, pretrain
 
-config_flags.DEFINE_config_file("config", None, "Config file (configs/mini.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Output folder; rerunning resumes from it.")
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (tests import run())."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/mini.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output folder; rerunning resumes from it.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 PURPOSE_VAE, PURPOSE_DIFFUSION, PURPOSE_SAMPLE = 0, 1, 2
 
@@ -153,4 +157,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -26,10 +26,14 @@ from hdb_jax import checkpoint, files, logs, recognizer
 from hdb_jax import params as params_lib
 from hdb_jax.data import render
 
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Output folder; rerunning resumes from it.")
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (tests import run())."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output folder; rerunning resumes from it.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def render_items(rng, n, negative_fraction, exclude):
@@ -143,4 +147,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
