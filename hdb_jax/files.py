@@ -13,6 +13,12 @@ from PIL import Image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def _umask() -> int:
+  mask = os.umask(0)  # the only way to read it is to set it
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
   """Yield a temp file path beside `path`; rename it onto `path` only on success."""
@@ -23,6 +29,7 @@ def atomic_path(path: str):
   os.close(fd)
   try:
     yield tmp
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
