@@ -301,3 +301,24 @@ def test_two_processes_equal_one(tmp_path, data_dir, eight_device_run):
   assert any("-p00000-" in n for n in names) and any("-p00001-" in n for n in names)
   _assert_same_weights(eight_device_run, workdir, OTHER_PROGRAM_ATOL)
 
+
+
+def test_identity_evaluation_of_a_run(reference_run, data_dir):
+  """train/eval_preopt on the reference run: a row per identity (its reference photo, base
+  samples, LiDB samples), accuracies in range, and weights of another base are refused."""
+  import train.eval_preopt as eval_preopt
+  from hdb_jax import data
+  config = _config({**RUN, "data.data_dir": data_dir})
+  weights = os.path.join(reference_run, "weights")
+  metrics, grid = eval_preopt.run(config, weights, num_identities=2, per_identity=2,
+                                  num_steps=2, guidance_scale=4.0, seed=0)
+  assert metrics["num_identities"] == 2 and grid.shape == (2 * (1 + 2 * 2), 32, 32, 3)
+  first = metrics["per_identity"][0]
+  for name in ("base", "preoptimized"):
+    assert 0.0 <= first[name] <= 1.0
+  records = data.source("tiny", "train", data_dir)
+  start = {i: s for i, s, _ in data.identity_ranges(records)}[first["identity"]]
+  np.testing.assert_allclose(grid[0], records[start]["image"] / 127.5 - 1.0, atol=1e-6)
+  other_base = _config({**RUN, "data.data_dir": data_dir, "model.init_seed": 1})
+  with pytest.raises(ValueError, match="pre-optimized on base"):
+    eval_preopt.run(other_base, weights, 1, 1, 2, 4.0, 0)
