@@ -8,9 +8,10 @@ depend on the device count), 8 identities per device and block:
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.preoptimize \
         --config configs/preopt_mini.py --workdir workdir/preopt_mini
 
-(2,400 identities in 30-45 min here; the result is committed in assets/mini_preopt.) Without XLA_FLAGS it runs on one device, 8
-identities per block, ~1.6x slower. Fewer identities, or the random stand-in data on the
-tiny random-init model (smoke runs, tests and benchmarks):
+(2,400 identities in 30-45 min here; the result is committed in assets/mini_preopt.)
+Without XLA_FLAGS it runs on one device, 8 identities per block, ~1.6x slower. Fewer
+identities, or the random stand-in data on the tiny random-init model (smoke runs, tests
+and benchmarks):
 
     python -m train.preoptimize --config configs/preopt_mini.py --workdir /tmp/preopt \
         --config.data.max_identities=64

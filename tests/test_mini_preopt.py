@@ -50,7 +50,7 @@ def test_summary_shows_every_identity_learned(committed):
 def test_preoptimized_weights_carry_identity(committed):
   """Recognizer identity accuracy of "a sks face" samples: the identity's own LiDB weights
   against the base alone (what any face scores), on the same noise."""
-  _, frozen, dataset = committed
+  _, _, dataset = committed
   with open(IDENTITY_METRICS) as f:
     metrics = json.load(f)
   assert metrics["base_fingerprint"] == dataset.metadata["base_fingerprint"]

@@ -302,7 +302,6 @@ def test_two_processes_equal_one(tmp_path, data_dir, eight_device_run):
   _assert_same_weights(eight_device_run, workdir, OTHER_PROGRAM_ATOL)
 
 
-
 def test_identity_evaluation_of_a_run(reference_run, data_dir):
   """train/eval_preopt on the reference run: a row per identity (its reference photo, base
   samples, LiDB samples), accuracies in range, and weights of another base are refused."""
