@@ -39,7 +39,7 @@ def tiny_model() -> ml_collections.ConfigDict:
   model.text_encoder = dict(
       vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
       num_attention_heads=2, max_position_embeddings=16, hidden_act="quick_gelu",
-      projection_dim=32, bos_token_id=683, eos_token_id=684, pad_token_id=684)
+      projection_dim=32, bos_token_id=785, eos_token_id=786, pad_token_id=786)
   model.scheduler = dict(
       num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
       beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,

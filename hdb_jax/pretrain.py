@@ -2,8 +2,8 @@
 
 Stage 1 trains the VAE (reconstruction + a small KL term). Stage 2 encodes the dataset
 once and trains the UNet and the CLIP text encoder jointly with the diffusion loss on
-those latents, with caption dropout (for classifier-free guidance) and an EMA of the
-weights, which is what gets saved. All steps are jitted pure functions; data stays on
+those latents, with caption variants (`hdb_jax.data.captions`), caption dropout (for
+classifier-free guidance) and an EMA of the weights, which is what gets saved. All steps are jitted pure functions; data stays on
 the device and batches are drawn inside the step from `fold_in(seed, step)`.
 """
 
@@ -67,12 +67,15 @@ def with_vae_scaling(sd, scaling_factor: float):
 
 def diffusion_loss(sd, params, data, uncond_ids, rng, batch_size: int, caption_dropout: float):
   """Diffusion loss of params {"unet", "text_encoder"} on a batch drawn from `data`
-  ({"mean", "std": [N, C, h, w] scaled latents, "input_ids": [N, L]})."""
-  draw_rng, drop_rng, latent_rng, noise_rng = jax.random.split(rng, 4)
-  index = jax.random.randint(draw_rng, (batch_size,), 0, data["mean"].shape[0])
+  ({"mean", "std": [N, C, h, w] scaled latents, "input_ids": [N, V, L]: V caption
+  variants per image, one drawn per example and step})."""
+  draw_rng, variant_rng, drop_rng, latent_rng, noise_rng = jax.random.split(rng, 5)
+  num_images, num_variants, _ = data["input_ids"].shape
+  index = jax.random.randint(draw_rng, (batch_size,), 0, num_images)
+  variant = jax.random.randint(variant_rng, (batch_size,), 0, num_variants)
   latents = diffusion.sample_latents(latent_rng, data["mean"][index], data["std"][index])
   drop = jax.random.uniform(drop_rng, (batch_size, 1)) < caption_dropout
-  input_ids = jnp.where(drop, uncond_ids[None, :], data["input_ids"][index])
+  input_ids = jnp.where(drop, uncond_ids[None, :], data["input_ids"][index, variant])
   return diffusion.text_conditioned_loss(sd, params, input_ids, latents, noise_rng)
 
 

@@ -5,8 +5,10 @@ r"""Pretrain the mini world's base model (VAE, UNet, CLIP text encoder) from scr
 Reads the `train` split of `synthetic_faces/<config.data.config>` (built on first use),
 then:
   1. VAE: reconstruction + small KL; its latent scaling factor is set to 1/std.
-  2. UNet + text encoder: diffusion loss on the encoded dataset, caption dropout for
-     classifier-free guidance, EMA weights.
+  2. UNet + text encoder: diffusion loss on the encoded dataset, each image with
+     `config.pretrain.diffusion.caption_variants` captions of varied grammar, some with
+     a rare word (hdb_jax/data/captions.py), caption dropout for classifier-free
+     guidance, EMA weights.
 Writes to --workdir:
   base/            the pretrained model (diffusers layout, Flax weights): copy it to
                    assets/mini_base to make it the default of configs/mini.py
@@ -28,6 +30,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from hdb_jax import checkpoint, data, dreambooth, files, logs, models, pretrain
+from hdb_jax.data import captions as captions_lib
 
 FLAGS = flags.FLAGS
 
@@ -51,6 +54,22 @@ def load_dataset(config):
   rows = records.__getitems__(range(len(records)))
   images = np.stack([r["image"] for r in rows]).astype(np.float32) / 127.5 - 1.0
   return images, [r["caption"] for r in rows]
+
+
+def tokenize_variants(config, sd, captions) -> np.ndarray:
+  """Token ids [N, V, L] of V caption variants per image (V = 0: the dataset's own)."""
+  num_variants = config.pretrain.diffusion.caption_variants
+  if not num_variants:
+    return sd.tokenize(captions)[:, None, :]
+  variants = captions_lib.caption_variants(captions, num_variants, config.pretrain.seed)
+  distinct = sorted({text for row in variants for text in row})
+  ids = dict(zip(distinct, sd.tokenize(distinct)))
+  longest = max(len(sd.tokenizer(text).input_ids) for text in distinct)  # with BOS, EOS
+  if longest > sd.max_length:
+    raise ValueError(f"caption variants of {longest} tokens exceed the text encoder's "
+                     f"{sd.max_length} positions")
+  logging.info("caption variants: %d per image, %d distinct", num_variants, len(distinct))
+  return np.stack([np.stack([ids[text] for text in row]) for row in variants])
 
 
 def log_line(workdir, **values):
@@ -146,7 +165,7 @@ def main(argv):
                   rows=2, upscale=2)
 
   latent_data = {"mean": mean * scaling, "std": std * scaling,
-                 "input_ids": jnp.asarray(sd.tokenize(captions))}
+                 "input_ids": jnp.asarray(tokenize_variants(config, sd, captions))}
   ema = train_diffusion(config, sd, params, latent_data, workdir)
   params.update(ema)
 
