@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
       # still falling; the extra 30 minutes of the 90-minute budget go to the UNet.
       diffusion=dict(steps=10000, batch_size=64, learning_rate=1e-3, warmup=300,
                      weight_decay=0.0, caption_dropout=0.1, ema_decay=0.999,
-                     caption_variants=8,  # per image, hdb_jax/data/captions.py; 0: dataset's
+                     caption_variants=8,  # per image, hdb_jax/mini/captions.py; 0: dataset's
                      checkpoint_every=500, sample_every=2500, log_every=50),
       sample_prompts=("a face", "a face on a blue background", "a sketch of a face",
                       "a painting of a face on a pink background",

@@ -1,4 +1,4 @@
-"""Recognizer of the mini world (hdb_jax/recognizer.py), trained on renderer ground truth.
+"""Recognizer of the mini world (hdb_jax/mini/recognizer.py), trained on renderer ground truth.
 
 Trains in ~15 minutes on a 2-core CPU and writes <workdir>/recognizer/ (weights +
 recognizer.json with the held-out accuracy of every head). The committed weights in

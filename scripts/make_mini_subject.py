@@ -15,7 +15,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from hdb_jax.data import render, synthetic_faces
+from hdb_jax.mini import render, synthetic_faces
 
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                    "assets", "mini_subject")

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from hdb_jax import data
-from hdb_jax.data import render, synthetic_faces
+from hdb_jax.mini import dataset, render, synthetic_faces
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTION = re.compile(r"^a( (photo|sketch|painting|cartoon) of a)? face"
@@ -21,7 +21,7 @@ CAPTION = re.compile(r"^a( (photo|sketch|painting|cartoon) of a)? face"
 def tiny_dir(tmp_path_factory):
   """synthetic_faces/tiny built once for this module."""
   path = str(tmp_path_factory.mktemp("tfds"))
-  data.build("tiny", path)
+  dataset.build("tiny", path)
   return path
 
 
@@ -30,7 +30,7 @@ def tiny_records(tiny_dir):
   """{split: list of records} of synthetic_faces/tiny."""
   out = {}
   for split in ("train", "holdout"):
-    src = data.source("tiny", split, tiny_dir)
+    src = dataset.source("tiny", split, tiny_dir)
     out[split] = src.__getitems__(range(len(src)))
   return out
 
@@ -48,6 +48,7 @@ def test_tiny_shapes_and_fields(tiny_records):
   assert len(tiny_records["holdout"]) == config.num_holdout * config.images_per_identity
   for record in tiny_records["train"] + tiny_records["holdout"]:
     assert record["image"].shape == (32, 32, 3) and record["image"].dtype == np.uint8
+    assert record["face_mask"].shape == (32, 32) and record["face_mask"].dtype == np.uint8
     assert record["attributes"].shape == (render.NUM_ATTRIBUTES,)
     assert record["attributes"].dtype == np.int32
     np.testing.assert_array_equal(record["attributes"],
@@ -89,20 +90,20 @@ def test_splits_disjoint_and_grouped_by_identity(tiny_records):
 
 
 def test_source_helpers(tiny_dir, tiny_records):
-  src = data.source("tiny", "holdout", tiny_dir)
+  src = dataset.source("tiny", "holdout", tiny_dir)
   assert src.images_per_identity == 4
   assert data.identity_ranges(src) == data.identity_ranges(tiny_records["holdout"])
   with pytest.raises(ValueError, match="no split"):
-    data.source("tiny", "validation", tiny_dir)
+    dataset.source("tiny", "validation", tiny_dir)
   with pytest.raises(ValueError, match="no config"):
-    data.build("huge", tiny_dir)
+    dataset.build("huge", tiny_dir)
   import grain
   batch = next(iter(grain.MapDataset.source(src).batch(8)))
   assert batch["image"].shape == (8, 32, 32, 3)
 
 
 def test_build_is_deterministic(tmp_path, tiny_records):
-  again = data.source("tiny", "train", str(tmp_path))
+  again = dataset.source("tiny", "train", str(tmp_path))
   assert _digest(again.__getitems__(range(len(again)))) == _digest(tiny_records["train"])
 
 

@@ -8,8 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from hdb_jax import recognizer
-from hdb_jax.data import render
+from hdb_jax.mini import recognizer, render
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ then:
   1. VAE: reconstruction + small KL; its latent scaling factor is set to 1/std.
   2. UNet + text encoder: diffusion loss on the encoded dataset, each image with
      `config.pretrain.diffusion.caption_variants` captions of varied grammar, some with
-     a rare word (hdb_jax/data/captions.py), caption dropout for classifier-free
+     a rare word (hdb_jax/mini/captions.py), caption dropout for classifier-free
      guidance, EMA weights.
 Writes to --workdir:
   base/            the pretrained model (diffusers layout, Flax weights): copy it to
@@ -29,8 +29,9 @@ import numpy as np
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from hdb_jax import checkpoint, data, dreambooth, files, logs, models, pretrain
-from hdb_jax.data import captions as captions_lib
+from hdb_jax import checkpoint, dreambooth, files, logs, models
+from hdb_jax.mini import captions as captions_lib
+from hdb_jax.mini import dataset, pretrain
 
 FLAGS = flags.FLAGS
 
@@ -50,7 +51,7 @@ def load_dataset(config):
   ~60 MB for the default config: a NumPy array on the device beats an input pipeline
   here, and batches are drawn inside the jitted step (deterministic, resumable).
   """
-  records = data.source(config.data.config, "train", config.data.data_dir or None)
+  records = dataset.source(config.data.config, "train", config.data.data_dir or None)
   rows = records.__getitems__(range(len(records)))
   images = np.stack([r["image"] for r in rows]).astype(np.float32) / 127.5 - 1.0
   return images, [r["caption"] for r in rows]

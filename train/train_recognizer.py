@@ -1,4 +1,4 @@
-r"""Train the mini world's recognizer on renderer ground truth (hdb_jax/recognizer.py).
+r"""Train the mini world's recognizer on renderer ground truth (hdb_jax/mini/recognizer.py).
 
     python -m train.train_recognizer --config configs/recognizer.py --workdir /tmp/recognizer
 
@@ -22,9 +22,9 @@ import optax
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from hdb_jax import checkpoint, files, logs, recognizer
+from hdb_jax import checkpoint, files, logs
 from hdb_jax import params as params_lib
-from hdb_jax.data import render
+from hdb_jax.mini import recognizer, render
 
 FLAGS = flags.FLAGS
 

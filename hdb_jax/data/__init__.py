@@ -1,13 +1,12 @@
-"""Mini-world data: the procedural face renderer and two TFDS builders (no TensorFlow).
+"""Face datasets as TFDS builders without TensorFlow: your photos (`face_folder`).
 
-    builder = data.build("default")              # builds once into the data dir
-    train = data.source("default", "train")      # random access, grain-ready
-    train[0]  # {'image': uint8 [32, 32, 3], 'identity': int, 'attributes': int32 [A],
-              #  'background': int, 'style': int, 'caption': str}
-    data.identity_ranges(train)  # [(identity, start, stop), ...]
-    mine = data.folder_source("~/my_faces")      # face_folder: your photos
+    mine = data.folder_source("~/my_faces")      # builds once into the data dir
+    mine[0]  # {'image': uint8 [S, S, 3], 'identity': int, 'name': str, 'path': str}
+    data.identity_ranges(mine)  # [(identity, start, stop), ...]
 
-`hdb_jax.data.render` needs only NumPy; TFDS is imported when a builder is used.
+`Source` and `identity_ranges` serve every builder with records grouped by identity (the
+mini world's `synthetic_faces` too: `hdb_jax.mini.dataset`). TFDS is imported when a
+builder is used.
 """
 
 from __future__ import annotations
@@ -21,19 +20,6 @@ FILE_FORMAT = "array_record"
 def default_data_dir() -> str:
   return os.environ.get(DATA_DIR_ENV) or os.path.join(os.path.expanduser("~"),
                                                       "tensorflow_datasets")
-
-
-def build(config_name: str = "default", data_dir: str | None = None):
-  """The `synthetic_faces` builder for `config_name` ('default', 'tiny'), built if missing."""
-  from hdb_jax.data import synthetic_faces
-  names = [c.name for c in synthetic_faces.CONFIGS]
-  if config_name not in names:
-    raise ValueError(f"synthetic_faces has no config {config_name!r} (configs: {names})")
-  builder = synthetic_faces.SyntheticFaces(config=config_name,
-                                           data_dir=data_dir or default_data_dir(),
-                                           file_format=FILE_FORMAT)
-  builder.download_and_prepare()
-  return builder
 
 
 def build_folder(folder: str, data_dir: str | None = None, image_size: int = 32):
@@ -74,17 +60,6 @@ class Source:
 
   def __repr__(self) -> str:
     return f"Source({self.data_source!r}, images_per_identity={self.images_per_identity})"
-
-
-def source(config_name: str = "default", split: str = "train",
-           data_dir: str | None = None) -> Source:
-  """Records of `split` ('train' or 'holdout') of synthetic_faces/`config_name`."""
-  builder = build(config_name, data_dir)
-  if split not in builder.info.splits:
-    raise ValueError(f"synthetic_faces/{config_name} has no split {split!r} "
-                     f"(splits: {list(builder.info.splits)})")
-  return Source(builder.as_data_source(split=split),
-                builder.builder_config.images_per_identity)
 
 
 def folder_source(folder: str, data_dir: str | None = None, image_size: int = 32) -> Source:

@@ -1,7 +1,7 @@
-"""Build a mini-world dataset into the data dir ($HDB_DATA_DIR or ~/tensorflow_datasets).
+"""Build a `face_folder` dataset of your photos into the data dir ($HDB_DATA_DIR or
+~/tensorflow_datasets). The mini world's dataset: `python -m hdb_jax.mini.dataset`.
 
-    python -m hdb_jax.data --config default          # synthetic_faces/default
-    python -m hdb_jax.data --folder ~/my_faces       # face_folder from your own photos
+    python -m hdb_jax.data --folder ~/my_faces
 """
 
 import argparse
@@ -13,18 +13,14 @@ from hdb_jax import data
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", default="default", help="synthetic_faces config: default, tiny")
-  parser.add_argument("--folder", default=None, help="build face_folder from this folder instead")
-  parser.add_argument("--image_size", type=int, default=32, help="face_folder image size")
+  parser.add_argument("--folder", required=True, help="one subfolder or image per identity")
+  parser.add_argument("--image_size", type=int, default=32, help="image size of the records")
   parser.add_argument("--data_dir", default=None, help="default: $HDB_DATA_DIR or "
                       "~/tensorflow_datasets")
   args = parser.parse_args(argv)
   start = time.time()
   try:
-    if args.folder:
-      builder = data.build_folder(args.folder, args.data_dir, image_size=args.image_size)
-    else:
-      builder = data.build(args.config, args.data_dir)
+    builder = data.build_folder(args.folder, args.data_dir, image_size=args.image_size)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

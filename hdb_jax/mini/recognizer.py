@@ -1,6 +1,6 @@
 """Recognizer of the mini world: our stand-in for face recognition and CLIP metrics.
 
-A small CNN (flax.linen) trained on renderer ground truth (hdb_jax/data/render.py)
+A small CNN (flax.linen) trained on renderer ground truth (hdb_jax/mini/render.py)
 predicts, from a 32x32 image in any style: every identity attribute, the background
 colour, the rendering style, and whether the image is a face at all. Metrics built on it:
 
@@ -29,9 +29,9 @@ import optax
 from safetensors.numpy import load_file, save_file
 
 from hdb_jax import files, params as params_lib
-from hdb_jax.data import render
+from hdb_jax.mini import render
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_PATH = os.path.join(REPO, "assets", "recognizer")
 WEIGHTS_FILE, INFO_FILE = "recognizer.safetensors", "recognizer.json"
 
@@ -141,7 +141,7 @@ def labelled_batch(faces: dict, negatives: np.ndarray) -> dict:
 def holdout_identities(dataset_config: str = "default") -> np.ndarray:
   """Identity codes of the holdout split of synthetic_faces/`dataset_config` (no TFDS
   build needed): the recognizer never trains on them."""
-  from hdb_jax.data import synthetic_faces  # imports TFDS
+  from hdb_jax.mini import synthetic_faces  # imports TFDS
   config = next(c for c in synthetic_faces.CONFIGS if c.name == dataset_config)
   return synthetic_faces.split_codes(config)["holdout"]
 

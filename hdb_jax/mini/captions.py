@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hdb_jax.data import render
+from hdb_jax.mini import render
 
 # The pool of rare words: 4 reserved identifiers (sks first: the default [V]) and 60
 # more three-letter non-words, each one token of the mini tokenizer.

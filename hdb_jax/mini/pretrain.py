@@ -2,7 +2,7 @@
 
 Stage 1 trains the VAE (reconstruction + a small KL term). Stage 2 encodes the dataset
 once and trains the UNet and the CLIP text encoder jointly with the diffusion loss on
-those latents, with caption variants (`hdb_jax.data.captions`), caption dropout (for
+those latents, with caption variants (`hdb_jax.mini.captions`), caption dropout (for
 classifier-free guidance) and an EMA of the weights, which is what gets saved. All steps are jitted pure functions; data stays on
 the device and batches are drawn inside the step from `fold_in(seed, step)`.
 """

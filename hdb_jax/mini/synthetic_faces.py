@@ -6,7 +6,7 @@ need TensorFlow), records go to `array_record` files and are read back with
 split holds its identities in increasing order, `images_per_identity` consecutive
 records each; the first record of every identity is a plain photo (style 0).
 
-    python -m hdb_jax.data --config default [--data_dir DIR]
+    python -m hdb_jax.mini.dataset --config default [--data_dir DIR]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from hdb_jax.data import render
+from hdb_jax.mini import render
 
 RENDER_CHUNK = 128  # identities rendered per vectorized call (memory ~ chunk * images * 64^2)
 
@@ -62,10 +62,11 @@ def render_examples(config: SyntheticFacesConfig, identities):
     chunk = np.asarray(identities[start:start + RENDER_CHUNK], np.int64)
     attributes = np.repeat(render.identity_attributes(chunk), k, axis=0)  # [M * k, A]
     views = identity_views(config, chunk)
-    images = render.render(attributes, views, size=config.image_size)
+    images, masks = render.render(attributes, views, size=config.image_size,
+                                  return_face_mask=True)
     for i in range(len(attributes)):
       yield dict(
-          image=images[i], identity=chunk[i // k], attributes=attributes[i],
+          image=images[i], face_mask=masks[i], identity=chunk[i // k], attributes=attributes[i],
           background=views["background"][i], style=views["style"][i],
           caption=render.caption(views["background"][i], views["style"][i],
                                  views["name_background"][i], views["name_style"][i]))
@@ -74,9 +75,10 @@ def render_examples(config: SyntheticFacesConfig, identities):
 class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
   """Procedurally rendered faces with known identity attributes and captioned context."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
-                   "1.1.0": "Irises keep their colour in sketch and cartoon styles."}
+                   "1.1.0": "Irises keep their colour in sketch and cartoon styles.",
+                   "1.2.0": "face_mask: the person's pixel coverage (face-masked losses)."}
   BUILDER_CONFIGS = list(CONFIGS)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -86,6 +88,8 @@ class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
         description=__doc__,
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8),
+            # Fraction of each pixel covered by the person (not background) x 255.
+            "face_mask": tfds.features.Tensor(shape=(size, size), dtype=np.uint8),
             "identity": tfds.features.Scalar(dtype=np.int64),
             "attributes": tfds.features.Tensor(shape=(render.NUM_ATTRIBUTES,), dtype=np.int32),
             "background": tfds.features.Scalar(dtype=np.int32),

@@ -7,7 +7,7 @@ rotation, lighting) and context (background colour, rendering style). Captions n
 context only, never an identity attribute.
 
 Every feature is large and of contrasting colour so that it stays visible at 32x32 in
-every style; the recognizer (hdb_jax/recognizer.py) is trained on this ground truth.
+every style; the recognizer (hdb_jax/mini/recognizer.py) is trained on this ground truth.
 Rendering is vectorized over a batch at 2x resolution and box-downsampled (anti-aliasing);
 per-image randomness comes from per-image seeds, so a picture does not depend on the
 batch it was rendered in.
@@ -266,19 +266,22 @@ _STYLE_FNS = (_photo, _sketch, _painting, _cartoon)  # index = style
 
 
 def render(attributes, views: dict, size: int = 32, supersample: int = 2,
-           features: np.ndarray | None = None) -> np.ndarray:
+           features: np.ndarray | None = None, return_face_mask: bool = False):
   """Identities in views -> images uint8 [N, size, size, 3].
 
   attributes: int [N, A] (see `ATTRIBUTES`); views: `sample_views(...)` output for N
   images. `features` (bool [N], default all True): False draws a head without eyes,
   mouth and glasses (a non-face for the recognizer's face-validity head).
+  `return_face_mask`: also return the face mask uint8 [N, size, size], the fraction of
+  each pixel covered by the person (head, hair, beard; not the background) x 255.
   """
   attributes = np.asarray(attributes, np.int32)
   n = attributes.shape[0]
   if attributes.shape != (n, NUM_ATTRIBUTES):
     raise ValueError(f"attributes must be [N, {NUM_ATTRIBUTES}], got {attributes.shape}")
   if n == 0:
-    return np.zeros((0, size, size, 3), np.uint8)
+    empty = np.zeros((0, size, size, 3), np.uint8)
+    return (empty, empty[..., 0]) if return_face_mask else empty
   res = size * supersample
   grid = (np.arange(res, dtype=np.float32) + 0.5) / res * 2.0 - 1.0  # [-1, 1]
   gy, gx = np.meshgrid(grid, grid, indexing="ij")  # [res, res]
@@ -306,4 +309,9 @@ def render(attributes, views: dict, size: int = 32, supersample: int = 2,
       image[idx] = _box_down(np.clip(styled, 0.0, 1.0), supersample)
   grain = _per_image_noise(views["seed"], (size, size, 3), 0xB3)
   image += np.where(views["style"] == 0, 0.012, 0.0).astype(np.float32)[:, None, None, None] * grain
-  return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+  image = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+  if not return_face_mask:
+    return image
+  person = (labels != BG).astype(np.float32)[..., None]                # [N, res, res, 1]
+  mask = np.round(_box_down(person, supersample)[..., 0] * 255.0).astype(np.uint8)
+  return image, mask
