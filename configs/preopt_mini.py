@@ -56,11 +56,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.prompt = "a {token} {class_name}"
 
   # Identities: synthetic_faces/<config>:<split> records grouped by identity; each trains
-  # on `num_images` of its style-`photo_style` records (the reference photo comes first).
+  # on `num_images` of its style-`photo_style` records (-1: any style; the reference
+  # photo comes first), with `prompt`, or with captions=True each record's own caption
+  # with the identifier before the class word ("a sketch of a sks face on a ...").
   # source "face_folder": your photos in `folder` (one subfolder or file per identity).
   # source "random": `random_identities` identities of random uint8 images (no dataset).
   config.data = dict(source="synthetic_faces", config="default", split="train", data_dir="",
-                     folder="", num_images=1, photo_style=0, max_identities=0,
+                     folder="", num_images=1, photo_style=0, captions=False, max_identities=0,
                      random_identities=64, random_seed=0)
   if variant == "tiny":
     config.data.source = "random"
@@ -69,6 +71,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       steps=300, batch_size=1, learning_rate=5e-3, seed=0, hflip=True, loss_window=10,
       per_device_block=8,
       residual="side",          # "side" (low-rank side path) or "merge" (vmap of merge)
+      # Face-masked diffusion loss: per-pixel weight 1 on the person, this on the
+      # background (the records' face_mask on the latent grid); None: plain loss.
+      face_background_weight=ml_collections.config_dict.placeholder(float),
       eval_batch_size=16,       # fixed-noise eval loss before/after per identity; 0: skip
       checkpoint_every_blocks=8)
   config.mesh = dict(data=-1)   # devices on the data axis; -1: all (every process's)

@@ -24,14 +24,23 @@ def noise_and_timesteps(sd, rng, latents):
   return noise, timesteps
 
 
-def per_example_loss(sd, unet_params, context, latents, rng):
+def per_example_loss(sd, unet_params, context, latents, rng, pixel_weights=None):
+  """Mean squared error of the UNet's prediction, per example [B], for noise and
+  timesteps drawn from `rng` (`noise_and_timesteps`). See `loss_given_noise`."""
+  noise, timesteps = noise_and_timesteps(sd, rng, latents)
+  return loss_given_noise(sd, unet_params, context, latents, noise, timesteps, pixel_weights)
+
+
+def loss_given_noise(sd, unet_params, context, latents, noise, timesteps,
+                     pixel_weights=None):
   """Mean squared error of the UNet's prediction, per example [B].
 
-  The target is the noise (epsilon) or the velocity (v-prediction), as the scheduler
-  config says.
+  latents, noise [B, C, h, w]; timesteps [B]; context [B, L, D]. The target is the noise
+  (epsilon) or the velocity (v-prediction), as the scheduler config says.
+  `pixel_weights` [B, h, w] (e.g. a face mask on the latent grid): a weighted mean over
+  the latent positions instead of the plain mean.
   """
   state = sd.scheduler.create_state()
-  noise, timesteps = noise_and_timesteps(sd, rng, latents)
   noisy = sd.scheduler.add_noise(state, latents, noise, timesteps)
   if sd.prediction_type == "epsilon":
     target = noise
@@ -41,7 +50,11 @@ def per_example_loss(sd, unet_params, context, latents, rng):
     raise ValueError(f"unsupported prediction_type {sd.prediction_type!r}")
   prediction = sd.predict(unet_params, noisy, timesteps, context)
   error = (prediction.astype(jnp.float32) - target.astype(jnp.float32)) ** 2
-  return error.reshape(error.shape[0], -1).mean(axis=1)
+  if pixel_weights is None:
+    return error.reshape(error.shape[0], -1).mean(axis=1)
+  weights = pixel_weights.astype(jnp.float32)[:, None]                # [B, 1, h, w]
+  return (error * weights).sum(axis=(1, 2, 3)) / (
+      weights.sum(axis=(1, 2, 3)) * error.shape[1] + 1e-8)
 
 
 def text_conditioned_loss(sd, params, input_ids, latents, rng, weights=None):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -34,6 +36,44 @@ def atomic_path(path: str):
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def json_safe(value):
+  """`value` with float NaN/Inf replaced by None (JSON has no NaN) and NumPy scalars and
+  arrays turned into Python numbers and lists."""
+  if isinstance(value, dict):
+    return {str(k): json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return json_safe(value.tolist())
+  if isinstance(value, np.generic):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def write_json(path: str, value, indent: int = 2) -> None:
+  """Write `value` as strict JSON (NaN -> null), atomically."""
+  with atomic_path(path) as tmp, open(tmp, "w") as f:
+    json.dump(json_safe(value), f, indent=indent, allow_nan=False)
+    f.write("\n")
+
+
+def portable_path(path: str, root: str) -> str:
+  """`path` relative to `root` when inside it, else its last component: no machine paths
+  in committed files."""
+  path, root = os.path.abspath(path), os.path.abspath(root)
+  if os.path.commonpath([path, root]) == root:
+    return os.path.relpath(path, root)
+  return os.path.basename(path.rstrip(os.sep))
+
+
+def portable_command(argv: list[str], root: str) -> str:
+  """A command line for a committed file: paths under `root` made relative to it."""
+  prefix = os.path.abspath(root) + os.sep
+  return " ".join(arg.replace(prefix, "") for arg in argv)
 
 
 @contextlib.contextmanager

@@ -97,17 +97,36 @@ def low_rank_side_path(factors: Mapping[str, Mapping[str, Mapping[str, jax.Array
                      f"nn.Dense (e.g. {missing[:2]})")
 
 
-def identity_loss(sd, residual: str, train, frozen, aux, pool, input_ids, rng,
-                  batch_size: int):
-  """Diffusion loss of one identity on `batch_size` draws from its pool.
-
-  train: that identity's LiDB train pytree; pool: {"mean", "std"} [M, C, h, w] VAE latent
-  distributions of its images; input_ids [1, L]: the prompt, encoded once per step (the
-  text encoder carries the identity's residuals) and broadcast over the batch.
-  """
+def _draw(sd, pool, rng, batch_size: int):
+  """One identity's examples from its pool: a dict of latents, noise [B, C, h, w],
+  timesteps [B], input_ids [B, L] and, when the pool has them, pixel weights [B, h, w]."""
   draw_rng, latent_rng, noise_rng = jax.random.split(rng, 3)
   index = jax.random.randint(draw_rng, (batch_size,), 0, pool["mean"].shape[0])
   latents = diffusion.sample_latents(latent_rng, pool["mean"][index], pool["std"][index])
+  noise, timesteps = diffusion.noise_and_timesteps(sd, noise_rng, latents)
+  examples = {"latents": latents, "noise": noise, "timesteps": timesteps,
+              "input_ids": pool["input_ids"][index]}
+  if "pixel_weights" in pool:
+    examples["pixel_weights"] = pool["pixel_weights"][index]
+  return examples
+
+
+def _examples_loss(sd, frozen, examples):
+  """Per-example losses [N] of a flat batch of examples (residuals applied by the caller)."""
+  context = sd.encode_text(frozen["text_encoder"], examples["input_ids"])  # [N, L, D]
+  return diffusion.loss_given_noise(sd, frozen["unet"], context, examples["latents"],
+                                    examples["noise"], examples["timesteps"],
+                                    examples.get("pixel_weights"))
+
+
+def identity_loss(sd, residual: str, train, frozen, aux, pool, rng, batch_size: int):
+  """Diffusion loss of one identity on `batch_size` draws from its pool.
+
+  train: that identity's LiDB train pytree; pool (see `BlockFns.encode`): {"mean", "std"}
+  [M, C, h, w] VAE latent distributions of its M images, "input_ids" [M, L] their
+  prompts and optionally "pixel_weights" [M, h, w] (face-masked loss).
+  """
+  examples = _draw(sd, pool, rng, batch_size)
   if residual == "side":
     params, residuals = frozen, low_rank_side_path(lidb.factors(train, aux))
   elif residual == "merge":
@@ -115,57 +134,23 @@ def identity_loss(sd, residual: str, train, frozen, aux, pool, input_ids, rng,
   else:
     raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
   with residuals:
-    context = sd.encode_text(params["text_encoder"], input_ids)        # [1, L, D]
-    context = jnp.broadcast_to(context, (batch_size,) + context.shape[1:])
-    losses = diffusion.per_example_loss(sd, params["unet"], context, latents, noise_rng)
-  return losses.mean()
+    return _examples_loss(sd, params, examples).mean()
 
 
-def _draw(sd, pool, rng, batch_size: int):
-  """One identity's examples: latents, noise [B, C, h, w], timesteps [B] (the draws of
-  `identity_loss` for the same rng)."""
-  draw_rng, latent_rng, noise_rng = jax.random.split(rng, 3)
-  index = jax.random.randint(draw_rng, (batch_size,), 0, pool["mean"].shape[0])
-  latents = diffusion.sample_latents(latent_rng, pool["mean"][index], pool["std"][index])
-  noise, timesteps = diffusion.noise_and_timesteps(sd, noise_rng, latents)
-  return latents, noise, timesteps
-
-
-def _loss_given_noise(sd, unet_params, context, latents, noise, timesteps):
-  """`diffusion.per_example_loss` with the noise and timesteps given [N] (drawn per
-  identity, so that they do not depend on the block size)."""
-  state = sd.scheduler.create_state()
-  noisy = sd.scheduler.add_noise(state, latents, noise, timesteps)
-  if sd.prediction_type == "epsilon":
-    target = noise
-  elif sd.prediction_type == "v_prediction":
-    target = sd.scheduler.get_velocity(state, latents, noise, timesteps)
-  else:
-    raise ValueError(f"unsupported prediction_type {sd.prediction_type!r}")
-  prediction = sd.predict(unet_params, noisy, timesteps, context)
-  error = (prediction.astype(jnp.float32) - target.astype(jnp.float32)) ** 2
-  return error.reshape(error.shape[0], -1).mean(axis=1)
-
-
-def block_losses(sd, train, frozen, aux, pool, input_ids, rngs, batch_size: int):
+def block_losses(sd, train, frozen, aux, pool, rngs, batch_size: int):
   """Loss of each identity of a block [G], side path, the model run once on the block.
 
-  train: leaves [G, ...]; pool: {"mean", "std"} [G, M, C, h, w]; rngs [G]. The same values
-  as vmap of `identity_loss(sd, "side", ...)`, but the UNet and the text encoder see one
-  ordinary batch of G * batch_size rows (G prompts); 6% faster on CPU than the vmap
-  (docs/benchmarks.md).
+  train: leaves [G, ...]; pool: leaves [G, M, ...]; rngs [G]. The same values as vmap of
+  `identity_loss(sd, "side", ...)`, but the UNet and the text encoder see one ordinary
+  batch of G * batch_size rows; 6% faster on CPU than the vmap (docs/benchmarks.md).
   """
   count = rngs.shape[0]
-  latents, noise, timesteps = jax.vmap(_draw, in_axes=(None, 0, 0, None))(
-      sd, pool, rngs, batch_size)                                    # [G, B, ...]
-  flat = lambda x: x.reshape((count * batch_size,) + x.shape[2:])
+  examples = jax.vmap(_draw, in_axes=(None, 0, 0, None))(sd, pool, rngs, batch_size)
+  flat = jax.tree_util.tree_map(                                     # [G * B, ...]
+      lambda x: x.reshape((count * batch_size,) + x.shape[2:]), examples)
   factors = jax.vmap(lidb.factors, in_axes=(0, None))(train, aux)   # [G, in, r], [G, r, out]
   with low_rank_side_path(factors):
-    context = sd.encode_text(frozen["text_encoder"],
-                             jnp.tile(input_ids, (count, 1)))        # [G, L, D]
-    context = jnp.repeat(context, batch_size, axis=0)                # [G * B, L, D]
-    losses = _loss_given_noise(sd, frozen["unet"], context, flat(latents), flat(noise),
-                               flat(timesteps))
+    losses = _examples_loss(sd, frozen, flat)
   return losses.reshape(count, batch_size).mean(axis=1)
 
 
@@ -177,10 +162,13 @@ class BlockFns:
   """Compiled functions over a block of G identities (G = per-device block x devices).
 
   init(identities [G]) -> (train, opt_state)                       each leaf [G, ...]
-  encode(vae_params, images [G, N, H, W, 3] uint8) -> pool         {"mean", "std"} [G, M, C, h, w]
-  train(train, opt_state, frozen, aux, pool, identities, input_ids [1, L], step)
+  encode(vae_params, images [G, N, H, W, 3] uint8, input_ids [G, N, L], face_masks
+      [G, N, H, W] uint8 or None) -> pool                          {"mean", "std"} [G, M, C, h, w],
+                                                                   "input_ids" [G, M, L],
+                                                                   "pixel_weights" [G, M, h, w]
+  train(train, opt_state, frozen, aux, pool, identities, step)
       -> (train, opt_state, losses [G])                            one optax step
-  evaluate(train, frozen, aux, pool, identities, input_ids) -> loss [G]   fixed noise per identity
+  evaluate(train, frozen, aux, pool, identities) -> loss [G]       fixed noise per identity
   """
   init: callable
   encode: callable
@@ -190,11 +178,25 @@ class BlockFns:
   replicated: NamedSharding
 
 
+def face_pixel_weights(face_masks, latent_size: int, background_weight: float):
+  """Face masks [..., H, W] (uint8 coverage x 255) -> loss weights [..., h, w] on the
+  latent grid: 1 on the person, `background_weight` on the background (area average)."""
+  *lead, height, width = face_masks.shape
+  factor = height // latent_size
+  coverage = face_masks.astype(jnp.float32).reshape(
+      tuple(lead) + (latent_size, factor, latent_size, width // latent_size)).mean(
+          axis=(-3, -1)) / 255.0
+  return background_weight + (1.0 - background_weight) * coverage
+
+
 def make_block_fns(sd, spec: lidb.LiDBSpec, optimizer: optax.GradientTransformation,
                    mesh: Mesh, *, seed: int, batch_size: int,
                    eval_batch_size: int = 8, residual: str = "side",
-                   hflip: bool = True) -> BlockFns:
-  """Block functions with the identity axis sharded over `mesh` axis "data"."""
+                   hflip: bool = True, face_background_weight: float | None = None) -> BlockFns:
+  """Block functions with the identity axis sharded over `mesh` axis "data".
+
+  `face_background_weight`: None, a plain diffusion loss; a value in [0, 1], the
+  face-masked loss (`face_pixel_weights`; `encode` then needs the face masks)."""
   if residual not in RESIDUALS:
     raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
   per_identity = NamedSharding(mesh, P("data"))
@@ -205,56 +207,61 @@ def make_block_fns(sd, spec: lidb.LiDBSpec, optimizer: optax.GradientTransformat
     train = jax.vmap(lambda key: lidb.init(spec, key))(keys)
     return train, jax.vmap(optimizer.init)(train)
 
-  def encode(vae_params, images):
+  def encode(vae_params, images, input_ids, face_masks):
     count, per_identity_images = images.shape[:2]
     pixels = images.reshape((-1,) + images.shape[2:]).astype(jnp.float32) / 127.5 - 1.0
-    mean, std = sd.encode_images(vae_params, pixels)                   # [G*N, C, h, w]
     unflat = lambda x: x.reshape((count, per_identity_images) + x.shape[1:])
-    pool = {"mean": unflat(mean), "std": unflat(std)}
+    mean, std = sd.encode_images(vae_params, pixels)                   # [G*N, C, h, w]
+    pool = {"mean": unflat(mean), "std": unflat(std), "input_ids": input_ids}
+    if face_background_weight is not None:
+      pool["pixel_weights"] = face_pixel_weights(face_masks, mean.shape[-1],
+                                                 face_background_weight)
     if hflip:  # mirror images [G*N, H, W, 3] along W: twice the pool, encoded once
       mean_f, std_f = sd.encode_images(vae_params, pixels[:, :, ::-1])
-      pool = {"mean": jnp.concatenate([pool["mean"], unflat(mean_f)], axis=1),
-              "std": jnp.concatenate([pool["std"], unflat(std_f)], axis=1)}
+      mirrored = {"mean": unflat(mean_f), "std": unflat(std_f), "input_ids": input_ids}
+      if "pixel_weights" in pool:
+        mirrored["pixel_weights"] = pool["pixel_weights"][..., ::-1]
+      pool = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b], axis=1),
+                                    pool, mirrored)
     return pool
 
-  def losses_and_grads(train, frozen, aux, pool, input_ids, rngs, count):
+  def losses_and_grads(train, frozen, aux, pool, rngs, count):
     """Per-identity losses [G] and gradients (each identity's own: its loss only)."""
     if residual == "side":
       def total(train):  # identities share no params: d(sum)/d(train_i) = d(loss_i)/d(train_i)
-        losses = block_losses(sd, train, frozen, aux, pool, input_ids, rngs, count)
+        losses = block_losses(sd, train, frozen, aux, pool, rngs, count)
         return losses.sum(), losses
       (_, losses), grads = jax.value_and_grad(total, has_aux=True)(train)
       return losses, grads
     one = jax.value_and_grad(identity_loss, argnums=2)
-    return jax.vmap(one, in_axes=(None, None, 0, None, None, 0, None, 0, None))(
-        sd, residual, train, frozen, aux, pool, input_ids, rngs, count)
+    return jax.vmap(one, in_axes=(None, None, 0, None, None, 0, 0, None))(
+        sd, residual, train, frozen, aux, pool, rngs, count)
 
-  def train_step(train, opt_state, frozen, aux, pool, identities, input_ids, step):
+  def train_step(train, opt_state, frozen, aux, pool, identities, step):
     # One optax step per call, no lax.scan over steps: XLA:CPU runs a while loop's body
     # without intra-op threads (tiny model, block 16: 129 ms/step in a scan, 76 ms as
     # one call); on accelerators, async dispatch hides the per-call host cost.
     keys = identity_keys(seed, PURPOSE_TRAIN, identities)
     rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-    losses, grads = losses_and_grads(train, frozen, aux, pool, input_ids, rngs, batch_size)
+    losses, grads = losses_and_grads(train, frozen, aux, pool, rngs, batch_size)
     updates, opt_state = jax.vmap(optimizer.update)(grads, opt_state, train)
     return optax.apply_updates(train, updates), opt_state, losses
 
-  def evaluate(train, frozen, aux, pool, identities, input_ids):
+  def evaluate(train, frozen, aux, pool, identities):
     keys = identity_keys(seed, PURPOSE_EVAL, identities)
     if residual == "side":
-      return block_losses(sd, train, frozen, aux, pool, input_ids, keys, eval_batch_size)
+      return block_losses(sd, train, frozen, aux, pool, keys, eval_batch_size)
     return jax.vmap(
-        lambda t, p, k: identity_loss(sd, residual, t, frozen, aux, p, input_ids, k,
-                                      eval_batch_size),
+        lambda t, p, k: identity_loss(sd, residual, t, frozen, aux, p, k, eval_batch_size),
         in_axes=(0, 0, 0))(train, pool, keys)
 
   s, r = per_identity, replicated
   return BlockFns(
       init=jax.jit(init, in_shardings=s, out_shardings=(s, s)),
-      encode=jax.jit(encode, in_shardings=(r, s), out_shardings=s),
-      train=jax.jit(train_step, in_shardings=(s, s, r, r, s, s, r, r),
+      encode=jax.jit(encode, in_shardings=(r, s, s, s), out_shardings=s),
+      train=jax.jit(train_step, in_shardings=(s, s, r, r, s, s, r),
                     out_shardings=(s, s, s), donate_argnums=(0, 1)),
-      evaluate=jax.jit(evaluate, in_shardings=(s, r, r, s, s, r), out_shardings=s),
+      evaluate=jax.jit(evaluate, in_shardings=(s, r, r, s, s), out_shardings=s),
       identity_sharding=s, replicated=r)
 
 

@@ -72,8 +72,9 @@ def _flags(overrides):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   from hdb_jax import data
+  from hdb_jax.mini import dataset
   path = str(tmp_path_factory.mktemp("tfds"))
-  data.build("tiny", path)
+  dataset.build("tiny", path)
   return path
 
 
@@ -143,30 +144,52 @@ def eight_device_run(tmp_path_factory, data_dir):
 
 def test_side_path_equals_merge(tiny_model, tiny_lidb):
   """The grouped side path on a block of 2 identities computes exactly each identity's
-  loss with its merged model (same draws), and the residual changes the loss."""
+  loss with its merged model (same draws, a prompt per image, face-masked weights), and
+  the residual changes the loss."""
   sd, params = tiny_model
   spec, aux = tiny_lidb
   keys = jax.random.split(jax.random.key(1), 2)
   train = jax.vmap(lambda k: jax.tree_util.tree_map(  # U_train != 0: real residuals
       lambda x: x + 0.3 * jax.random.normal(k, x.shape), lidb.init(spec, k)))(keys)
   rng = np.random.default_rng(0)
+  prompts = [["a sks face", "a sketch of a sks face"], ["a sks face on a blue background",
+                                                        "a sks face"]]
   pool = {"mean": rng.normal(size=(2, 2, 4, 8, 8)).astype(np.float32),
-          "std": np.full((2, 2, 4, 8, 8), 0.1, np.float32)}
-  input_ids = sd.tokenize(["a sks face"])
+          "std": np.full((2, 2, 4, 8, 8), 0.1, np.float32),
+          "input_ids": np.stack([sd.tokenize(p) for p in prompts]),
+          "pixel_weights": preopt.face_pixel_weights(
+              rng.integers(0, 256, (2, 2, 32, 32), dtype=np.uint8), 8, 0.2)}
   rngs = jax.random.split(jax.random.key(3), 2)
 
   @jax.jit
   def losses(train, params, aux, pool, rngs):
     merged = [preopt.identity_loss(sd, "merge", jax.tree_util.tree_map(lambda x: x[i], train),
                                    params, aux, {k: v[i] for k, v in pool.items()},
-                                   input_ids, rngs[i], 2) for i in range(2)]
+                                   rngs[i], 2) for i in range(2)]
     base = preopt.identity_loss(sd, "side", lidb.init(spec, keys[0]), params, aux,
-                                {k: v[0] for k, v in pool.items()}, input_ids, rngs[0], 2)
-    return preopt.block_losses(sd, train, params, aux, pool, input_ids, rngs, 2), \
-        jnp.stack(merged), base
-  side, merged, base = losses(train, params, aux, pool, rngs)
+                                {k: v[0] for k, v in pool.items()}, rngs[0], 2)
+    unweighted = preopt.block_losses(
+        sd, train, params, aux, {k: v for k, v in pool.items() if k != "pixel_weights"},
+        rngs, 2)
+    return preopt.block_losses(sd, train, params, aux, pool, rngs, 2), \
+        jnp.stack(merged), base, unweighted
+  side, merged, base, unweighted = losses(train, params, aux, pool, rngs)
   np.testing.assert_allclose(side, merged, rtol=1e-5)
   assert abs(float(side[0]) - float(base)) > 1e-3  # the residual changed the loss
+  assert np.all(np.abs(np.asarray(side) - np.asarray(unweighted)) > 1e-4)  # weights count
+
+
+def test_face_pixel_weights():
+  """Full coverage -> 1, none -> the background weight, a half-covered latent cell -> the
+  mean; the latent grid is the image grid pooled."""
+  masks = np.zeros((1, 32, 32), np.uint8)
+  masks[0, :8, :] = 255          # latent rows 0-1 fully covered (factor 4)
+  masks[0, 8:10, :] = 255        # latent row 2 half covered
+  weights = np.asarray(preopt.face_pixel_weights(masks, 8, 0.1))
+  assert weights.shape == (1, 8, 8)
+  np.testing.assert_allclose(weights[0, :2], 1.0, atol=1e-6)
+  np.testing.assert_allclose(weights[0, 2], 0.55, atol=1e-6)
+  np.testing.assert_allclose(weights[0, 3:], 0.1, atol=1e-6)
 
 
 def test_side_path_reports_layers_never_called():
@@ -307,6 +330,7 @@ def test_identity_evaluation_of_a_run(reference_run, data_dir):
   samples, LiDB samples), accuracies in range, and weights of another base are refused."""
   import train.eval_preopt as eval_preopt
   from hdb_jax import data
+  from hdb_jax.mini import dataset
   config = _config({**RUN, "data.data_dir": data_dir})
   weights = os.path.join(reference_run, "weights")
   metrics, grid = eval_preopt.run(config, weights, num_identities=2, per_identity=2,
@@ -315,9 +339,51 @@ def test_identity_evaluation_of_a_run(reference_run, data_dir):
   first = metrics["per_identity"][0]
   for name in ("base", "preoptimized"):
     assert 0.0 <= first[name] <= 1.0
-  records = data.source("tiny", "train", data_dir)
+  records = dataset.source("tiny", "train", data_dir)
   start = {i: s for i, s, _ in data.identity_ranges(records)}[first["identity"]]
   np.testing.assert_allclose(grid[0], records[start]["image"] / 127.5 - 1.0, atol=1e-6)
   other_base = _config({**RUN, "data.data_dir": data_dir, "model.init_seed": 1})
   with pytest.raises(ValueError, match="pre-optimized on base"):
     eval_preopt.run(other_base, weights, 1, 1, 2, 4.0, 0)
+
+
+def test_identifier_prompt_and_prompt_ids(tiny_model):
+  import train.preoptimize as entry
+  sd, _ = tiny_model
+  assert entry.identifier_prompt("a sketch of a face on a blue background", "sks", "face") \
+      == "a sketch of a sks face on a blue background"
+  with pytest.raises(ValueError, match="no class word"):
+    entry.identifier_prompt("a sketch of a dog", "sks", "face")
+  images = np.zeros((2, 2, 32, 32, 3), np.uint8)
+  fixed = entry.prompt_ids(sd, {"images": images, "captions": None}, "a sks face", "sks",
+                           "face")
+  assert fixed.shape == (2, 2, sd.max_length) and (fixed == fixed[0, 0]).all()
+  per_image = entry.prompt_ids(sd, {"images": images, "captions": [
+      ["a face", "a sketch of a face"], ["a face on a pink background", "a face"]]},
+      "a sks face", "sks", "face")
+  np.testing.assert_array_equal(per_image[0, 0], fixed[0, 0])
+  assert not (per_image[0, 1] == fixed[0, 0]).all()
+
+
+def test_views_with_captions_and_face_mask(tmp_path, data_dir, reference_run):
+  """Every view of an identity with its own caption (+ identifier) and the face-masked
+  loss: the run completes and learns other weights than the one-photo reference."""
+  import train.preoptimize as entry
+  config = _config({**RUN, "data.data_dir": data_dir, "data.max_identities": 2,
+                    "data.num_images": 3, "data.photo_style": -1, "data.captions": True,
+                    "preopt.face_background_weight": 0.1})
+  assert entry.run(config, str(tmp_path))
+  views = weights_dataset.open_dataset(os.path.join(tmp_path, "weights"))
+  reference = weights_dataset.open_dataset(os.path.join(reference_run, "weights"))
+  np.testing.assert_array_equal(views.identities, reference.identities[:2])
+  difference = max(float(np.abs(x - y[:2]).max()) for x, y in zip(
+      jax.tree_util.tree_leaves(views.train), jax.tree_util.tree_leaves(reference.train)))
+  assert difference > 1e-4
+
+
+def test_face_mask_needs_records_with_masks(tmp_path):
+  import train.preoptimize as entry
+  config = _config({**RUN, "data.source": "random", "data.random_identities": 2,
+                    "preopt.face_background_weight": 0.1})
+  with pytest.raises(ValueError, match="no face_mask"):
+    entry.run(config, str(tmp_path))

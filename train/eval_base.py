@@ -3,9 +3,11 @@ r"""Measure a mini-world base model with the recognizer (issue "Mini world", ite
     python -m train.eval_base --config configs/mini.py --out docs/mini_base_metrics.json
 
 Samples `--per_group` images (default 256) for each prompt group of
-hdb_jax/base_eval.py with fixed seeds, prints and writes the metrics as JSON, and a
-grid of the first samples of each group beside it (<out>.png). Exit code 1 when a
-target is missed.
+hdb_jax/mini/base_eval.py (without identifier, with the pretrained identifier "sks", with a
+control word never seen in pretraining) with fixed seeds, prints and writes the metrics
+as JSON (strict: NaN is null; paths relative to the repo), and a grid of the first 16
+samples of each group beside it (<out>.png, a row per group). Exit code 1 when a target
+is missed.
 """
 
 import json
@@ -16,9 +18,11 @@ from absl import app, flags, logging
 import numpy as np
 from ml_collections import config_flags
 
-from hdb_jax import base_eval, files, logs, models
+from hdb_jax import files, logs, models
+from hdb_jax.mini import base_eval
 
 FLAGS = flags.FLAGS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def define_flags():
@@ -38,14 +42,14 @@ def main(argv):
   result, samples = base_eval.evaluate(
       sd, params, per_group=FLAGS.per_group, seed=FLAGS.seed,
       num_steps=config.pretrain.sample_steps, guidance_scale=config.pretrain.guidance_scale)
-  result["model"] = config.model.path or "built from config (random init)"
-  result["command"] = "python -m train.eval_base " + " ".join(sys.argv[1:])
+  result["model"] = (files.portable_path(config.model.path, REPO) if config.model.path
+                     else "built from config (random init)")
+  result["command"] = "python -m train.eval_base " + files.portable_command(sys.argv[1:], REPO)
   result["targets"] = base_eval.TARGETS
-  with files.atomic_path(FLAGS.out) as tmp, open(tmp, "w") as f:
-    json.dump(result, f, indent=2)
+  files.write_json(FLAGS.out, result)
   grid = np.concatenate([images[:16] for images in samples.values()])
   files.save_grid(grid, os.path.splitext(FLAGS.out)[0] + ".png", rows=len(samples), upscale=2)
-  print(json.dumps(result["summary"], indent=2))
+  print(json.dumps(files.json_safe(result["summary"]), indent=2))
   if not result["summary"]["passes"]:
     logging.error("the base model misses a target: %s", result["summary"])
     sys.exit(1)

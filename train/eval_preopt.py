@@ -25,10 +25,11 @@ from tqdm import tqdm
 
 from hdb_jax import data, dreambooth, files, lidb, logs, models, weights_dataset
 from hdb_jax import params as params_lib
-from hdb_jax import recognizer as recognizer_lib
-from hdb_jax.data import render
+from hdb_jax.mini import dataset, render
+from hdb_jax.mini import recognizer as recognizer_lib
 
 FLAGS = flags.FLAGS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHOWN_IDENTITIES = 12  # rows of the PNG
 
 
@@ -48,7 +49,7 @@ def define_flags():
 
 def reference_photos(config, identities) -> dict[int, np.ndarray]:
   """The first record (a photo) of each identity in the pre-optimization dataset."""
-  records = data.source(config.data.config, config.data.split, config.data.data_dir or None)
+  records = dataset.source(config.data.config, config.data.split, config.data.data_dir or None)
   wanted = set(int(i) for i in identities)
   starts = {identity: start for identity, start, _ in data.identity_ranges(records)
             if identity in wanted}
@@ -111,9 +112,9 @@ def main(argv):
   logs.quiet_libraries()
   metrics, grid = run(FLAGS.config, FLAGS.weights, FLAGS.identities, FLAGS.per_identity,
                       FLAGS.num_steps, FLAGS.guidance_scale, FLAGS.seed)
-  metrics["command"] = "python -m train.eval_preopt " + " ".join(sys.argv[1:])
-  with files.atomic_path(FLAGS.out) as tmp, open(tmp, "w") as f:
-    json.dump(metrics, f, indent=2)
+  metrics["command"] = "python -m train.eval_preopt " + files.portable_command(sys.argv[1:],
+                                                                                REPO)
+  files.write_json(FLAGS.out, metrics)
   png = os.path.splitext(FLAGS.out)[0] + ".png"
   shown = min(SHOWN_IDENTITIES, metrics["num_identities"])
   files.save_grid(grid[:shown * (1 + 2 * FLAGS.per_identity)], png, rows=shown, upscale=2)

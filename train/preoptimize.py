@@ -83,22 +83,27 @@ def init_distributed(cfg) -> None:
 
 
 def open_identities(cfg, image_size: int):
-  """(identities [N] int64, read(positions) -> images [n, num_images, S, S, 3] uint8).
+  """(identities [N] int64, read(positions) -> examples of those identities).
 
-  Sources: synthetic_faces (records grouped by identity, photos have style 0),
-  face_folder (your photos: one subfolder or file per identity, all photos), or random
-  (stand-in with the data contract's shapes: smoke runs, benchmarks)."""
+  examples: {"images": uint8 [n, num_images, S, S, 3], "captions": [n][num_images] str
+  or None (dataset captions, when `cfg.captions`), "face_masks": uint8 [n, num_images,
+  S, S] or None (when the records carry them)}. Sources: synthetic_faces (records grouped
+  by identity; `photo_style` picks the views of one style, -1 all of them), face_folder
+  (your photos: one subfolder or file per identity, all photos), or random (stand-in with
+  the data contract's shapes: smoke runs, benchmarks)."""
   if cfg.source == "random":
     identities = np.arange(cfg.random_identities, dtype=np.int64)
 
     def read_random(positions):
-      return np.stack([np.random.default_rng([cfg.random_seed, int(identities[p])]).integers(
+      images = np.stack([np.random.default_rng([cfg.random_seed, int(identities[p])]).integers(
           0, 256, (cfg.num_images, image_size, image_size, 3), dtype=np.uint8)
           for p in positions])
+      return {"images": images, "captions": None, "face_masks": None}
     return identities, read_random
   from hdb_jax import data
   if cfg.source == "synthetic_faces":
-    records = data.source(cfg.config, cfg.split, cfg.data_dir or None)
+    from hdb_jax.mini import dataset  # the mini world, picked by config
+    records = dataset.source(cfg.config, cfg.split, cfg.data_dir or None)
     where = f"synthetic_faces/{cfg.config}:{cfg.split}"
   elif cfg.source == "face_folder":
     records = data.folder_source(cfg.folder, cfg.data_dir or None, image_size)
@@ -115,19 +120,46 @@ def open_identities(cfg, image_size: int):
                      f"{identities.max()}")
 
   def read_records(positions):
-    out = []
+    picked = []
     for p in positions:
       identity, start, stop = ranges[p]
       views = [records[i] for i in range(start, stop)]
-      photos = [v["image"] for v in views if int(v.get("style", 0)) == cfg.photo_style]
-      if not photos:
+      if cfg.photo_style >= 0:
+        views = [v for v in views if int(v.get("style", 0)) == cfg.photo_style]
+      if not views:
         raise ValueError(f"{where}: identity {identity} has no style-{cfg.photo_style} photo")
-      if photos[0].shape != (image_size, image_size, 3):
-        raise ValueError(f"{where}: images are {photos[0].shape}, the model takes "
+      if views[0]["image"].shape != (image_size, image_size, 3):
+        raise ValueError(f"{where}: images are {views[0]['image'].shape}, the model takes "
                          f"{image_size}x{image_size}x3")
-      out.append(np.stack([photos[i % len(photos)] for i in range(cfg.num_images)]))
-    return np.stack(out)
+      picked.append([views[i % len(views)] for i in range(cfg.num_images)])
+    has_masks = "face_mask" in picked[0][0]
+    if cfg.captions and "caption" not in picked[0][0]:
+      raise ValueError(f"{where}: config.data.captions is set but the records have no caption")
+    return {"images": np.stack([[v["image"] for v in row] for row in picked]),
+            "captions": [[v["caption"] for v in row] for row in picked] if cfg.captions else None,
+            "face_masks": (np.stack([[v["face_mask"] for v in row] for row in picked])
+                           if has_masks else None)}
   return identities, read_records
+
+
+def identifier_prompt(caption: str, token: str, class_name: str) -> str:
+  """A dataset caption with the identifier before its class word: "a sketch of a face on
+  a blue background" -> "a sketch of a sks face on a blue background"."""
+  words = caption.split()
+  if class_name not in words:
+    raise ValueError(f"caption {caption!r} has no class word {class_name!r}")
+  index = words.index(class_name)
+  return " ".join(words[:index] + [token] + words[index:])
+
+
+def prompt_ids(sd, examples: dict, prompt: str, token: str, class_name: str) -> np.ndarray:
+  """Token ids [n, num_images, L] of each image's prompt: `prompt` for every image, or
+  each dataset caption with the identifier inserted."""
+  count, per_identity = examples["images"].shape[:2]
+  if examples["captions"] is None:
+    return np.broadcast_to(sd.tokenize([prompt])[None], (count, per_identity, sd.max_length))
+  texts = [identifier_prompt(c, token, class_name) for row in examples["captions"] for c in row]
+  return sd.tokenize(texts).reshape(count, per_identity, -1)
 
 
 def write_summary(workdir: str, dataset_dir: str, identities_this_run: int,
@@ -143,8 +175,7 @@ def write_summary(workdir: str, dataset_dir: str, identities_this_run: int,
   if "eval_loss_after" in dataset.stats:
     better = dataset.stats["eval_loss_after"] < dataset.stats["eval_loss_before"]
     summary["fraction_eval_loss_improved"] = float(better.mean())
-  with files.atomic_path(os.path.join(workdir, "summary.json")) as tmp, open(tmp, "w") as f:
-    json.dump(summary, f, indent=2)
+  files.write_json(os.path.join(workdir, "summary.json"), summary)
   with files.atomic_path(os.path.join(workdir, "losses.csv")) as tmp, open(tmp, "w") as f:
     writer = csv.writer(f)
     writer.writerow(["identity"] + list(dataset.stats))
@@ -177,18 +208,17 @@ def _run(config, workdir, stop) -> bool:
                         rank=config.lidb.rank, targets=dict(config.lidb.targets))
   aux = lidb.make_aux(spec)
   prompt = config.prompt.format(token=config.token, class_name=config.class_name)
-  input_ids = sd.tokenize([prompt])                                     # [1, L]
-  identities, read_images = open_identities(config.data, sd.image_size)
+  identities, read_examples = open_identities(config.data, sd.image_size)
 
   num_devices = jax.device_count() if config.mesh.data == -1 else config.mesh.data
   mesh = jax.make_mesh((num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.devices()[:num_devices])
   fns = preopt.make_block_fns(
       sd, spec, optax.adam(run.learning_rate), mesh, seed=run.seed, batch_size=run.batch_size,
-      eval_batch_size=run.eval_batch_size,
-      residual=run.residual, hflip=run.hflip)
+      eval_batch_size=run.eval_batch_size, residual=run.residual, hflip=run.hflip,
+      face_background_weight=run.face_background_weight)
   base_fingerprint = params_lib.fingerprint(frozen, spec.layers)
-  frozen, aux, input_ids = preopt.replicate((frozen, aux, input_ids), fns.replicated)
+  frozen, aux = preopt.replicate((frozen, aux), fns.replicated)
   global_block = run.per_device_block * num_devices
   shard_meta = {"base_fingerprint": base_fingerprint,
                 "prompt": prompt, "steps": str(run.steps), "learning_rate": str(run.learning_rate),
@@ -200,7 +230,7 @@ def _run(config, workdir, stop) -> bool:
   run_id = params_lib.stable_hash32(params_lib.to_json({
       "base": base_fingerprint, "lidb": config.lidb.to_dict(), "data": config.data.to_dict(),
       "prompt": prompt, "preopt": {k: run[k] for k in (
-          "steps", "batch_size", "learning_rate", "seed", "hflip")}}))
+          "steps", "batch_size", "learning_rate", "seed", "hflip", "face_background_weight")}}))
   ckpt = checkpoint.manager(workdir)
   progress = {"position": 0, "step": 0, "global_block": global_block, "run_id": run_id}
   if ckpt.latest_step() is not None:
@@ -252,11 +282,18 @@ def _run(config, workdir, stop) -> bool:
     positions = start + layout.local_positions(block)                  # this process's rows
     valid = positions < len(identities)
     block_ids = np.where(valid, identities[np.minimum(positions, len(identities) - 1)], 0)
-    images = read_images(np.minimum(positions, len(identities) - 1))   # padding: repeats
+    examples = read_examples(np.minimum(positions, len(identities) - 1))  # padding: repeats
+    if run.face_background_weight is not None and examples["face_masks"] is None:
+      raise ValueError(f"config.preopt.face_background_weight={run.face_background_weight}: "
+                       f"the {config.data.source} records carry no face_mask")
+    input_ids = prompt_ids(sd, examples, prompt, config.token, config.class_name)
     ids_global = preopt.global_block_array(block_ids.astype(np.int32), fns.identity_sharding,
                                            global_block)
-    pool = fns.encode(frozen["vae"], preopt.global_block_array(
-        images, fns.identity_sharding, global_block))
+    to_global = lambda rows: preopt.global_block_array(rows, fns.identity_sharding,
+                                                       global_block)
+    pool = fns.encode(frozen["vae"], to_global(examples["images"]), to_global(input_ids),
+                      None if run.face_background_weight is None
+                      else to_global(examples["face_masks"]))
     train, opt_state = fns.init(ids_global)
     first_step = 0
     block_start = start + block * global_block
@@ -270,8 +307,7 @@ def _run(config, workdir, stop) -> bool:
     recent_losses = collections.deque(maxlen=run.loss_window)  # device arrays [G]: no sync
     for step in range(first_step, run.steps):
       train, opt_state, losses = fns.train(train, opt_state, frozen, aux, pool, ids_global,
-                                           input_ids, preopt.replicate(np.int32(step),
-                                                                       fns.replicated))
+                                           preopt.replicate(np.int32(step), fns.replicated))
       recent_losses.append(losses)
       bar.set_postfix(step=step + 1, refresh=False)
       if stop.agreed():
@@ -287,7 +323,7 @@ def _run(config, workdir, stop) -> bool:
     stats = [np.mean([preopt.local_rows(l) for l in recent_losses], axis=0)]
     if run.eval_batch_size:
       base_train, _ = fns.init(ids_global)  # dW = 0 at init: the base model's loss
-      stats += [preopt.local_rows(fns.evaluate(t, frozen, aux, pool, ids_global, input_ids))
+      stats += [preopt.local_rows(fns.evaluate(t, frozen, aux, pool, ids_global))
                 for t in (base_train, train)]
     else:
       stats += [np.full_like(stats[0], np.nan)] * 2
