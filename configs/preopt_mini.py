@@ -74,6 +74,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       # Face-masked diffusion loss: per-pixel weight 1 on the person, this on the
       # background (the records' face_mask on the latent grid); None: plain loss.
       face_background_weight=ml_collections.config_dict.placeholder(float),
+      # One random D_train start for all identities (else one per identity): the
+      # hypernetwork's weight-space targets then differ only by what was learned.
+      shared_init=False,
       eval_batch_size=16,       # fixed-noise eval loss before/after per identity; 0: skip
       checkpoint_every_blocks=8)
   config.mesh = dict(data=-1)   # devices on the data axis; -1: all (every process's)

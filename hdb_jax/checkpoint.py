@@ -8,9 +8,13 @@ leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import os
+import signal
 
+from absl import logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 def manager(workdir: str, max_to_keep: int = 2,
@@ -37,3 +41,28 @@ def save(mngr: ocp.CheckpointManager, step: int, state, wait: bool = False) -> N
   mngr.save(step, args=ocp.args.StandardSave(state), force=True)
   if wait:
     mngr.wait_until_finished()
+
+
+class StopFlag:
+  """Set by SIGTERM/SIGINT; the loop checkpoints and exits at the next step boundary."""
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.requested = False
+    self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+  def restore(self):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("signal %d: checkpointing at the next step boundary", signum)
+    self.requested = True
+
+  def agreed(self) -> bool:
+    """True when any process was asked to stop (all processes must stop together)."""
+    if jax.process_count() == 1:
+      return self.requested
+    flags_all = multihost_utils.process_allgather(np.int32(self.requested))
+    return bool(np.asarray(flags_all).any())

@@ -129,15 +129,21 @@ def to_uint8(images) -> np.ndarray:
   return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def save_grid(images, path: str, rows: int, upscale: int = 1) -> None:
-  """Images [N, H, W, 3] in [-1, 1] -> one PNG grid of `rows` rows (N must divide)."""
+def grid_image(images, rows: int, upscale: int = 1) -> np.ndarray:
+  """Images [N, H, W, 3] in [-1, 1] -> one uint8 grid [rows * H * up, cols * W * up, 3]
+  of `rows` rows (N must divide), nearest-neighbour upscaled."""
   images = to_uint8(images)
   n, h, w, c = images.shape
   cols = n // rows
   grid = images[: rows * cols].reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4)
   grid = grid.reshape(rows * h, cols * w, c)
-  im = Image.fromarray(grid)
   if upscale > 1:
-    im = im.resize((im.width * upscale, im.height * upscale), Image.NEAREST)
+    grid = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
+  return grid
+
+
+def save_grid(images, path: str, rows: int, upscale: int = 1) -> None:
+  """Images [N, H, W, 3] in [-1, 1] -> one PNG grid of `rows` rows (N must divide)."""
+  im = Image.fromarray(grid_image(images, rows, upscale))
   with atomic_path(path) as tmp:
     im.save(tmp, format="PNG")

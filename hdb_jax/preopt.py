@@ -111,8 +111,10 @@ def _draw(sd, pool, rng, batch_size: int):
   return examples
 
 
-def _examples_loss(sd, frozen, examples):
-  """Per-example losses [N] of a flat batch of examples (residuals applied by the caller)."""
+def examples_loss(sd, frozen, examples):
+  """Per-example diffusion losses [N] of a flat batch of examples: {"latents", "noise"
+  [N, C, h, w], "timesteps" [N], "input_ids" [N, L], optionally "pixel_weights" [N, h, w]}.
+  Residuals are the caller's: merged into `frozen`, or a `low_rank_side_path` around it."""
   context = sd.encode_text(frozen["text_encoder"], examples["input_ids"])  # [N, L, D]
   return diffusion.loss_given_noise(sd, frozen["unet"], context, examples["latents"],
                                     examples["noise"], examples["timesteps"],
@@ -134,7 +136,7 @@ def identity_loss(sd, residual: str, train, frozen, aux, pool, rng, batch_size: 
   else:
     raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
   with residuals:
-    return _examples_loss(sd, params, examples).mean()
+    return examples_loss(sd, params, examples).mean()
 
 
 def block_losses(sd, train, frozen, aux, pool, rngs, batch_size: int):
@@ -150,7 +152,7 @@ def block_losses(sd, train, frozen, aux, pool, rngs, batch_size: int):
       lambda x: x.reshape((count * batch_size,) + x.shape[2:]), examples)
   factors = jax.vmap(lidb.factors, in_axes=(0, None))(train, aux)   # [G, in, r], [G, r, out]
   with low_rank_side_path(factors):
-    losses = _examples_loss(sd, frozen, flat)
+    losses = examples_loss(sd, frozen, flat)
   return losses.reshape(count, batch_size).mean(axis=1)
 
 
@@ -192,11 +194,15 @@ def face_pixel_weights(face_masks, latent_size: int, background_weight: float):
 def make_block_fns(sd, spec: lidb.LiDBSpec, optimizer: optax.GradientTransformation,
                    mesh: Mesh, *, seed: int, batch_size: int,
                    eval_batch_size: int = 8, residual: str = "side",
-                   hflip: bool = True, face_background_weight: float | None = None) -> BlockFns:
+                   hflip: bool = True, face_background_weight: float | None = None,
+                   shared_init: bool = False) -> BlockFns:
   """Block functions with the identity axis sharded over `mesh` axis "data".
 
   `face_background_weight`: None, a plain diffusion loss; a value in [0, 1], the
-  face-masked loss (`face_pixel_weights`; `encode` then needs the face masks)."""
+  face-masked loss (`face_pixel_weights`; `encode` then needs the face masks).
+  `shared_init`: every identity starts from the same random D_train (else one per
+  identity). A hypernetwork regressing these weights needs it: with a random start per
+  identity, part of each target is noise that no image can predict."""
   if residual not in RESIDUALS:
     raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
   per_identity = NamedSharding(mesh, P("data"))
@@ -204,6 +210,8 @@ def make_block_fns(sd, spec: lidb.LiDBSpec, optimizer: optax.GradientTransformat
 
   def init(identities):
     keys = identity_keys(seed, PURPOSE_INIT, identities)
+    if shared_init:
+      keys = identity_keys(seed, PURPOSE_INIT, jnp.zeros_like(identities))
     train = jax.vmap(lambda key: lidb.init(spec, key))(keys)
     return train, jax.vmap(optimizer.init)(train)
 

@@ -19,7 +19,6 @@ import collections
 import csv
 import json
 import os
-import signal
 import time
 
 from absl import app, flags, logging
@@ -31,7 +30,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from hdb_jax import checkpoint, files, lidb, logs, models, preopt
+from hdb_jax import checkpoint, distributed, files, lidb, logs, models, preopt
 from hdb_jax import params as params_lib
 from hdb_jax import weights_dataset
 
@@ -43,43 +42,6 @@ def define_flags():
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
   flags.DEFINE_string("workdir", None, "Output folder; rerunning resumes from it.")
   flags.mark_flags_as_required(["config", "workdir"])
-
-
-class _StopFlag:
-  """Set by SIGTERM/SIGINT; the loop checkpoints and exits at the next step boundary."""
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.requested = False
-    self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-
-  def restore(self):
-    for sig, handler in self.previous.items():
-      signal.signal(sig, handler)
-
-  def _handle(self, signum, frame):
-    del frame
-    logging.warning("signal %d: checkpointing at the next step boundary", signum)
-    self.requested = True
-
-  def agreed(self) -> bool:
-    """True when any process was asked to stop (all processes must stop together)."""
-    if jax.process_count() == 1:
-      return self.requested
-    flags_all = multihost_utils.process_allgather(np.int32(self.requested))
-    return bool(np.asarray(flags_all).any())
-
-
-def init_distributed(cfg) -> None:
-  if not cfg.initialize:
-    return
-  if cfg.cpu_collectives:
-    jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
-  kwargs = {}
-  if cfg.coordinator_address:
-    kwargs = dict(coordinator_address=cfg.coordinator_address,
-                  num_processes=cfg.num_processes, process_id=cfg.process_id)
-  jax.distributed.initialize(**kwargs)  # no arguments: auto-detected (TPU pods, SLURM)
 
 
 def open_identities(cfg, image_size: int):
@@ -187,7 +149,7 @@ def write_summary(workdir: str, dataset_dir: str, identities_this_run: int,
 def run(config, workdir: str) -> bool:
   """Pre-optimize every identity of `config.data` into `workdir`. Returns True when the
   weights dataset is complete, False when stopped by a signal (progress saved)."""
-  stop = _StopFlag()
+  stop = checkpoint.StopFlag()
   try:
     return _run(config, workdir, stop)
   finally:
@@ -216,7 +178,7 @@ def _run(config, workdir, stop) -> bool:
   fns = preopt.make_block_fns(
       sd, spec, optax.adam(run.learning_rate), mesh, seed=run.seed, batch_size=run.batch_size,
       eval_batch_size=run.eval_batch_size, residual=run.residual, hflip=run.hflip,
-      face_background_weight=run.face_background_weight)
+      face_background_weight=run.face_background_weight, shared_init=run.shared_init)
   base_fingerprint = params_lib.fingerprint(frozen, spec.layers)
   frozen, aux = preopt.replicate((frozen, aux), fns.replicated)
   global_block = run.per_device_block * num_devices
@@ -230,7 +192,8 @@ def _run(config, workdir, stop) -> bool:
   run_id = params_lib.stable_hash32(params_lib.to_json({
       "base": base_fingerprint, "lidb": config.lidb.to_dict(), "data": config.data.to_dict(),
       "prompt": prompt, "preopt": {k: run[k] for k in (
-          "steps", "batch_size", "learning_rate", "seed", "hflip", "face_background_weight")}}))
+          "steps", "batch_size", "learning_rate", "seed", "hflip", "face_background_weight",
+          "shared_init")}}))
   ckpt = checkpoint.manager(workdir)
   progress = {"position": 0, "step": 0, "global_block": global_block, "run_id": run_id}
   if ckpt.latest_step() is not None:
@@ -353,7 +316,7 @@ def _run(config, workdir, stop) -> bool:
 
 def main(argv):
   del argv
-  init_distributed(FLAGS.config.distributed)
+  distributed.initialize(FLAGS.config.distributed)
   logs.quiet_libraries()
   run(FLAGS.config, FLAGS.workdir)  # stopped by a signal: progress saved, exit 0
 

@@ -1,0 +1,65 @@
+"""HyperNetwork on the CPU mini world: one reference photo -> its LiDB weights.
+
+Trains on the pre-optimized weights of the mini world's train identities
+(assets/mini_preopt, made on the committed base assets/mini_base) with their reference
+photos, and reports the held-out identities' identity accuracy as it goes:
+
+    python -m train.train_hypernet --config configs/hypernet_mini.py --workdir workdir/hypernet
+
+With 2 host devices (the 2 cores) the batch is split over the mesh's `data` axis:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.train_hypernet \
+        --config configs/hypernet_mini.py --workdir workdir/hypernet
+
+Kill it any time (SIGTERM/Ctrl-C checkpoint first); the same command continues.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+def _sibling(name: str):
+  """Another config file of this folder, as a module (configs/ is not a package)."""
+  spec = importlib.util.spec_from_file_location(f"hdb_configs_{name}",
+                                                os.path.join(HERE, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model = _sibling("mini").mini_model()
+  config.token = "sks"
+  config.class_name = "face"
+  config.prompt = "a {token} {class_name}"
+  # Targets (their LiDB spec comes with them) and the photos of their identities.
+  config.data = dict(weights=os.path.join(REPO, "assets", "mini_preopt", "weights"),
+                     config="default", split="train", data_dir="", max_identities=0)
+
+  config.hypernet = dict(
+      width=128, depth=4, heads=4, mlp_ratio=4,
+      iterations=4,  # refinement steps s (training; settable at prediction)
+      encoder=dict(patch=4, width=128, depth=4, heads=4),  # ViT from scratch: 65 tokens
+      dtype="float32")
+
+  config.train = dict(
+      steps=8000, batch_size=32, learning_rate=3e-4, warmup=200, weight_decay=0.01,
+      clip=1.0, seed=0,
+      alpha=1.0,                 # diffusion loss with the predicted weights applied
+      beta=1.0,                  # weight-space loss to the pre-optimized weights
+      weight_loss="params",      # "params": ||theta_hat - theta||^2; "residual": of D @ U
+      hflip=True, jitter=0.1,    # flip both; brightness/contrast of the encoder input only
+      face_background_weight=ml_collections.config_dict.placeholder(float),
+      log_every=25, checkpoint_every=500,
+      eval_every=1000, eval_identities=32, eval_samples=2, sample_steps=25,
+      guidance_scale=4.0)
+  config.mesh = dict(data=-1, fsdp=1)  # devices on data x fsdp; -1: all
+  config.distributed = dict(initialize=False, coordinator_address="", num_processes=0,
+                            process_id=-1, cpu_collectives="")
+  return config

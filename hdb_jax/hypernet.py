@@ -1,0 +1,303 @@
+"""HyperNetwork: one face image -> LiDB train weights (HyperDreamBooth, docs/method.md).
+
+    layout = hypernet.weight_layout(spec)
+    net = hypernet.HyperNetwork(layout, encoder=hypernet.ViT(...), width=128, depth=4)
+    variables = net.init(rng, images, iterations=1)
+    train = net.apply(variables, images, iterations=4)   # the lidb train pytree, [B, ...]
+
+An image encoder (a ViT, or a pretrained CLIP vision tower wrapped by hdb_jax/models.py)
+turns the image into tokens **once**. The weights are predicted iteratively: theta_0 = 0
+and theta_k = theta_{k-1} + head(decoder(image_tokens, theta_{k-1})). The decoder sees
+one *weight token* per LiDB layer (its flattened [D_train, U_train] projected to the
+model width, plus a learned layer embedding), runs self-attention over the weight tokens
+and cross-attention to the image tokens, and the head maps each token back to its
+layer's values.
+
+Layers of different sizes: a LiDB layer holds r * (a + b) values, with a, b clamped to
+the layer (`lidb.LiDBSpec.dims`). Layers are grouped by that size (`weight_layout`);
+each group has its own input projection and output head, the decoder is shared. No
+value is padded: SD1.5 at a = 100, b = 50 has one group of 176 layers x 150 values; the
+mini world has 3 groups (64, 96 and 114 values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hdb_jax import files, lidb, weights_dataset
+from hdb_jax import params as params_lib
+
+HEAD_INIT_STD = 1e-3  # the output head starts small: theta_1 ~ 0, like a LiDB init
+
+
+# ------------------------------------------------------------------------------------
+# Weight tokens: LiDB train pytree <-> one flat token per layer, grouped by size
+
+@dataclasses.dataclass(frozen=True)
+class WeightLayout:
+  """Which LiDB layer is which weight token.
+
+  layers: ((component, layer path, a, b), ...) in spec order; groups: ((token size,
+  (layer indices...)), ...) by increasing size; rank: r.
+  """
+  layers: tuple[tuple[str, str, int, int], ...]
+  groups: tuple[tuple[int, tuple[int, ...]], ...]
+  rank: int
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.layers)
+
+
+def weight_layout(spec: lidb.LiDBSpec) -> WeightLayout:
+  layers = []
+  for component in sorted(spec.layers):
+    for layer, (in_dim, out_dim) in sorted(spec.layers[component].items()):
+      a, b = spec.dims(in_dim, out_dim)
+      layers.append((component, layer, a, b))
+  sizes = sorted({spec.rank * (a + b) for _, _, a, b in layers})
+  groups = tuple((size, tuple(i for i, (_, _, a, b) in enumerate(layers)
+                              if spec.rank * (a + b) == size)) for size in sizes)
+  return WeightLayout(tuple(layers), groups, spec.rank)
+
+
+def to_tokens(train, layout: WeightLayout) -> list[jax.Array]:
+  """Train pytree (leaves [..., a, r] / [..., r, b]) -> per group [..., L_g, size_g]."""
+  tokens = []
+  for _, indices in layout.groups:
+    rows = []
+    for i in indices:
+      component, layer, _, _ = layout.layers[i]
+      w = train[component][layer]
+      lead = w["D_train"].shape[:-2]
+      rows.append(jnp.concatenate([w["D_train"].reshape(lead + (-1,)),
+                                   w["U_train"].reshape(lead + (-1,))], axis=-1))
+    tokens.append(jnp.stack(rows, axis=-2))
+  return tokens
+
+
+def from_tokens(tokens: Sequence[jax.Array], layout: WeightLayout) -> dict:
+  """Inverse of `to_tokens`: per group [..., L_g, size_g] -> train pytree."""
+  train: dict[str, dict[str, Any]] = {}
+  r = layout.rank
+  for (_, indices), group in zip(layout.groups, tokens):
+    lead = group.shape[:-2]
+    for position, i in enumerate(indices):
+      component, layer, a, b = layout.layers[i]
+      token = group[..., position, :]
+      train.setdefault(component, {})[layer] = {
+          "D_train": token[..., :a * r].reshape(lead + (a, r)),
+          "U_train": token[..., a * r:].reshape(lead + (r, b))}
+  return train
+
+
+def zeros(layout: WeightLayout, batch: int) -> list[jax.Array]:
+  """theta_0: zero tokens per group [batch, L_g, size_g]."""
+  return [jnp.zeros((batch, len(indices), size), jnp.float32) for size, indices in layout.groups]
+
+
+# ------------------------------------------------------------------------------------
+# Modules
+
+class MLP(nn.Module):
+  hidden: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
+    return nn.Dense(width, dtype=self.dtype, name="fc2")(nn.gelu(x, approximate=False))
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN transformer block: self-attention, MLP."""
+  heads: int
+  mlp_ratio: int = 4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm(dtype=self.dtype, name="ln_attn")(x)
+    x = x + nn.MultiHeadDotProductAttention(self.heads, dtype=self.dtype, name="attn")(y, y)
+    y = nn.LayerNorm(dtype=self.dtype, name="ln_mlp")(x)
+    return x + MLP(self.mlp_ratio * x.shape[-1], self.dtype, name="mlp")(y)
+
+
+class ViT(nn.Module):
+  """A small Vision Transformer: images [B, H, W, 3] in [-1, 1] -> tokens [B, N, width]
+  (N = (H / patch)^2 patch tokens + 1 class token). Trained from scratch in the mini world."""
+  patch: int = 4
+  width: int = 128
+  depth: int = 4
+  heads: int = 4
+  mlp_ratio: int = 4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    x = nn.Conv(self.width, (self.patch, self.patch), strides=(self.patch, self.patch),
+                padding="VALID", dtype=self.dtype, name="patch_embed")(images)
+    batch, height, width, _ = x.shape
+    x = x.reshape(batch, height * width, self.width)
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], 1)
+    pos = self.param("pos_embed", nn.initializers.normal(0.02), (1,) + x.shape[1:])
+    x = x + pos.astype(x.dtype)
+    for i in range(self.depth):
+      x = EncoderBlock(self.heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(x)
+    return nn.LayerNorm(dtype=self.dtype, name="ln_out")(x)
+
+
+class DecoderBlock(nn.Module):
+  """Pre-LN block over weight tokens: self-attention, cross-attention to the image
+  tokens, MLP."""
+  heads: int
+  mlp_ratio: int = 4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, weight_tokens, image_tokens):
+    x = weight_tokens
+    y = nn.LayerNorm(dtype=self.dtype, name="ln_self")(x)
+    x = x + nn.MultiHeadDotProductAttention(self.heads, dtype=self.dtype, name="self_attn")(y, y)
+    y = nn.LayerNorm(dtype=self.dtype, name="ln_cross")(x)
+    x = x + nn.MultiHeadDotProductAttention(self.heads, dtype=self.dtype,
+                                            name="cross_attn")(y, image_tokens)
+    y = nn.LayerNorm(dtype=self.dtype, name="ln_mlp")(x)
+    return x + MLP(self.mlp_ratio * x.shape[-1], self.dtype, name="mlp")(y)
+
+
+class HyperNetwork(nn.Module):
+  """Image -> LiDB train pytree (leaves [B, ...]) in `iterations` refinement steps.
+
+  encoder: a module mapping images [B, H, W, 3] in [-1, 1] to tokens [B, N, D] (`ViT`,
+  or `models.ClipVisionTokens` for a pretrained CLIP vision tower).
+  """
+  layout: WeightLayout
+  encoder: nn.Module
+  width: int = 128
+  depth: int = 4
+  heads: int = 4
+  mlp_ratio: int = 4
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.image_proj = nn.Dense(self.width, dtype=self.dtype)
+    self.image_norm = nn.LayerNorm(dtype=self.dtype)
+    self.token_in = [nn.Dense(self.width, dtype=self.dtype, name=f"token_in_{size}")
+                     for size, _ in self.layout.groups]
+    self.heads_out = [nn.Dense(size, dtype=jnp.float32, name=f"head_{size}",
+                               kernel_init=nn.initializers.normal(HEAD_INIT_STD),
+                               bias_init=nn.initializers.zeros)
+                      for size, _ in self.layout.groups]
+    self.layer_embed = self.param("layer_embed", nn.initializers.normal(0.02),
+                                  (self.layout.num_layers, self.width))
+    self.blocks = [DecoderBlock(self.heads, self.mlp_ratio, self.dtype, name=f"block_{i}")
+                   for i in range(self.depth)]
+    self.out_norm = nn.LayerNorm(dtype=self.dtype)
+
+  def encode(self, images):
+    """Images [B, H, W, 3] in [-1, 1] -> image tokens [B, N, width] (once per image)."""
+    return self.image_norm(self.image_proj(self.encoder(images)))
+
+  def refine(self, image_tokens, tokens):
+    """One iteration: tokens per group [B, L_g, size_g] -> the update of each."""
+    embedded = [self.token_in[g](t.astype(self.dtype)) for g, t in enumerate(tokens)]
+    order = [i for _, indices in self.layout.groups for i in indices]  # layer of each row
+    x = jnp.concatenate(embedded, axis=1) + self.layer_embed[jnp.array(order)][None]
+    for block in self.blocks:
+      x = block(x, image_tokens)
+    x = self.out_norm(x)
+    updates, start = [], 0
+    for g, (_, indices) in enumerate(self.layout.groups):
+      updates.append(self.heads_out[g](x[:, start:start + len(indices)].astype(jnp.float32)))
+      start += len(indices)
+    return updates
+
+  def predict_tokens(self, image_tokens, iterations: int):
+    """theta_0 = 0; theta_k = theta_{k-1} + head(decoder(image_tokens, theta_{k-1}))."""
+    tokens = zeros(self.layout, image_tokens.shape[0])
+    for _ in range(iterations):
+      tokens = [t + u for t, u in zip(tokens, self.refine(image_tokens, tokens))]
+    return tokens
+
+  def __call__(self, images, iterations: int = 4):
+    return from_tokens(self.predict_tokens(self.encode(images), iterations), self.layout)
+
+
+def make(layout: WeightLayout, cfg, encoder: nn.Module | None = None) -> HyperNetwork:
+  """The hypernetwork of a config (`cfg.width, depth, heads, mlp_ratio`; `cfg.encoder`
+  for a ViT when `encoder` is None)."""
+  dtype = jnp.dtype(cfg.get("dtype", "float32"))
+  if encoder is None:
+    enc = cfg.encoder
+    encoder = ViT(patch=enc.patch, width=enc.width, depth=enc.depth, heads=enc.heads,
+                  mlp_ratio=enc.get("mlp_ratio", 4), dtype=dtype)
+  return HyperNetwork(layout, encoder, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
+                      mlp_ratio=cfg.get("mlp_ratio", 4), dtype=dtype)
+
+
+def weight_loss(predicted, target) -> jax.Array:
+  """Mean squared error over all LiDB values, per example [B] (the paper's
+  ||theta_hat - theta||^2, normalized by the number of values)."""
+  squares = jax.tree_util.tree_map(lambda p, t: jnp.sum(
+      (p - t) ** 2, axis=tuple(range(1, p.ndim))), predicted, target)
+  count = sum(x[0].size for x in jax.tree_util.tree_leaves(target))
+  return sum(jax.tree_util.tree_leaves(squares)) / count
+
+
+# ------------------------------------------------------------------------------------
+# Files: <dir>/hypernet.safetensors (params) + <dir>/hypernet.json (config, LiDB spec)
+
+WEIGHTS_FILE, INFO_FILE = "hypernet.safetensors", "hypernet.json"
+FORMAT = "hdb-hypernet"
+
+
+def save(path: str, params, net_config, spec: lidb.LiDBSpec, base_fingerprint: str,
+         prompt: str, extra: dict | None = None) -> None:
+  """Write a trained hypernetwork folder atomically (ViT encoders only: a pretrained
+  encoder is referenced by `net_config`, its weights stay where they were)."""
+  import safetensors.numpy
+  flat = {k: np.asarray(v, np.float32) for k, v in params_lib.flatten(params).items()}
+  config = net_config.to_dict() if hasattr(net_config, "to_dict") else dict(net_config)
+  info = {"format": FORMAT, "version": "1", "hypernet": config,
+          "lidb_spec": json.loads(weights_dataset.spec_to_json(spec)),
+          "base_fingerprint": base_fingerprint, "prompt": prompt, **(extra or {})}
+  with files.atomic_dir(path) as tmp:
+    safetensors.numpy.save_file(flat, os.path.join(tmp, WEIGHTS_FILE),
+                                metadata={"format": FORMAT})
+    with open(os.path.join(tmp, INFO_FILE), "w") as f:
+      json.dump(info, f, indent=2)
+
+
+def load(path: str, encoder: nn.Module | None = None):
+  """A hypernetwork folder -> (net, params, info). Checks it fully."""
+  import ml_collections
+  import safetensors.numpy
+  info_path, weights_path = os.path.join(path, INFO_FILE), os.path.join(path, WEIGHTS_FILE)
+  for needed in (info_path, weights_path):
+    if not os.path.exists(needed):
+      raise FileNotFoundError(f"{needed}: missing (not a hypernetwork folder)")
+  try:
+    with open(info_path) as f:
+      info = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{info_path}: not readable JSON ({e})") from e
+  if info.get("format") != FORMAT:
+    raise ValueError(f"{info_path}: not a hypernetwork (format={info.get('format')!r})")
+  spec = weights_dataset.spec_from_json(json.dumps(info["lidb_spec"]), info_path)
+  net = make(weight_layout(spec), ml_collections.ConfigDict(info["hypernet"]), encoder)
+  try:
+    params = params_lib.unflatten(safetensors.numpy.load_file(weights_path))
+  except Exception as e:
+    raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
+  return net, params, dict(info, lidb_spec=spec)

@@ -1,0 +1,78 @@
+"""HyperNetwork module (hdb_jax/hypernet.py): its output is exactly the LiDB train
+pytree of the spec, the iterations are respected, weight tokens round-trip."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from hdb_jax import config_file, hypernet, lidb, models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def mini_spec():
+  config = config_file.load(os.path.join(REPO, "configs", "mini.py"))
+  _, abstract = models.from_config(config.model)
+  cfg = config.lidb
+  return lidb.make_spec(abstract, seed=cfg.seed, a=cfg.a, b=cfg.b, rank=cfg.rank,
+                        targets=dict(cfg.targets))
+
+
+@pytest.fixture(scope="module")
+def small_net(mini_spec):
+  cfg = ml_collections.ConfigDict(dict(
+      width=32, depth=1, heads=2, encoder=dict(patch=8, width=32, depth=1, heads=2)))
+  net = hypernet.make(hypernet.weight_layout(mini_spec), cfg)
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+  variables = net.init(jax.random.key(0), images, iterations=1)
+  return net, variables, images
+
+
+def test_layout_groups_layers_by_size_without_padding(mini_spec):
+  layout = hypernet.weight_layout(mini_spec)
+  assert layout.num_layers == mini_spec.num_layers
+  assert sum(size * len(indices) for size, indices in layout.groups) == mini_spec.num_trainable
+  assert sorted(i for _, indices in layout.groups for i in indices) == list(
+      range(layout.num_layers))
+
+
+def test_tokens_round_trip(mini_spec):
+  layout = hypernet.weight_layout(mini_spec)
+  keys = jax.random.split(jax.random.key(0), 3)
+  train = jax.vmap(lambda k: jax.tree_util.tree_map(
+      lambda x: x + jax.random.normal(k, x.shape), lidb.init(mini_spec, k)))(keys)
+  back = hypernet.from_tokens(hypernet.to_tokens(train, layout), layout)
+  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(train)
+  for x, y in zip(jax.tree_util.tree_leaves(train), jax.tree_util.tree_leaves(back)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_output_is_the_spec_train_pytree_and_iterations_count(mini_spec, small_net):
+  net, variables, images = small_net
+  predicted = net.apply(variables, images, iterations=2)
+  reference = lidb.init(mini_spec, jax.random.key(0))
+  assert jax.tree_util.tree_structure(predicted) == jax.tree_util.tree_structure(reference)
+  for p, r in zip(jax.tree_util.tree_leaves(predicted), jax.tree_util.tree_leaves(reference)):
+    assert p.shape == (2,) + r.shape
+  zero = net.apply(variables, images, iterations=0)
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree_util.tree_leaves(zero))
+  one = net.apply(variables, images, iterations=1)
+  size = lambda tree: max(float(jnp.abs(x).max()) for x in jax.tree_util.tree_leaves(tree))
+  assert 0.0 < size(one) < 0.05   # the head starts small
+  assert size(jax.tree_util.tree_map(jnp.subtract, predicted, one)) > 0  # iteration 2 adds
+  # The two images get different weights: the prediction depends on the image.
+  first = jax.tree_util.tree_map(lambda x: x[0], one)
+  second = jax.tree_util.tree_map(lambda x: x[1], one)
+  assert size(jax.tree_util.tree_map(jnp.subtract, first, second)) > 0
+
+
+def test_weight_loss(mini_spec):
+  train = jax.vmap(lambda k: lidb.init(mini_spec, k))(jax.random.split(jax.random.key(0), 2))
+  assert np.allclose(hypernet.weight_loss(train, train), 0.0)
+  shifted = jax.tree_util.tree_map(lambda x: x + 2.0, train)
+  np.testing.assert_allclose(hypernet.weight_loss(shifted, train), 4.0, rtol=1e-6)

@@ -1,0 +1,242 @@
+r"""Train the hypernetwork: one face image -> its LiDB weights (HyperDreamBooth).
+
+    python -m train.train_hypernet --config configs/hypernet_mini.py --workdir workdir/hypernet
+
+Reads the pre-optimized weights dataset (`config.data.weights`, the targets) and each of
+its identities' reference photo, then trains `hdb_jax/hypernet.py` with
+`alpha * diffusion loss (predicted weights, side path) + beta * weight-space loss`,
+one jitted optax step per batch, the batch sharded over the mesh's `data` axis (the
+frozen base replicated, or split along `fsdp`). Writes to --workdir:
+  hypernet/      the trained hypernetwork (hypernet.safetensors + hypernet.json), last
+  tensorboard/   event files: losses, grad norm, lr, held-out identity accuracy, and
+                 images (held-out reference photo | hypernetwork-only samples)
+  checkpoints/   orbax, every `checkpoint_every` steps and on SIGTERM/SIGINT (then exit);
+                 rerunning the same command resumes
+  log.jsonl      the logged scalars
+"""
+
+import json
+import os
+import time
+
+from absl import app, flags, logging
+import jax
+import numpy as np
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from hdb_jax import (checkpoint, distributed, files, hypernet, hypernet_train, lidb, logs,
+                     models, preopt, tensorboard, weights_dataset)
+from hdb_jax import params as params_lib
+
+FLAGS = flags.FLAGS
+PURPOSE_INIT, PURPOSE_BATCH, PURPOSE_EVAL = 0, 1, 2
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (tests import run())."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/hypernet_*.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output folder; rerunning resumes from it.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def mini_world_parts(cfg):
+  """Reference photos and face masks of the mini world's identities, and a scorer.
+
+  -> (photos(split, identities) -> {"images" uint8 [N, H, W, 3], "face_masks" [N, H, W]},
+      holdout identities [M], score(images, identities) -> identity accuracy per image)."""
+  from hdb_jax.mini import dataset, recognizer, render  # the mini world, picked by config
+  from hdb_jax import data
+
+  def photos(split, identities):
+    records = dataset.source(cfg.config, split, cfg.data_dir or None)
+    starts = {identity: start for identity, start, _ in data.identity_ranges(records)}
+    missing = [int(i) for i in identities if int(i) not in starts]
+    if missing:
+      raise ValueError(f"synthetic_faces/{cfg.config}:{split} has no identity {missing[:3]}")
+    rows = records.__getitems__([starts[int(i)] for i in identities])  # reference photos
+    return {"images": np.stack([r["image"] for r in rows]),
+            "face_masks": np.stack([r["face_mask"] for r in rows])}
+
+  holdout = dataset.source(cfg.config, "holdout", cfg.data_dir or None)
+  holdout_ids = np.array([i for i, _, _ in data.identity_ranges(holdout)], np.int64)
+  rec = recognizer.load()
+
+  def score(images, identities):
+    truth = render.identity_attributes(np.asarray(identities))
+    return recognizer.identity_accuracy(rec(images), truth)
+  return photos, holdout_ids, score
+
+
+def run(config, workdir: str) -> bool:
+  """Train into `workdir`. Returns True when finished, False when stopped by a signal."""
+  stop = checkpoint.StopFlag()
+  try:
+    return _run(config, workdir, stop)
+  finally:
+    stop.restore()
+
+
+def _run(config, workdir, stop) -> bool:
+  cfg = config.train
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  sd, frozen = models.load_or_build(config.model)
+  targets = weights_dataset.open_dataset(config.data.weights)
+  spec = targets.spec
+  lidb.check_base(spec, frozen, config.data.weights)
+  fingerprint = params_lib.fingerprint(frozen, spec.layers)
+  if targets.metadata.get("base_fingerprint", fingerprint) != fingerprint:
+    raise ValueError(f"{config.data.weights}: pre-optimized on base "
+                     f"{targets.metadata['base_fingerprint']}, config.model is {fingerprint}")
+  aux = lidb.make_aux(spec)
+  identities = targets.identities[:config.data.max_identities or None]
+  target_rows = jax.tree_util.tree_map(lambda x: x[:len(identities)], targets.train)
+  photos, holdout_ids, score = mini_world_parts(config.data)
+  train_photos = photos(config.data.split, identities)
+  prompt = config.prompt.format(token=config.token, class_name=config.class_name)
+  input_ids = sd.tokenize([prompt])[0]                                  # [L]
+  logging.info("%d identities, LiDB %d values in %d layers, prompt %r", len(identities),
+               spec.num_trainable, spec.num_layers, prompt)
+
+  num_devices = jax.device_count() if config.mesh.data == -1 else config.mesh.data
+  fsdp = config.mesh.fsdp
+  mesh = jax.make_mesh((num_devices // fsdp, fsdp), ("data", "fsdp"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=jax.devices()[:num_devices])
+  layout = hypernet.weight_layout(spec)
+  net = hypernet.make(layout, config.hypernet)
+  tx = hypernet_train.optimizer(cfg)
+  image_shape = train_photos["images"].shape[1:]
+  params = jax.jit(lambda key: net.init(key, np.zeros((1,) + image_shape, np.float32),
+                                        iterations=1)["params"])(
+      jax.random.fold_in(jax.random.key(cfg.seed), PURPOSE_INIT))
+  state = {"params": params, "opt_state": tx.init(params)}
+  logging.info("hypernetwork: %s parameters", f"{params_lib.count(params):,}")
+  frozen_sharding = hypernet_train.frozen_shardings(frozen, mesh)
+  fns = hypernet_train.make_step(
+      net, sd, tx, mesh, frozen_sharding, seed=cfg.seed, loss_kwargs=dict(
+          iterations=config.hypernet.iterations, alpha=cfg.alpha, beta=cfg.beta,
+          weight_loss=cfg.weight_loss, hflip=cfg.hflip, jitter=cfg.jitter,
+          face_background_weight=cfg.face_background_weight))
+  frozen = jax.device_put(frozen, frozen_sharding)
+  aux = preopt.replicate(aux, fns.replicated)
+
+  ckpt = checkpoint.manager(workdir)
+  start, state = checkpoint.restore_latest(ckpt, state)
+  state = preopt.replicate(jax.tree_util.tree_map(np.asarray, state), fns.replicated)
+  writer = tensorboard.Writer(os.path.join(workdir, "tensorboard")) if is_main else None
+  evaluator = Evaluator(config, sd, net, frozen, aux, photos, holdout_ids, score)
+
+  def global_batch(step):
+    """The same global batch on every process (each keeps its own rows of it)."""
+    rng = np.random.default_rng([cfg.seed, PURPOSE_BATCH, step])
+    index = rng.integers(0, len(identities), cfg.batch_size)
+    batch = {"images": train_photos["images"][index].astype(np.float32) / 127.5 - 1.0,
+             "face_masks": train_photos["face_masks"][index],
+             "input_ids": np.broadcast_to(input_ids, (cfg.batch_size, len(input_ids))),
+             "target": jax.tree_util.tree_map(lambda x: x[index], target_rows)}
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_callback(x.shape, fns.batch_sharding,
+                                               lambda i: x[i]), batch)
+
+  bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="hypernetwork",
+             unit="step", disable=not is_main)
+  began = time.time()
+  for step in bar:
+    state, metrics = fns.train(state, frozen, aux, global_batch(step), np.int32(step))
+    done = step + 1
+    if done % cfg.log_every == 0 or done == cfg.steps:
+      scalars = {k: float(v) for k, v in metrics.items()}
+      if not np.isfinite(scalars["loss"]):
+        raise FloatingPointError(f"step {done}: loss is {scalars['loss']}; the last good "
+                                 f"checkpoint is in {workdir}/checkpoints")
+      scalars["learning_rate"] = float(hypernet_train.learning_rate(cfg, step))
+      bar.set_postfix(loss=f"{scalars['loss']:.4f}", refresh=False)
+      if writer:
+        writer.scalars(done, scalars)
+        with open(os.path.join(workdir, "log.jsonl"), "a") as f:
+          f.write(json.dumps(dict(scalars, step=done)) + "\n")
+    if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+      accuracy, grid = evaluator(state["params"])
+      logging.info("step %d: held-out identity accuracy %.3f (base %.3f)", done, accuracy,
+                   evaluator.base_accuracy)
+      if writer:
+        writer.scalars(done, {"heldout_identity_accuracy": accuracy,
+                              "heldout_identity_accuracy_base": evaluator.base_accuracy})
+        writer.image(done, "heldout/reference_and_samples", grid)
+    if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+      checkpoint.save(ckpt, done, state)
+    if stop.agreed() and done < cfg.steps:
+      checkpoint.save(ckpt, done, state, wait=True)
+      logging.warning("stopped at step %d: rerun the same command to continue", done)
+      return False
+  ckpt.wait_until_finished()
+  if is_main:
+    hypernet.save(os.path.join(workdir, "hypernet"), jax.device_get(state["params"]),
+                  config.hypernet, spec, fingerprint, prompt)
+    if writer:
+      writer.close()
+    logging.info("wrote %s/hypernet after %.1f min", workdir, (time.time() - began) / 60)
+  return True
+
+
+class Evaluator:
+  """Held-out identity accuracy of hypernetwork-only samples: `eval_identities` held-out
+  reference photos -> predicted weights -> `eval_samples` samples of the prompt each,
+  scored by the recognizer; the base model on the same noise once, for comparison."""
+
+  def __init__(self, config, sd, net, frozen, aux, photos, holdout_ids, score):
+    cfg = config.train
+    from hdb_jax import dreambooth
+    self.cfg, self.frozen, self.aux, self.score = cfg, frozen, aux, score
+    picks = np.linspace(0, len(holdout_ids) - 1, min(cfg.eval_identities, len(holdout_ids)))
+    self.identities = holdout_ids[picks.round().astype(int)]
+    self.images = photos("holdout", self.identities)["images"]
+    prompt = config.prompt.format(token=config.token, class_name=config.class_name)
+    self.cond = np.repeat(sd.tokenize([prompt]), cfg.eval_samples, 0)
+    self.uncond = np.repeat(sd.tokenize([""]), cfg.eval_samples, 0)
+    self.generate = dreambooth.make_generate(sd, cfg.sample_steps)
+    iterations = config.hypernet.iterations
+    self.predict = jax.jit(lambda p, x: net.apply({"params": p}, x, iterations=iterations))
+    self._base_accuracy = None
+
+  def _keys(self):
+    base = jax.random.fold_in(jax.random.key(self.cfg.seed), PURPOSE_EVAL)
+    return [jax.random.fold_in(base, i) for i in range(len(self.identities))]
+
+  @property
+  def base_accuracy(self) -> float:
+    if self._base_accuracy is None:
+      scores = [self.score(np.asarray(self.generate(
+          self.frozen, None, None, self.cond, self.uncond, key, self.cfg.guidance_scale)),
+          [identity] * self.cfg.eval_samples)
+          for identity, key in zip(self.identities, self._keys())]
+      self._base_accuracy = float(np.mean(scores))
+    return self._base_accuracy
+
+  def __call__(self, params):
+    predicted = self.predict(params, self.images.astype(np.float32) / 127.5 - 1.0)
+    scores, rows = [], []
+    for i, (identity, key) in enumerate(zip(self.identities, self._keys())):
+      weights = jax.tree_util.tree_map(lambda x: x[i], predicted)
+      samples = np.asarray(self.generate(self.frozen, weights, self.aux, self.cond,
+                                         self.uncond, key, self.cfg.guidance_scale))
+      scores.append(self.score(samples, [identity] * len(samples)))
+      if i < 8:
+        rows.append(np.concatenate([self.images[i:i + 1] / 127.5 - 1.0, samples]))
+    grid = files.grid_image(np.concatenate(rows), rows=len(rows))
+    return float(np.mean(scores)), grid
+
+
+def main(argv):
+  del argv
+  distributed.initialize(FLAGS.config.distributed)
+  logs.quiet_libraries()
+  run(FLAGS.config, FLAGS.workdir)  # stopped by a signal: progress saved, exit 0
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
