@@ -39,6 +39,7 @@ def get_config():
   config.data.source = "face_folder"
   config.data.folder = ""                        # required: --config.data.folder=...
   config.preopt.steps = 200
+  config.preopt.face_background_weight = None  # face_folder records have no face masks yet
   config.preopt.batch_size = 1
   config.preopt.learning_rate = 2e-3
   config.preopt.per_device_block = 8

@@ -1,0 +1,197 @@
+"""Hypernetwork training (hdb_jax/hypernet_train.py, train/train_hypernet.py) on a model
+smaller than configs/tiny.py and synthetic_faces/tiny, with stand-in targets: steps lower
+the loss, the entry point writes TensorBoard scalars and a loadable hypernetwork, a run
+killed with SIGKILL and resumed equals an uninterrupted one, and 8 devices equal 1.
+
+Tolerances as in test_preopt.py: the same compiled program 1e-6, another program (8
+devices) 1e-3 (AdamW's first steps move a value by up to lr = 1e-3).
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import safetensors.numpy
+
+from hdb_jax import hypernet, hypernet_train, lidb, models, tensorboard, weights_dataset
+from hdb_jax import params as params_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_IDENTITIES = 8
+RUN = {  # config overrides shared by every run (dotted keys)
+    "model.unet.block_out_channels": (32,),
+    "model.unet.down_block_types": ("CrossAttnDownBlock2D",),
+    "model.unet.up_block_types": ("CrossAttnUpBlock2D",),
+    "model.text_encoder.num_hidden_layers": 1,
+    "data.config": "tiny",
+    "hypernet.width": 32, "hypernet.depth": 1, "hypernet.heads": 2, "hypernet.iterations": 2,
+    "hypernet.encoder.patch": 8, "hypernet.encoder.width": 32,
+    "hypernet.encoder.depth": 1, "hypernet.encoder.heads": 2,
+    "train.steps": 30, "train.batch_size": 8, "train.learning_rate": 1e-3, "train.warmup": 1,
+    "train.log_every": 1, "train.checkpoint_every": 5, "train.eval_every": 0,
+}
+SAME_PROGRAM_ATOL = 1e-6
+OTHER_PROGRAM_ATOL = 1e-3
+
+
+def _config(overrides):
+  spec = importlib.util.spec_from_file_location(
+      "hypernet_mini", os.path.join(REPO, "configs", "hypernet_mini.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.model.path = ""  # the architecture of config.model, random init
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def _flags(overrides):
+  return [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
+          for k, v in overrides.items()]
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+  """synthetic_faces/tiny and a weights dataset of its first train identities with
+  random LiDB weights on the small model (the trainer only needs their shapes and base)."""
+  from hdb_jax import data
+  from hdb_jax.mini import dataset
+  root = tmp_path_factory.mktemp("hypernet_data")
+  data_dir, weights_dir = str(root / "tfds"), str(root / "weights")
+  dataset.build("tiny", data_dir)
+  identities = np.array([i for i, _, _ in data.identity_ranges(
+      dataset.source("tiny", "train", data_dir))][:NUM_IDENTITIES], np.int64)
+  config = _config(RUN)
+  _, frozen = models.load_or_build(config.model)
+  spec = lidb.make_spec(frozen, seed=0, a=100, b=50, rank=1)
+  keys = jax.random.split(jax.random.key(0), NUM_IDENTITIES)
+  train = jax.vmap(lambda k: jax.tree_util.tree_map(
+      lambda x: x + 0.1 * jax.random.normal(k, x.shape), lidb.init(spec, k)))(keys)
+  meta = {"base_fingerprint": params_lib.fingerprint(frozen, spec.layers)}
+  weights_dataset.write_shard(weights_dir, weights_dataset.shard_name(0, 0, NUM_IDENTITIES),
+                              identities, jax.device_get(train),
+                              {"train_loss": np.zeros(NUM_IDENTITIES, np.float32)}, spec, meta)
+  weights_dataset.finalize(weights_dir, identities, meta)
+  return {"data.data_dir": data_dir, "data.weights": weights_dir}
+
+
+def _final_params(workdir):
+  return safetensors.numpy.load_file(os.path.join(workdir, "hypernet", hypernet.WEIGHTS_FILE))
+
+
+def _assert_same_params(dir_a, dir_b, atol):
+  a, b = _final_params(dir_a), _final_params(dir_b)
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_allclose(a[key], b[key], rtol=0, atol=atol, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, stand_in):
+  """1 device, in this process, with a held-out evaluation at the end."""
+  import train.train_hypernet as entry
+  workdir = str(tmp_path_factory.mktemp("hypernet_ref"))
+  config = _config({**RUN, **stand_in, "train.eval_every": 30, "train.eval_identities": 2,
+                    "train.eval_samples": 1, "train.sample_steps": 2})
+  assert entry.run(config, workdir)
+  return workdir
+
+
+def _launch(workdir, overrides, devices=1):
+  env = dict(os.environ, PYTHONUNBUFFERED="1",
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  command = [sys.executable, "-m", "train.train_hypernet",
+             "--config", os.path.join(REPO, "configs", "hypernet_mini.py"),
+             "--workdir", str(workdir), "--config.model.path="] + _flags(overrides)
+  return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def test_steps_lower_the_loss_on_a_fixed_batch(stand_in):
+  """Ten steps on one batch (same noise each step) lower the loss; both terms count."""
+  config = _config({**RUN, **stand_in})
+  sd, frozen = models.load_or_build(config.model)
+  targets = weights_dataset.open_dataset(stand_in["data.weights"])
+  aux = lidb.make_aux(targets.spec)
+  net = hypernet.make(hypernet.weight_layout(targets.spec), config.hypernet)
+  mesh = jax.make_mesh((1, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  tx = optax.adam(1e-3)
+  rng = np.random.default_rng(0)
+  batch = {"images": rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32),
+           "face_masks": rng.integers(0, 256, (4, 32, 32), dtype=np.uint8),
+           "input_ids": np.repeat(sd.tokenize(["a sks face"]), 4, 0),
+           "target": jax.tree_util.tree_map(lambda x: x[:4], targets.train)}
+  params = net.init(jax.random.key(0), batch["images"], iterations=1)["params"]
+  fns = hypernet_train.make_step(
+      net, sd, tx, mesh, hypernet_train.frozen_shardings(frozen, mesh), seed=0,
+      loss_kwargs=dict(iterations=2, alpha=1.0, beta=1.0, face_background_weight=0.2))
+  state = {"params": params, "opt_state": tx.init(params)}
+  losses = []
+  for _ in range(10):
+    state, metrics = fns.train(state, frozen, aux, batch, np.int32(0))
+    losses.append(float(metrics["loss"]))
+    assert float(metrics["diffusion_loss"]) > 0 and float(metrics["weight_loss"]) > 0
+  assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_weight_losses():
+  w = lambda d, u: {"c": {"l": {"D_train": jnp.array(d, jnp.float32)[None],
+                                "U_train": jnp.array(u, jnp.float32)[None]}}}
+  a = w([[1.0], [2.0]], [[3.0, 4.0]])
+  b = w([[2.0], [4.0]], [[1.5, 2.0]])  # the same residual D @ U, split otherwise
+  assert float(hypernet_train.weight_loss_fn("params")(a, b)[0]) > 0.5
+  assert float(hypernet_train.weight_loss_fn("residual")(a, b)[0]) < 1e-9
+  with pytest.raises(ValueError, match="weight loss"):
+    hypernet_train.weight_loss_fn("other")
+
+
+def test_run_writes_tensorboard_and_a_loadable_hypernetwork(reference_run, stand_in):
+  scalars = tensorboard.read_scalars(os.path.join(reference_run, "tensorboard"))
+  for tag in ("loss", "diffusion_loss", "weight_loss", "grad_norm", "learning_rate",
+              "heldout_identity_accuracy", "heldout_identity_accuracy_base"):
+    assert tag in scalars, sorted(scalars)
+  assert [step for step, _ in scalars["loss"]] == list(range(1, 31))
+  assert 0.0 <= scalars["heldout_identity_accuracy"][-1][1] <= 1.0
+  net, params, info = hypernet.load(os.path.join(reference_run, "hypernet"))
+  spec = weights_dataset.open_dataset(stand_in["data.weights"]).spec
+  assert info["lidb_spec"] == spec and info["prompt"] == "a sks face"
+  predicted = net.apply({"params": params}, np.zeros((1, 32, 32, 3), np.float32),
+                        iterations=3)
+  reference = lidb.init(spec, jax.random.key(0))
+  assert jax.tree_util.tree_structure(predicted) == jax.tree_util.tree_structure(reference)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, stand_in, reference_run):
+  import train.train_hypernet as entry
+  process = _launch(tmp_path, {**RUN, **stand_in})
+  first = os.path.join(tmp_path, "checkpoints", "5")
+  while process.poll() is None and not os.path.exists(first):
+    time.sleep(0.02)
+  process.kill()  # SIGKILL: no chance to save anything more
+  out, _ = process.communicate()
+  assert os.path.exists(first), out[-3000:]
+  assert not os.path.exists(os.path.join(tmp_path, "hypernet")), "finished before the kill"
+  assert entry.run(_config({**RUN, **stand_in}), str(tmp_path))
+  _assert_same_params(reference_run, tmp_path, SAME_PROGRAM_ATOL)
+
+
+def test_eight_devices_equal_one(tmp_path, stand_in, reference_run):
+  process = _launch(tmp_path, {**RUN, **stand_in}, devices=8)
+  out, _ = process.communicate(timeout=900)
+  assert process.returncode == 0, out[-3000:]
+  _assert_same_params(reference_run, tmp_path, OTHER_PROGRAM_ATOL)
