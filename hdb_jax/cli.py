@@ -7,6 +7,8 @@
                                             a PyTorch LoRA (PEFT or kohya) as an hdb-lora file
     hdb export-base --config configs/tiny.py --out DIR   (or --model DIR)
                                             the base model as a diffusers PyTorch folder
+    hdb predict --hypernet DIR --image face.png --out lidb.safetensors [--iterations 4]
+                                            a LiDB file from one photo, hypernetwork only
 """
 
 from __future__ import annotations
@@ -111,6 +113,14 @@ def export_base(args) -> dict:
   return {"out": args.out}
 
 
+def predict(args) -> dict:
+  """One face photo -> a LiDB file by the hypernetwork alone (no finetuning). The file
+  loads like any LiDB file (`lidb.load`, `hdb export`); its metadata names the
+  hypernetwork and the iterations."""
+  from hdb_jax import hypernet
+  return hypernet.predict_file(args.hypernet, args.image, args.out, args.iterations)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="hdb", description="hdb-jax: HyperDreamBooth in JAX.")
   commands = parser.add_subparsers(dest="command", required=True)
@@ -140,8 +150,18 @@ def main(argv=None) -> int:
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value (repeatable)")
   p.add_argument("--out", required=True, help="output folder")
+  p = commands.add_parser("predict", help="a LiDB file from one face photo (hypernetwork)",
+                          description=predict.__doc__)
+  p.add_argument("--hypernet", required=True,
+                 help="trained hypernetwork folder (train/train_hypernet.py), e.g. "
+                      "assets/mini_hypernet")
+  p.add_argument("--image", required=True, help="the face photo")
+  p.add_argument("--out", required=True, help="output LiDB .safetensors file")
+  p.add_argument("--iterations", type=int, default=None,
+                 help="refinement iterations s (default: as trained)")
   args = parser.parse_args(argv)
-  file_commands = {"export": export, "import": import_lora, "export-base": export_base}
+  file_commands = {"export": export, "import": import_lora, "export-base": export_base,
+                   "predict": predict}
   try:
     if args.command == "info":
       print(json.dumps(info(args), indent=2))

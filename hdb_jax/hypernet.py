@@ -23,6 +23,7 @@ mini world has 3 groups (64, 96 and 114 values).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any, Sequence
@@ -300,4 +301,31 @@ def load(path: str, encoder: nn.Module | None = None):
     params = params_lib.unflatten(safetensors.numpy.load_file(weights_path))
   except Exception as e:
     raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
-  return net, params, dict(info, lidb_spec=spec)
+  with open(weights_path, "rb") as f:
+    fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
+  return net, params, dict(info, lidb_spec=spec, fingerprint=fingerprint)
+
+
+def predict_file(hypernet_dir: str, image_path: str, out: str,
+                 iterations: int | None = None) -> dict:
+  """One face photo -> a LiDB file (`lidb.load`-able), by the hypernetwork alone.
+
+  The image is center-cropped and resized to the hypernetwork's image size; `iterations`
+  defaults to the number it was trained with. The file's metadata records the source
+  (`hypernet`), the hypernetwork folder's fingerprint, the iterations and the prompt.
+  """
+  net, params, info = load(hypernet_dir)
+  iterations = int(info["hypernet"]["iterations"] if iterations is None else iterations)
+  if iterations < 0:
+    raise ValueError(f"iterations must be >= 0, got {iterations}")
+  image = files.read_image(image_path, int(info["image_size"]))[None]    # [1, S, S, 3]
+  predicted = jax.jit(lambda p, x: net.apply({"params": p}, x, iterations=iterations))(
+      params, image)
+  train = jax.tree_util.tree_map(lambda x: np.asarray(x[0]), predicted)
+  token, _, class_name = info["prompt"].removeprefix("a ").partition(" ")
+  lidb.save(out, train, info["lidb_spec"], info["base_fingerprint"], extra_metadata={
+      "source": "hypernet", "hypernet": os.path.basename(os.path.normpath(hypernet_dir)),
+      "hypernet_fingerprint": info["fingerprint"],
+      "iterations": str(iterations), "prompt": info["prompt"], "token": token,
+      "class_name": class_name, "image": os.path.basename(image_path)})
+  return {"out": out, "iterations": iterations, "values": info["lidb_spec"].num_trainable}

@@ -195,3 +195,25 @@ def test_eight_devices_equal_one(tmp_path, stand_in, reference_run):
   out, _ = process.communicate(timeout=900)
   assert process.returncode == 0, out[-3000:]
   _assert_same_params(reference_run, tmp_path, OTHER_PROGRAM_ATOL)
+
+
+def test_predict_writes_a_lidb_file(reference_run, stand_in, tmp_path):
+  from hdb_jax import cli
+  image = os.path.join(REPO, "assets", "mini_subject", "photo_0.png")
+  out = str(tmp_path / "me.safetensors")
+  hypernet_dir = os.path.join(reference_run, "hypernet")
+  assert cli.main(["predict", "--hypernet", hypernet_dir, "--image", image, "--out", out]) == 0
+  train, spec, metadata = lidb.load(out)
+  assert spec == weights_dataset.open_dataset(stand_in["data.weights"]).spec
+  assert metadata["source"] == "hypernet" and metadata["iterations"] == "2"
+  assert metadata["token"] == "sks" and len(metadata["hypernet_fingerprint"]) == 16
+  assert max(float(np.abs(x).max()) for x in jax.tree_util.tree_leaves(train)) > 0
+  zero = str(tmp_path / "zero.safetensors")
+  assert cli.main(["predict", "--hypernet", hypernet_dir, "--image", image, "--out", zero,
+                   "--iterations", "0"]) == 0
+  assert all(float(np.abs(x).max()) == 0 for x in jax.tree_util.tree_leaves(lidb.load(zero)[0]))
+  not_image = tmp_path / "not_an_image.png"
+  not_image.write_text("hello")
+  assert cli.main(["predict", "--hypernet", hypernet_dir, "--image", str(not_image),
+                   "--out", str(tmp_path / "bad.safetensors")]) == 1
+  assert not os.path.exists(tmp_path / "bad.safetensors")

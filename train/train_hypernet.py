@@ -175,7 +175,8 @@ def _run(config, workdir, stop) -> bool:
   ckpt.wait_until_finished()
   if is_main:
     hypernet.save(os.path.join(workdir, "hypernet"), jax.device_get(state["params"]),
-                  config.hypernet, spec, fingerprint, prompt)
+                  config.hypernet, spec, fingerprint, prompt,
+                  extra={"image_size": int(image_shape[0]), "steps": cfg.steps})
     if writer:
       writer.close()
     logging.info("wrote %s/hypernet after %.1f min", workdir, (time.time() - began) / 60)
