@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = tiny_model()
 
-  # LiDB residuals (shared/DESIGN.md 1.1). a, b clamp to the 32-wide tiny layers.
+  # LiDB residuals (docs/method.md, part 1). a, b clamp to the 32-wide tiny layers.
   config.lidb = dict(seed=0, a=100, b=50, rank=1,
                      targets=dict(unet=r"/attn[12]/(to_q|to_k|to_v|to_out_0)$",
                                   text_encoder=r"/self_attn/(q_proj|k_proj|v_proj|out_proj)$"))

@@ -1,7 +1,7 @@
 """Pre-optimization: LiDB weights for many identities at once, vmapped and sharded.
 
 Every identity gets its own LiDB train pytree, optimized with the diffusion loss on its
-own images and the prompt "a [V] face" (shared/DESIGN.md 1.2). A *block* of identities
+own images and the prompt "a [V] face" (docs/method.md, part 2). A *block* of identities
 trains together: the identity axis of the train state, optimizer state and image pool
 is `vmap`ped inside one device and sharded over the `data` axis of a
 `jax.sharding.Mesh` through `jax.jit` shardings; the frozen base params and the LiDB aux
