@@ -14,27 +14,18 @@ With 2 host devices (the 2 cores) the batch is split over the mesh's `data` axis
 Kill it any time (SIGTERM/Ctrl-C checkpoint first); the same command continues.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+from hdb_jax import config_file
 
-
-def _sibling(name: str):
-  """Another config file of this folder, as a module (configs/ is not a package)."""
-  spec = importlib.util.spec_from_file_location(f"hdb_configs_{name}",
-                                                os.path.join(HERE, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.model = _sibling("mini").mini_model()
+  config.model = config_file.sibling(__file__, "mini").mini_model()
   config.token = "sks"
   config.class_name = "face"
   config.prompt = "a {token} {class_name}"

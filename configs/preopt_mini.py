@@ -29,28 +29,16 @@ their captions 0.46 (0.50 face-masked); 1 photo face-masked 0.55 (0.56 with a sh
 start); 1 photo, 600 steps 0.60. docs/mini_world.md has the table.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _sibling(name: str):
-  """Another config file of this folder, as a module (configs/ is not a package)."""
-  spec = importlib.util.spec_from_file_location(f"hdb_configs_{name}",
-                                                os.path.join(HERE, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from hdb_jax import config_file
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   """variant "": the mini world. "tiny": configs/tiny.py's random-init model on random
   stand-in images (smoke runs, tests and benchmarks without the committed base)."""
   config = ml_collections.ConfigDict()
-  source = _sibling("tiny" if variant == "tiny" else "mini")
+  source = config_file.sibling(__file__, "tiny" if variant == "tiny" else "mini")
   config.model = source.tiny_model() if variant == "tiny" else source.mini_model()
   config.lidb = dict(seed=0, a=100, b=50, rank=1,
                      targets=dict(unet=r"/attn[12]/(to_q|to_k|to_v|to_out_0)$",

@@ -17,23 +17,12 @@ On paper (docs/benchmarks.md): ~25 identity-steps/s per A100 at block 8, i.e. 15
 identities x 200 steps in ~4 h on 8 GPUs. Not run here (no GPU, no SD1.5 weights).
 """
 
-import importlib.util
-import os
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _sibling(name: str):
-  spec = importlib.util.spec_from_file_location(f"hdb_configs_{name}",
-                                                os.path.join(HERE, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from hdb_jax import config_file
 
 
 def get_config():
-  config = _sibling("preopt_mini").get_config()  # same fields as the mini world
-  config.model = _sibling("sd15").sd15_model()
+  config = config_file.sibling(__file__, "preopt_mini").get_config()  # same fields as the mini world
+  config.model = config_file.sibling(__file__, "sd15").sd15_model()
   config.model.dtype = "bfloat16"                # compute dtype; weights stay float32
   config.class_name = "person"
   config.data.source = "face_folder"

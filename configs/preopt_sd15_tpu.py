@@ -21,22 +21,11 @@ save progress and exit 0; rerun the same command. On paper (docs/benchmarks.md):
 identities x 200 steps in ~2 h on a v4-32. Not run here (no TPU, no SD1.5 weights).
 """
 
-import importlib.util
-import os
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _sibling(name: str):
-  spec = importlib.util.spec_from_file_location(f"hdb_configs_{name}",
-                                                os.path.join(HERE, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from hdb_jax import config_file
 
 
 def get_config():
-  config = _sibling("preopt_sd15_gpu").get_config()
+  config = config_file.sibling(__file__, "preopt_sd15_gpu").get_config()
   config.preopt.per_device_block = 4             # 32 GB HBM per v4 chip
   config.preopt.checkpoint_every_blocks = 8
   config.mesh.data = -1                          # every chip of every host

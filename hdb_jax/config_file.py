@@ -1,23 +1,40 @@
-"""Load an ml_collections config file (`configs/*.py` with `get_config()`) by path."""
+"""Load ml_collections config files (`configs/*.py` with `get_config()`) by path."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import types
 
 import ml_collections
 
 
-def load(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
-  """`get_config()` of the file at `path`, with dotted-key overrides applied."""
+def module(path: str) -> types.ModuleType:
+  """The config file at `path` as a module (configs/ is a folder of files, not a package)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such config file")
-  spec = importlib.util.spec_from_file_location("hdb_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
+  name = "hdb_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  loaded = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(loaded)
+  return loaded
+
+
+def sibling(config_path: str, name: str) -> types.ModuleType:
+  """Config file `name`.py in the folder of `config_path` (pass `__file__`), as a module."""
+  return module(os.path.join(os.path.dirname(os.path.abspath(config_path)), f"{name}.py"))
+
+
+def load(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """`get_config()` of the file at `path` ("file.py:arg" calls `get_config("arg")`, as
+  absl's --config flag does), with dotted-key overrides applied."""
+  argument = None
+  if not os.path.isfile(path) and ":" in path:
+    path, argument = path.rsplit(":", 1)
+  loaded = module(path)
+  if not hasattr(loaded, "get_config"):
     raise ValueError(f"{path}: config file has no get_config()")
-  config = module.get_config()
+  config = loaded.get_config() if argument is None else loaded.get_config(argument)
   for key, value in (overrides or {}).items():
     node = config
     *parents, leaf = key.split(".")

@@ -7,7 +7,6 @@ Tolerances as in test_preopt.py: the same compiled program 1e-6, another program
 devices) 1e-3 (AdamW's first steps move a value by up to lr = 1e-3).
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -20,7 +19,8 @@ import optax
 import pytest
 import safetensors.numpy
 
-from hdb_jax import hypernet, hypernet_train, lidb, models, tensorboard, weights_dataset
+from hdb_jax import (config_file, hypernet, hypernet_train, lidb, models, tensorboard,
+                     weights_dataset)
 from hdb_jax import params as params_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,19 +42,9 @@ OTHER_PROGRAM_ATOL = 1e-3
 
 
 def _config(overrides):
-  spec = importlib.util.spec_from_file_location(
-      "hypernet_mini", os.path.join(REPO, "configs", "hypernet_mini.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.model.path = ""  # the architecture of config.model, random init
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  """configs/hypernet_mini.py on the architecture of its model, random init."""
+  return config_file.load(os.path.join(REPO, "configs", "hypernet_mini.py"),
+                          {"model.path": "", **overrides})
 
 
 def _flags(overrides):

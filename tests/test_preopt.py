@@ -16,7 +16,6 @@ wrong noise draw, step count or identity shows up far above it):
   processes vs 1; up to 2e-4 once between the same run compiled under other XLA_FLAGS).
 """
 
-import importlib.util
 import os
 import signal
 import socket
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hdb_jax import lidb, preopt, weights_dataset
+from hdb_jax import config_file, lidb, preopt, weights_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IDENTITIES = 16
@@ -50,18 +49,7 @@ OTHER_PROGRAM_ATOL = 1e-3
 
 
 def _config(overrides):
-  spec = importlib.util.spec_from_file_location(
-      "preopt_mini", os.path.join(REPO, "configs", "preopt_mini.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return config_file.load(os.path.join(REPO, "configs", "preopt_mini.py:tiny"), overrides)
 
 
 def _flags(overrides):
