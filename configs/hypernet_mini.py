@@ -30,18 +30,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.class_name = "face"
   config.prompt = "a {token} {class_name}"
   # Targets (their LiDB spec comes with them) and the photos of their identities.
+  # source "face_folder": `folder` (the pre-optimization's photos) and `holdout_folder`.
   config.data = dict(weights=os.path.join(REPO, "assets", "mini_preopt", "weights"),
-                     config="default", split="train", data_dir="", max_identities=0)
+                     source="synthetic_faces", config="default", split="train", data_dir="",
+                     folder="", holdout_folder="", max_identities=0)
 
   config.hypernet = dict(
       width=128, depth=4, heads=4, mlp_ratio=4,
       iterations=4,  # refinement steps s (training; settable at prediction)
-      encoder=dict(patch=4, width=128, depth=4, heads=4),  # ViT from scratch: 65 tokens
+      # kind "vit": trained from scratch (65 tokens here); "clip": a pretrained CLIP
+      # vision folder at `path` (SD1.5 configs), trained at encoder_lr_scale x lr.
+      encoder=dict(kind="vit", patch=4, width=128, depth=4, heads=4, path=""),
       dtype="float32")
 
   config.train = dict(
       steps=8000, batch_size=32, learning_rate=3e-4, warmup=200, weight_decay=0.01,
-      clip=1.0, seed=0,
+      clip=1.0, seed=0, encoder_lr_scale=1.0,
       alpha=1.0,                 # diffusion loss with the predicted weights applied
       beta=1.0,                  # weight-space loss to the pre-optimized weights
       weight_loss="params",      # "params": ||theta_hat - theta||^2; "residual": of D @ U

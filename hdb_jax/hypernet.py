@@ -235,14 +235,33 @@ class HyperNetwork(nn.Module):
     return from_tokens(self.predict_tokens(self.encode(images), iterations), self.layout)
 
 
+def make_encoder(encoder_cfg):
+  """The image encoder of a config -> (module, pretrained params or None, its config).
+
+  kind "vit" (default): a `ViT` trained from scratch (patch, width, depth, heads).
+  kind "clip": a pretrained CLIP vision tower read from the local folder `path`
+  (hdb_jax/models.py); its params go into the hypernetwork's params["encoder"].
+  """
+  kind = encoder_cfg.get("kind", "vit")
+  if kind == "vit":
+    return ViT(patch=encoder_cfg.patch, width=encoder_cfg.width, depth=encoder_cfg.depth,
+               heads=encoder_cfg.heads, mlp_ratio=encoder_cfg.get("mlp_ratio", 4),
+               dtype=jnp.dtype(encoder_cfg.get("dtype", "float32"))), None, None
+  if kind == "clip":
+    from hdb_jax import models
+    if not encoder_cfg.get("path"):
+      raise ValueError("hypernet.encoder.kind='clip' needs hypernet.encoder.path: a local "
+                       "CLIP vision model folder")
+    return models.load_vision_encoder(encoder_cfg.path, encoder_cfg.get("dtype", "float32"))
+  raise ValueError(f"hypernet.encoder.kind must be 'vit' or 'clip', got {kind!r}")
+
+
 def make(layout: WeightLayout, cfg, encoder: nn.Module | None = None) -> HyperNetwork:
-  """The hypernetwork of a config (`cfg.width, depth, heads, mlp_ratio`; `cfg.encoder`
-  for a ViT when `encoder` is None)."""
+  """The hypernetwork of a config (`cfg.width, depth, heads, mlp_ratio`); the encoder
+  from `make_encoder(cfg.encoder)` when not given."""
   dtype = jnp.dtype(cfg.get("dtype", "float32"))
   if encoder is None:
-    enc = cfg.encoder
-    encoder = ViT(patch=enc.patch, width=enc.width, depth=enc.depth, heads=enc.heads,
-                  mlp_ratio=enc.get("mlp_ratio", 4), dtype=dtype)
+    encoder, _, _ = make_encoder(cfg.encoder)
   return HyperNetwork(layout, encoder, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
                       mlp_ratio=cfg.get("mlp_ratio", 4), dtype=dtype)
 
@@ -265,8 +284,9 @@ FORMAT = "hdb-hypernet"
 
 def save(path: str, params, net_config, spec: lidb.LiDBSpec, base_fingerprint: str,
          prompt: str, extra: dict | None = None) -> None:
-  """Write a trained hypernetwork folder atomically (ViT encoders only: a pretrained
-  encoder is referenced by `net_config`, its weights stay where they were)."""
+  """Write a trained hypernetwork folder atomically: all its params (a pretrained encoder's
+  too, frozen or not) and, in hypernet.json, what rebuilds it (`extra` carries the
+  encoder_config of a CLIP encoder, the image size, ...)."""
   import safetensors.numpy
   flat = {k: np.asarray(v, np.float32) for k, v in params_lib.flatten(params).items()}
   config = net_config.to_dict() if hasattr(net_config, "to_dict") else dict(net_config)
@@ -296,7 +316,12 @@ def load(path: str, encoder: nn.Module | None = None):
   if info.get("format") != FORMAT:
     raise ValueError(f"{info_path}: not a hypernetwork (format={info.get('format')!r})")
   spec = weights_dataset.spec_from_json(json.dumps(info["lidb_spec"]), info_path)
-  net = make(weight_layout(spec), ml_collections.ConfigDict(info["hypernet"]), encoder)
+  net_config = ml_collections.ConfigDict(info["hypernet"])
+  if encoder is None and net_config.encoder.get("kind", "vit") == "clip":
+    from hdb_jax import models  # the architecture is stored; the weights are in the file
+    encoder = models.vision_encoder_from_config(info["encoder_config"],
+                                                net_config.encoder.get("dtype", "float32"))
+  net = make(weight_layout(spec), net_config, encoder)
   try:
     params = params_lib.unflatten(safetensors.numpy.load_file(weights_path))
   except Exception as e:

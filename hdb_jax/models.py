@@ -45,7 +45,8 @@ for _library in (diffusers_logging.get_logger("diffusers"),
 
 from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxUNet2DConditionModel  # noqa: E402
 from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig, FlaxCLIPTextModel  # noqa: E402
+from transformers.models.clip.modeling_flax_clip import FlaxCLIPVisionModule  # noqa: E402
 from transformers.modeling_flax_pytorch_utils import (  # noqa: E402
     rename_key_and_reshape_tensor as transformers_rename_key)
 
@@ -73,10 +74,10 @@ attention_flax.FlaxGEGLU = _ExactGELUFlaxGEGLU
 COMPONENTS = ("unet", "vae", "text_encoder")
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 FLAX_WEIGHTS = {"unet": "diffusion_flax_model.msgpack", "vae": "diffusion_flax_model.msgpack",
-                "text_encoder": "flax_model.msgpack"}
+                "text_encoder": "flax_model.msgpack", "vision_encoder": "flax_model.msgpack"}
 TORCH_WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors",
                  "vae": "diffusion_pytorch_model.safetensors",
-                 "text_encoder": "model.safetensors"}
+                 "text_encoder": "model.safetensors", "vision_encoder": "model.safetensors"}
 
 
 class ModelLoadError(ValueError):
@@ -277,9 +278,10 @@ def torch_key_to_flax(torch_key: str, shape, expected_flat: Mapping,
   """The PyTorch->Flax name rule of diffusers (UNet, VAE) or transformers (CLIP) for one
   weight -> Flax key tuple. `expected_flat`: {Flax key tuple: array or shape struct}."""
   dummy = np.empty(shape, np.float32)
-  if component == "text_encoder":
+  if component in ("text_encoder", "vision_encoder"):
+    prefix = "text_model" if component == "text_encoder" else "vision_model"
     return transformers_rename_key(tuple(torch_key.split(".")), dummy, expected_flat,
-                                   "text_model")[0]
+                                   prefix)[0]
   return rename_key_and_reshape_tensor(tuple(rename_key(torch_key).split(".")), dummy,
                                        expected_flat)[0]
 
@@ -397,3 +399,53 @@ MODEL_INDEX = {
     "unet": ["diffusers", "UNet2DConditionModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
+
+
+# ------------------------------------------------------------------------------------
+# A pretrained CLIP vision tower, as the hypernetwork's image encoder
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ClipVisionTokens(flax.linen.Module):
+  """Images [B, H, W, 3] in [-1, 1] -> the CLIP vision tower's last hidden states
+  [B, 1 + patches, D]: resized to its image size (bicubic) and CLIP-normalized first."""
+  config: Any  # transformers CLIPVisionConfig
+  dtype: Any = jnp.float32
+
+  @flax.linen.compact
+  def __call__(self, images):
+    size = self.config.image_size
+    x = (images.astype(jnp.float32) + 1.0) / 2.0
+    if x.shape[1:3] != (size, size):
+      x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bicubic")
+    x = (x - jnp.array(CLIP_MEAN)) / jnp.array(CLIP_STD)
+    out = FlaxCLIPVisionModule(self.config, dtype=self.dtype, name="clip")(x.astype(self.dtype))
+    return out.last_hidden_state
+
+
+def vision_encoder_from_config(config: Mapping, dtype: str = "float32") -> ClipVisionTokens:
+  """The encoder module of a CLIP vision config (dict of its config.json)."""
+  vision = dict(config.get("vision_config", config))  # a full CLIP config holds it inside
+  return ClipVisionTokens(CLIPVisionConfig(**vision), jnp.dtype(dtype))
+
+
+def load_vision_encoder(path: str, dtype: str = "float32"):
+  """A local CLIP vision folder (config.json + flax_model.msgpack or model.safetensors of
+  a CLIPVisionModel) -> (ClipVisionTokens, its params {"clip": ...}, config dict)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise ModelLoadError(f"{path}: not a folder (expected a local CLIP vision model folder; "
+                         "model hub ids are not supported)")
+  config = _read_json(os.path.join(path, "config.json"))
+  try:
+    module = vision_encoder_from_config(config, dtype)
+  except Exception as e:
+    raise ModelLoadError(f"{path}/config.json: not a CLIP vision config ({e})") from e
+  size = module.config.image_size
+  expected = jax.eval_shape(lambda: module.init(
+      jax.random.key(0), jnp.zeros((1, size, size, 3))))["params"]["clip"]
+  loaded = _read_weights("vision_encoder", path, expected)
+  params = _check_fits("vision_encoder", path, loaded, expected)
+  return module, {"clip": params}, dict(config.get("vision_config", config))

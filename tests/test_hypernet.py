@@ -76,3 +76,40 @@ def test_weight_loss(mini_spec):
   assert np.allclose(hypernet.weight_loss(train, train), 0.0)
   shifted = jax.tree_util.tree_map(lambda x: x + 2.0, train)
   np.testing.assert_allclose(hypernet.weight_loss(shifted, train), 4.0, rtol=1e-6)
+
+
+def test_pretrained_clip_encoder_loads_frozen_and_round_trips(mini_spec, tmp_path):
+  """A local CLIP vision folder as the encoder: its weights go into params["encoder"],
+  encoder_lr_scale=0 keeps them fixed, and a saved hypernetwork rebuilds it."""
+  import optax
+  from transformers import CLIPVisionConfig, FlaxCLIPVisionModel
+  from hdb_jax import hypernet_train
+  clip_dir = str(tmp_path / "clip")
+  FlaxCLIPVisionModel(CLIPVisionConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+      image_size=16, patch_size=8), seed=0).save_pretrained(clip_dir)
+  cfg = ml_collections.ConfigDict(dict(
+      width=32, depth=1, heads=2, iterations=1, encoder=dict(kind="clip", path=clip_dir)))
+  encoder, encoder_params, encoder_config = hypernet.make_encoder(cfg.encoder)
+  net = hypernet.make(hypernet.weight_layout(mini_spec), cfg, encoder)
+  images = jnp.zeros((1, 32, 32, 3))
+  params = dict(net.init(jax.random.key(0), images, iterations=1)["params"],
+                encoder=encoder_params)
+  tx = hypernet_train.optimizer(ml_collections.ConfigDict(dict(
+      learning_rate=1e-2, warmup=1, steps=10, clip=1.0, weight_decay=0.0,
+      encoder_lr_scale=0.0)))
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  _, opt_state = tx.update(grads, tx.init(params), params)  # warmup: lr 0 at step 0
+  updates, _ = tx.update(grads, opt_state, params)
+  assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree_util.tree_leaves(updates["encoder"]))
+  assert any(float(jnp.abs(u).max()) > 0 for u in jax.tree_util.tree_leaves(updates["head_64"]))
+  out = str(tmp_path / "hypernet")
+  hypernet.save(out, params, cfg, mini_spec, "fp", "a sks face",
+                extra={"image_size": 32, "encoder_config": encoder_config})
+  loaded, loaded_params, info = hypernet.load(out)
+  for x, y in zip(
+      jax.tree_util.tree_leaves(loaded.apply({"params": loaded_params}, images, iterations=1)),
+      jax.tree_util.tree_leaves(net.apply({"params": params}, images, iterations=1))):
+    np.testing.assert_allclose(x, y, atol=1e-6)
+  with pytest.raises(ValueError, match="encoder.path"):
+    hypernet.make_encoder(ml_collections.ConfigDict(dict(kind="clip", path="")))

@@ -41,31 +41,52 @@ def define_flags():
   flags.mark_flags_as_required(["config", "workdir"])
 
 
-def mini_world_parts(cfg):
-  """Reference photos and face masks of the mini world's identities, and a scorer.
+def data_parts(cfg, image_size: int):
+  """The photos of the identities, held-out photos to watch, and a scorer, by source.
 
-  -> (photos(split, identities) -> {"images" uint8 [N, H, W, 3], "face_masks" [N, H, W]},
-      holdout identities [M], score(images, identities) -> identity accuracy per image)."""
-  from hdb_jax.mini import dataset, recognizer, render  # the mini world, picked by config
+  -> (photos(split, identities) -> {"images" uint8 [N, S, S, 3], "face_masks" [N, S, S]
+      or absent}, held-out identities [M], score(images, identities) -> identity accuracy
+      per image, or None where nothing can score identity).
+  synthetic_faces: the mini world's reference photos, its holdout split and recognizer.
+  face_folder: your photos (`folder`, one identity per subfolder or file; its first photo
+  is the reference) and held-out ones from `holdout_folder` (images only, no score).
+  """
   from hdb_jax import data
+  if cfg.source == "synthetic_faces":
+    from hdb_jax.mini import dataset, recognizer, render  # the mini world, picked by config
+
+    def open_split(split):
+      return dataset.source(cfg.config, split, cfg.data_dir or None)
+    rec = recognizer.load()
+
+    def score(images, identities):
+      truth = render.identity_attributes(np.asarray(identities))
+      return recognizer.identity_accuracy(rec(images), truth)
+  elif cfg.source == "face_folder":
+    def open_split(split):
+      folder = cfg.folder if split == cfg.split else cfg.holdout_folder
+      return data.folder_source(folder, cfg.data_dir or None, image_size)
+    score = None
+  else:
+    raise app.UsageError(f"config.data.source must be 'synthetic_faces' or 'face_folder', "
+                         f"got {cfg.source!r}")
 
   def photos(split, identities):
-    records = dataset.source(cfg.config, split, cfg.data_dir or None)
+    records = open_split(split)
     starts = {identity: start for identity, start, _ in data.identity_ranges(records)}
     missing = [int(i) for i in identities if int(i) not in starts]
     if missing:
-      raise ValueError(f"synthetic_faces/{cfg.config}:{split} has no identity {missing[:3]}")
+      raise ValueError(f"{cfg.source} {split}: no photos of identities {missing[:3]}")
     rows = records.__getitems__([starts[int(i)] for i in identities])  # reference photos
-    return {"images": np.stack([r["image"] for r in rows]),
-            "face_masks": np.stack([r["face_mask"] for r in rows])}
+    out = {"images": np.stack([r["image"] for r in rows])}
+    if "face_mask" in rows[0]:
+      out["face_masks"] = np.stack([r["face_mask"] for r in rows])
+    return out
 
-  holdout = dataset.source(cfg.config, "holdout", cfg.data_dir or None)
-  holdout_ids = np.array([i for i, _, _ in data.identity_ranges(holdout)], np.int64)
-  rec = recognizer.load()
-
-  def score(images, identities):
-    truth = render.identity_attributes(np.asarray(identities))
-    return recognizer.identity_accuracy(rec(images), truth)
+  holdout_ids = np.zeros((0,), np.int64)
+  if cfg.source == "synthetic_faces" or cfg.get("holdout_folder"):
+    holdout_ids = np.array([i for i, _, _ in data.identity_ranges(open_split("holdout"))],
+                           np.int64)
   return photos, holdout_ids, score
 
 
@@ -93,8 +114,11 @@ def _run(config, workdir, stop) -> bool:
   aux = lidb.make_aux(spec)
   identities = targets.identities[:config.data.max_identities or None]
   target_rows = jax.tree_util.tree_map(lambda x: x[:len(identities)], targets.train)
-  photos, holdout_ids, score = mini_world_parts(config.data)
+  photos, holdout_ids, score = data_parts(config.data, sd.image_size)
   train_photos = photos(config.data.split, identities)
+  if cfg.face_background_weight is not None and "face_masks" not in train_photos:
+    raise ValueError(f"config.train.face_background_weight={cfg.face_background_weight}: "
+                     f"the {config.data.source} records carry no face_mask")
   prompt = config.prompt.format(token=config.token, class_name=config.class_name)
   input_ids = sd.tokenize([prompt])[0]                                  # [L]
   logging.info("%d identities, LiDB %d values in %d layers, prompt %r", len(identities),
@@ -106,12 +130,15 @@ def _run(config, workdir, stop) -> bool:
                        axis_types=(jax.sharding.AxisType.Auto,) * 2,
                        devices=jax.devices()[:num_devices])
   layout = hypernet.weight_layout(spec)
-  net = hypernet.make(layout, config.hypernet)
+  encoder, encoder_params, encoder_config = hypernet.make_encoder(config.hypernet.encoder)
+  net = hypernet.make(layout, config.hypernet, encoder)
   tx = hypernet_train.optimizer(cfg)
   image_shape = train_photos["images"].shape[1:]
   params = jax.jit(lambda key: net.init(key, np.zeros((1,) + image_shape, np.float32),
                                         iterations=1)["params"])(
       jax.random.fold_in(jax.random.key(cfg.seed), PURPOSE_INIT))
+  if encoder_params is not None:  # a pretrained encoder: its weights, not the random init
+    params = dict(params, encoder=encoder_params)
   state = {"params": params, "opt_state": tx.init(params)}
   logging.info("hypernetwork: %s parameters", f"{params_lib.count(params):,}")
   frozen_sharding = hypernet_train.frozen_shardings(frozen, mesh)
@@ -120,23 +147,27 @@ def _run(config, workdir, stop) -> bool:
           iterations=config.hypernet.iterations, alpha=cfg.alpha, beta=cfg.beta,
           weight_loss=cfg.weight_loss, hflip=cfg.hflip, jitter=cfg.jitter,
           face_background_weight=cfg.face_background_weight))
-  frozen = jax.device_put(frozen, frozen_sharding)
+  frozen = jax.tree_util.tree_map(  # host copies: valid on every process of a multi-host job
+      lambda x, sharding: jax.make_array_from_callback(
+          x.shape, sharding, lambda index, x=np.asarray(x): x[index]), frozen, frozen_sharding)
   aux = preopt.replicate(aux, fns.replicated)
 
   ckpt = checkpoint.manager(workdir)
   start, state = checkpoint.restore_latest(ckpt, state)
   state = preopt.replicate(jax.tree_util.tree_map(np.asarray, state), fns.replicated)
   writer = tensorboard.Writer(os.path.join(workdir, "tensorboard")) if is_main else None
-  evaluator = Evaluator(config, sd, net, frozen, aux, photos, holdout_ids, score)
+  evaluator = (Evaluator(config, sd, net, frozen, aux, photos, holdout_ids, score)
+               if cfg.eval_every and len(holdout_ids) else None)
 
   def global_batch(step):
     """The same global batch on every process (each keeps its own rows of it)."""
     rng = np.random.default_rng([cfg.seed, PURPOSE_BATCH, step])
     index = rng.integers(0, len(identities), cfg.batch_size)
     batch = {"images": train_photos["images"][index].astype(np.float32) / 127.5 - 1.0,
-             "face_masks": train_photos["face_masks"][index],
              "input_ids": np.broadcast_to(input_ids, (cfg.batch_size, len(input_ids))),
              "target": jax.tree_util.tree_map(lambda x: x[index], target_rows)}
+    if cfg.face_background_weight is not None:
+      batch["face_masks"] = train_photos["face_masks"][index]
     return jax.tree_util.tree_map(
         lambda x: jax.make_array_from_callback(x.shape, fns.batch_sharding,
                                                lambda i: x[i]), batch)
@@ -158,14 +189,16 @@ def _run(config, workdir, stop) -> bool:
         writer.scalars(done, scalars)
         with open(os.path.join(workdir, "log.jsonl"), "a") as f:
           f.write(json.dumps(dict(scalars, step=done)) + "\n")
-    if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+    if evaluator and (done % cfg.eval_every == 0 or done == cfg.steps):
       accuracy, grid = evaluator(state["params"])
-      logging.info("step %d: held-out identity accuracy %.3f (base %.3f)", done, accuracy,
-                   evaluator.base_accuracy)
       if writer:
-        writer.scalars(done, {"heldout_identity_accuracy": accuracy,
-                              "heldout_identity_accuracy_base": evaluator.base_accuracy})
         writer.image(done, "heldout/reference_and_samples", grid)
+      if accuracy is not None:
+        logging.info("step %d: held-out identity accuracy %.3f (base %.3f)", done,
+                     accuracy, evaluator.base_accuracy)
+        if writer:
+          writer.scalars(done, {"heldout_identity_accuracy": accuracy,
+                                "heldout_identity_accuracy_base": evaluator.base_accuracy})
     if done % cfg.checkpoint_every == 0 or done == cfg.steps:
       checkpoint.save(ckpt, done, state)
     if stop.agreed() and done < cfg.steps:
@@ -176,7 +209,8 @@ def _run(config, workdir, stop) -> bool:
   if is_main:
     hypernet.save(os.path.join(workdir, "hypernet"), jax.device_get(state["params"]),
                   config.hypernet, spec, fingerprint, prompt,
-                  extra={"image_size": int(image_shape[0]), "steps": cfg.steps})
+                  extra={"image_size": int(image_shape[0]), "steps": cfg.steps,
+                         "encoder_config": encoder_config})
     if writer:
       writer.close()
     logging.info("wrote %s/hypernet after %.1f min", workdir, (time.time() - began) / 60)
@@ -218,17 +252,19 @@ class Evaluator:
     return self._base_accuracy
 
   def __call__(self, params):
+    """-> (mean identity accuracy or None without a scorer, image grid uint8)."""
     predicted = self.predict(params, self.images.astype(np.float32) / 127.5 - 1.0)
     scores, rows = [], []
     for i, (identity, key) in enumerate(zip(self.identities, self._keys())):
       weights = jax.tree_util.tree_map(lambda x: x[i], predicted)
       samples = np.asarray(self.generate(self.frozen, weights, self.aux, self.cond,
                                          self.uncond, key, self.cfg.guidance_scale))
-      scores.append(self.score(samples, [identity] * len(samples)))
+      if self.score is not None:
+        scores.append(self.score(samples, [identity] * len(samples)))
       if i < 8:
         rows.append(np.concatenate([self.images[i:i + 1] / 127.5 - 1.0, samples]))
     grid = files.grid_image(np.concatenate(rows), rows=len(rows))
-    return float(np.mean(scores)), grid
+    return (float(np.mean(scores)) if scores else None), grid
 
 
 def main(argv):

@@ -1,0 +1,48 @@
+"""HyperNetwork for Stable Diffusion 1.5 on one GPU host (e.g. 8 x A100 80 GB).
+
+Trains on a pre-optimization run of configs/preopt_sd15_gpu.py (its weights dataset and
+the same face folder: each identity's first photo is its reference) with a pretrained
+CLIP vision tower as the image encoder (a local CLIP vision model folder: config.json +
+flax_model.msgpack or model.safetensors; the paper used ViT-H), frozen by default
+(train.encoder_lr_scale=0; e.g. 0.1 trains it at a tenth of the learning rate).
+Mesh: `data` over all GPUs of the host, the frozen SD1.5 replicated; bf16 compute.
+
+    pip install -e '.[cuda]'
+    python -m train.train_hypernet --config configs/hypernet_sd15_gpu.py \
+        --config.model.path=/data/stable-diffusion-v1-5 \
+        --config.data.weights=/data/preopt_sd15/weights \
+        --config.data.folder=/data/celeba_hq_identities \
+        --config.data.holdout_folder=/data/holdout_faces \
+        --config.hypernet.encoder.path=/data/clip-vit-large-patch14-vision \
+        --workdir /data/hypernet_sd15
+
+Not run here (no GPU, no SD1.5 or CLIP weights); the same code trains the mini world.
+"""
+
+from hdb_jax import config_file
+
+
+def get_config():
+  config = config_file.sibling(__file__, "hypernet_mini").get_config()  # same fields
+  config.model = config_file.sibling(__file__, "sd15").sd15_model()
+  config.model.dtype = "bfloat16"               # compute dtype; weights stay float32
+  config.class_name = "person"
+  config.data.source = "face_folder"
+  config.data.weights = ""                      # required: a preopt run's weights folder
+  config.data.folder = ""                       # required: its face folder
+  config.data.holdout_folder = ""               # optional: held-out faces to watch
+  config.hypernet.width = 512
+  config.hypernet.depth = 4
+  config.hypernet.heads = 8
+  config.hypernet.dtype = "bfloat16"
+  config.hypernet.encoder = dict(kind="clip", path="", dtype="bfloat16")
+  config.train.encoder_lr_scale = 0.0           # frozen pretrained encoder
+  config.train.steps = 50000
+  config.train.batch_size = 64                  # 8 per GPU
+  config.train.learning_rate = 1e-4
+  config.train.warmup = 1000
+  config.train.eval_every = 2500
+  config.train.eval_identities = 16
+  config.train.checkpoint_every = 1000
+  config.mesh.data = -1
+  return config

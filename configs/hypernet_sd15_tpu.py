@@ -1,0 +1,27 @@
+"""HyperNetwork for Stable Diffusion 1.5 on a TPU pod slice (e.g. v4-32: 16 chips, 4 hosts).
+
+configs/hypernet_sd15_gpu.py on every chip of every host: each process reads its own
+rows of each global batch; `jax.distributed.initialize()` with no arguments finds the
+pod. The frozen SD1.5 can be split along an `fsdp` mesh axis (mesh.fsdp=2: large
+arrays halved across chip pairs, the batch on the remaining `data` axis).
+
+    python -m train.train_hypernet --config configs/hypernet_sd15_tpu.py \
+        --config.model.path=/mnt/shared/stable-diffusion-v1-5 \
+        --config.data.weights=/mnt/shared/preopt_sd15/weights \
+        --config.data.folder=/mnt/shared/celeba_hq_identities \
+        --config.hypernet.encoder.path=/mnt/shared/clip-vit-large-patch14-vision \
+        --workdir /mnt/shared/hypernet_sd15      # the same command on every host
+
+Not run here (no TPU, no SD1.5 or CLIP weights).
+"""
+
+from hdb_jax import config_file
+
+
+def get_config():
+  config = config_file.sibling(__file__, "hypernet_sd15_gpu").get_config()
+  config.train.batch_size = 128                 # 8 per chip on 16 chips
+  config.mesh.data = -1                         # every chip of every host
+  config.mesh.fsdp = 1
+  config.distributed.initialize = True          # no arguments: auto-detected on TPU VMs
+  return config
