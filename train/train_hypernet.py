@@ -178,11 +178,14 @@ def _run(config, workdir, stop) -> bool:
   for step in bar:
     state, metrics = fns.train(state, frozen, aux, global_batch(step), np.int32(step))
     done = step + 1
+    saving = done % cfg.checkpoint_every == 0 or done == cfg.steps or stop.requested
+    if done % cfg.log_every == 0 or saving:  # never checkpoint a state that is not finite
+      loss = float(metrics["loss"])
+      if not np.isfinite(loss):
+        raise FloatingPointError(f"step {done}: loss is {loss}; stopped, the last good "
+                                 f"checkpoint is in {workdir}/checkpoints")
     if done % cfg.log_every == 0 or done == cfg.steps:
       scalars = {k: float(v) for k, v in metrics.items()}
-      if not np.isfinite(scalars["loss"]):
-        raise FloatingPointError(f"step {done}: loss is {scalars['loss']}; the last good "
-                                 f"checkpoint is in {workdir}/checkpoints")
       scalars["learning_rate"] = float(hypernet_train.learning_rate(cfg, step))
       bar.set_postfix(loss=f"{scalars['loss']:.4f}", refresh=False)
       if writer:
