@@ -9,7 +9,9 @@ count), 8 identities per device and block:
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.preoptimize \
         --config configs/preopt_mini.py --workdir workdir/preopt_mini
 
-(2,400 identities in ~40 min here; the committed weights cover the first 1,200.)
+(2,400 identities in ~40 min here.) The committed weights (assets/mini_preopt) are the
+first 1,200 identities, the session's time budget: the same command with
+`--config.data.max_identities=1200`.
 Without XLA_FLAGS it runs on one device, 8 identities per block, ~1.6x slower. Fewer
 identities, or the random stand-in data on the tiny random-init model (smoke runs, tests
 and benchmarks):
