@@ -74,10 +74,12 @@ attention_flax.FlaxGEGLU = _ExactGELUFlaxGEGLU
 COMPONENTS = ("unet", "vae", "text_encoder")
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 FLAX_WEIGHTS = {"unet": "diffusion_flax_model.msgpack", "vae": "diffusion_flax_model.msgpack",
-                "text_encoder": "flax_model.msgpack", "vision_encoder": "flax_model.msgpack"}
+                "text_encoder": "flax_model.msgpack"}
 TORCH_WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors",
                  "vae": "diffusion_pytorch_model.safetensors",
-                 "text_encoder": "model.safetensors", "vision_encoder": "model.safetensors"}
+                 "text_encoder": "model.safetensors"}
+# A CLIP vision model folder (the hypernetwork's pretrained encoder), not an SD component.
+VISION_WEIGHTS = {"flax": "flax_model.msgpack", "torch": "model.safetensors"}
 
 
 class ModelLoadError(ValueError):
@@ -249,8 +251,9 @@ def _load_tokenizer(folder: str) -> CLIPTokenizer:
 
 def _read_weights(component: str, folder: str, expected) -> dict:
   """Weights of one component from `folder`: Flax msgpack, else PyTorch safetensors."""
-  flax_file = os.path.join(folder, FLAX_WEIGHTS[component])
-  torch_file = os.path.join(folder, TORCH_WEIGHTS[component])
+  flax_name = FLAX_WEIGHTS.get(component, VISION_WEIGHTS["flax"])
+  torch_name = TORCH_WEIGHTS.get(component, VISION_WEIGHTS["torch"])
+  flax_file, torch_file = os.path.join(folder, flax_name), os.path.join(folder, torch_name)
   if os.path.exists(flax_file):
     try:
       with open(flax_file, "rb") as f:
@@ -270,7 +273,7 @@ def _read_weights(component: str, folder: str, expected) -> dict:
     except Exception as e:
       raise ModelLoadError(f"{torch_file}: cannot convert PyTorch weights ({e})") from e
   raise ModelLoadError(
-      f"{folder}: no weights ({FLAX_WEIGHTS[component]} or {TORCH_WEIGHTS[component]})")
+      f"{folder}: no weights ({flax_name} or {torch_name})")
 
 
 def torch_key_to_flax(torch_key: str, shape, expected_flat: Mapping,
