@@ -172,22 +172,40 @@ def _spec_metadata(spec: LiDBSpec) -> dict[str, str]:
 
 
 def save(path: str, train: Mapping, spec: LiDBSpec, base_fingerprint: str = "",
-         extra_metadata: Mapping[str, str] | None = None) -> None:
-  """Write a LiDB file atomically. Keys: "<component>/<layer path>/<D_train|U_train>"."""
+         extra_metadata: Mapping[str, str] | None = None, aux: Mapping | None = None) -> None:
+  """Write a LiDB file atomically. Keys: "<component>/<layer path>/<D_train|U_train>".
+
+  `aux`: learned aux matrices (a hypernetwork trained with learnable aux), stored as
+  "<component>/<layer path>/<D_aux|U_aux>" with metadata aux="stored"; without it the
+  aux matrices are regenerated from the spec's seed when the file is read.
+  """
   import safetensors.numpy
   from hdb_jax import files
   tensors = {f"{component}/{layer}/{name}": np.asarray(value, np.float32)
-             for component, layers in train.items()
+             for tree in ([train] if aux is None else [train, aux])
+             for component, layers in tree.items()
              for layer, w in layers.items() for name, value in w.items()}
   metadata = _spec_metadata(spec)
   metadata["base_fingerprint"] = base_fingerprint
+  metadata["aux"] = "seed" if aux is None else "stored"
   metadata.update(extra_metadata or {})
   with files.atomic_path(path) as tmp:
     safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
 
 
 def load(path: str) -> tuple[dict, LiDBSpec, dict[str, str]]:
-  """Read a LiDB file -> (train pytree of NumPy arrays, spec, metadata). Checks it fully."""
+  """Read a LiDB file -> (train pytree of NumPy arrays, spec, metadata). Checks it fully.
+  A file with stored (learned) aux matrices is refused: read it with `load_with_aux`."""
+  train, aux, spec, metadata = load_with_aux(path)
+  if metadata.get("aux") == "stored":
+    raise ValueError(f"{path}: stores learned aux matrices; read it with "
+                     "lidb.load_with_aux (the seed does not give them)")
+  return train, spec, metadata
+
+
+def load_with_aux(path: str) -> tuple[dict, dict, LiDBSpec, dict[str, str]]:
+  """Read a LiDB file -> (train, aux, spec, metadata): the stored aux matrices, or those
+  of the spec's seed. Checks shapes, finiteness and that no tensor is left over."""
   import safetensors
   try:
     with safetensors.safe_open(path, framework="numpy") as f:
@@ -207,13 +225,18 @@ def load(path: str) -> tuple[dict, LiDBSpec, dict[str, str]]:
                     layers=layers)
   except (KeyError, ValueError, TypeError) as e:
     raise ValueError(f"{path}: LiDB metadata incomplete or malformed ({e})") from e
-  train = {}
+  stored_aux = metadata.get("aux", "seed")
+  if stored_aux not in ("seed", "stored"):
+    raise ValueError(f"{path}: metadata aux={stored_aux!r}, expected 'seed' or 'stored'")
+  train, aux = {}, {}
   for component, component_layers in spec.layers.items():
-    train[component] = {}
+    train[component], aux[component] = {}, {}
     for layer, (in_dim, out_dim) in component_layers.items():
       a, b = spec.dims(in_dim, out_dim)
       want = {"D_train": (a, spec.rank), "U_train": (spec.rank, b)}
-      train[component][layer] = {}
+      if stored_aux == "stored":
+        want.update({"D_aux": (in_dim, a), "U_aux": (b, out_dim)})
+      train[component][layer], aux[component][layer] = {}, {}
       for name, shape in want.items():
         key = f"{component}/{layer}/{name}"
         if key not in tensors:
@@ -223,10 +246,10 @@ def load(path: str) -> tuple[dict, LiDBSpec, dict[str, str]]:
           raise ValueError(f"{path}: tensor {key!r} has shape {value.shape}, expected {shape}")
         if not np.all(np.isfinite(value)):
           raise ValueError(f"{path}: tensor {key!r} has NaN or Inf values")
-        train[component][layer][name] = value
+        (train if name.endswith("_train") else aux)[component][layer][name] = value
   if tensors:
     raise ValueError(f"{path}: unexpected tensors {sorted(tensors)[:3]}")
-  return train, spec, metadata
+  return train, (aux if stored_aux == "stored" else make_aux(spec)), spec, metadata
 
 
 def check_base(spec: LiDBSpec, params: Mapping[str, Mapping], where: str = "") -> None:

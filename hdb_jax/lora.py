@@ -31,12 +31,12 @@ FILE_VERSION = "1"
 FACTORS = ("down", "up")
 
 
-def from_lidb(train: Mapping, spec: lidb.LiDBSpec) -> dict:
+def from_lidb(train: Mapping, spec: lidb.LiDBSpec, aux: Mapping | None = None) -> dict:
   """LiDB train values -> LoRA of rank `spec.rank`: down = D_aux @ D_train, up = U_train @ U_aux.
 
-  The aux matrices are regenerated from the spec's seed; the result is float32 NumPy.
+  `aux` defaults to the aux matrices of the spec's seed; the result is float32 NumPy.
   """
-  factors = lidb.factors(train, lidb.make_aux(spec))
+  factors = lidb.factors(train, lidb.make_aux(spec) if aux is None else aux)
   return {component: {layer: {name: np.asarray(f[name], np.float32) for name in FACTORS}
                       for layer, f in layers.items()}
           for component, layers in factors.items()}
@@ -186,13 +186,14 @@ def load(path: str) -> tuple[dict, dict[str, str]]:
 def read(path: str) -> tuple[dict, dict[str, str]]:
   """An hdb-jax weights file, LiDB or hdb-lora -> (LoRA pytree, metadata).
 
-  A LiDB file needs no base model: it holds the layer shapes and the aux seed.
+  A LiDB file needs no base model: it holds the layer shapes and the aux seed (or the
+  learned aux matrices themselves).
   """
   _, metadata = read_safetensors(path, tensors=False)
   kind = metadata.get("format")
   if kind == lidb.FILE_FORMAT:
-    train, spec, metadata = lidb.load(path)
-    return from_lidb(train, spec), metadata
+    train, aux, spec, metadata = lidb.load_with_aux(path)
+    return from_lidb(train, spec, aux), metadata
   if kind == FILE_FORMAT:
     return load(path)
   raise ValueError(f"{path}: not an hdb-jax LiDB or LoRA file (metadata format={kind!r}); "

@@ -141,3 +141,31 @@ def test_file_errors(tmp_path, tiny_lidb):
   lidb.save(bad, train, spec)
   with pytest.raises(ValueError, match="NaN or Inf"):
     lidb.load(bad)
+
+
+def test_file_with_stored_aux(tmp_path, tiny_lidb):
+  """Learned aux matrices travel in the file; `load` refuses such a file (the seed would
+  give other matrices), `load_with_aux` returns them, a bad aux tag is an error."""
+  import safetensors.numpy
+  spec, seed_aux = tiny_lidb
+  train = jax.tree_util.tree_map(np.asarray, lidb.init(spec, jax.random.key(1)))
+  aux = jax.tree_util.tree_map(lambda x: 2.0 * np.asarray(x), seed_aux)
+  path = str(tmp_path / "learned.safetensors")
+  lidb.save(path, train, spec, "fp", aux=aux)
+  with pytest.raises(ValueError, match="learned aux"):
+    lidb.load(path)
+  loaded_train, loaded_aux, loaded_spec, metadata = lidb.load_with_aux(path)
+  assert loaded_spec == spec and metadata["aux"] == "stored"
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded_aux, aux)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded_train, train)
+  seeded = str(tmp_path / "seeded.safetensors")
+  lidb.save(seeded, train, spec, "fp")
+  _, seeded_aux, _, _ = lidb.load_with_aux(seeded)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, seeded_aux, seed_aux)
+  tensors = safetensors.numpy.load_file(seeded)
+  with safetensors.safe_open(seeded, framework="numpy") as f:
+    metadata = dict(f.metadata(), aux="guessed")
+  bad = str(tmp_path / "bad.safetensors")
+  safetensors.numpy.save_file(tensors, bad, metadata=metadata)
+  with pytest.raises(ValueError, match="aux='guessed'"):
+    lidb.load_with_aux(bad)
