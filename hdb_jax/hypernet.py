@@ -37,6 +37,9 @@ from hdb_jax import files, lidb, weights_dataset
 from hdb_jax import params as params_lib
 
 HEAD_INIT_STD = 1e-3  # the output head starts small: theta_1 ~ 0, like a LiDB init
+# Key of the learned aux matrices in a hypernetwork's params (config hypernet.learnable_aux:
+# one aux pytree shared by all identities, trained with the network).
+AUX_KEY = "lidb_aux"
 
 
 # ------------------------------------------------------------------------------------
@@ -266,6 +269,24 @@ def make(layout: WeightLayout, cfg, encoder: nn.Module | None = None) -> HyperNe
                       mlp_ratio=cfg.get("mlp_ratio", 4), dtype=dtype)
 
 
+def aux_params(aux, layout: WeightLayout) -> dict:
+  """An aux pytree -> its params form {layer index: {"D_aux", "U_aux"}} (layout order):
+  layer paths hold "/", which the hypernetwork's flat file keys use as separator."""
+  return {str(i): dict(aux[component][layer])
+          for i, (component, layer, _, _) in enumerate(layout.layers)}
+
+
+def split_aux(params, layout: WeightLayout) -> tuple[dict, dict | None]:
+  """Hypernetwork params -> (the network's params, learned aux pytree or None)."""
+  net_params = {k: v for k, v in params.items() if k != AUX_KEY}
+  if AUX_KEY not in params:
+    return net_params, None
+  aux = {}
+  for i, (component, layer, _, _) in enumerate(layout.layers):
+    aux.setdefault(component, {})[layer] = params[AUX_KEY][str(i)]
+  return net_params, aux
+
+
 def weight_loss(predicted, target) -> jax.Array:
   """Mean squared error over all LiDB values, per example [B] (the paper's
   ||theta_hat - theta||^2, normalized by the number of values)."""
@@ -340,6 +361,7 @@ def predict_file(hypernet_dir: str, image_path: str, out: str,
   (`hypernet`), the hypernetwork folder's fingerprint, the iterations and the prompt.
   """
   net, params, info = load(hypernet_dir)
+  params, learned_aux = split_aux(params, net.layout)
   iterations = int(info["hypernet"]["iterations"] if iterations is None else iterations)
   if iterations < 0:
     raise ValueError(f"iterations must be >= 0, got {iterations}")
@@ -352,5 +374,5 @@ def predict_file(hypernet_dir: str, image_path: str, out: str,
       "source": "hypernet", "hypernet": os.path.basename(os.path.normpath(hypernet_dir)),
       "hypernet_fingerprint": info["fingerprint"],
       "iterations": str(iterations), "prompt": info["prompt"], "token": token,
-      "class_name": class_name, "image": os.path.basename(image_path)})
+      "class_name": class_name, "image": os.path.basename(image_path)}, aux=learned_aux)
   return {"out": out, "iterations": iterations, "values": info["lidb_spec"].num_trainable}

@@ -70,8 +70,12 @@ def loss_fn(net, sd, params, frozen, aux, batch, rng, *, iterations: int, alpha:
 
   batch: {"images" [B, H, W, 3] in [-1, 1], "input_ids" [B, L] (the prompt "a [V]
   face"), "target": the pre-optimized train pytree [B, ...], optionally "face_masks"
-  uint8 [B, H, W]}. params: the hypernetwork's.
+  uint8 [B, H, W]}. params: the hypernetwork's; with learned aux matrices under
+  `hypernet.AUX_KEY` those replace `aux` (and are trained: the diffusion loss reaches them).
   """
+  params, learned_aux = hypernet.split_aux(params, net.layout)
+  if learned_aux is not None:
+    aux = learned_aux
   aug_rng, latent_rng, noise_rng = jax.random.split(rng, 3)
   encoder_input, images, flipped = augment(aug_rng, batch["images"], hflip, jitter)
   predicted = net.apply({"params": params}, encoder_input, iterations=iterations)

@@ -112,6 +112,9 @@ def _run(config, workdir, stop) -> bool:
     raise ValueError(f"{config.data.weights}: pre-optimized on base "
                      f"{targets.metadata['base_fingerprint']}, config.model is {fingerprint}")
   aux = lidb.make_aux(spec)
+  if config.hypernet.get("learnable_aux", False) and cfg.beta:
+    raise ValueError(f"config.hypernet.learnable_aux needs config.train.beta=0, got "
+                     f"{cfg.beta}: the pre-optimized targets were made with the seed's aux")
   identities = targets.identities[:config.data.max_identities or None]
   target_rows = jax.tree_util.tree_map(lambda x: x[:len(identities)], targets.train)
   photos, holdout_ids, score = data_parts(config.data, sd.image_size)
@@ -139,6 +142,9 @@ def _run(config, workdir, stop) -> bool:
       jax.random.fold_in(jax.random.key(cfg.seed), PURPOSE_INIT))
   if encoder_params is not None:  # a pretrained encoder: its weights, not the random init
     params = dict(params, encoder=encoder_params)
+  if config.hypernet.get("learnable_aux", False):  # shared by all identities, trained
+    params = dict(params, **{hypernet.AUX_KEY: hypernet.aux_params(
+        jax.tree_util.tree_map(np.asarray, aux), layout)})
   state = {"params": params, "opt_state": tx.init(params)}
   logging.info("hypernetwork: %s parameters", f"{params_lib.count(params):,}")
   frozen_sharding = hypernet_train.frozen_shardings(frozen, mesh)
@@ -229,6 +235,7 @@ class Evaluator:
     cfg = config.train
     from hdb_jax import dreambooth
     self.cfg, self.frozen, self.aux, self.score = cfg, frozen, aux, score
+    self.layout = net.layout
     picks = np.linspace(0, len(holdout_ids) - 1, min(cfg.eval_identities, len(holdout_ids)))
     self.identities = holdout_ids[picks.round().astype(int)]
     self.images = photos("holdout", self.identities)["images"]
@@ -256,11 +263,13 @@ class Evaluator:
 
   def __call__(self, params):
     """-> (mean identity accuracy or None without a scorer, image grid uint8)."""
+    params, learned_aux = hypernet.split_aux(params, self.layout)
+    aux = self.aux if learned_aux is None else learned_aux
     predicted = self.predict(params, self.images.astype(np.float32) / 127.5 - 1.0)
     scores, rows = [], []
     for i, (identity, key) in enumerate(zip(self.identities, self._keys())):
       weights = jax.tree_util.tree_map(lambda x: x[i], predicted)
-      samples = np.asarray(self.generate(self.frozen, weights, self.aux, self.cond,
+      samples = np.asarray(self.generate(self.frozen, weights, aux, self.cond,
                                          self.uncond, key, self.cfg.guidance_scale))
       if self.score is not None:
         scores.append(self.score(samples, [identity] * len(samples)))
