@@ -78,3 +78,24 @@ def make_generate(sd, num_steps: int):
                               num_steps)
 
   return jax.jit(generate)
+
+
+def make_generate_per_identity(sd, num_steps: int):
+  """jit(fn)(frozen, train, aux, cond_ids, uncond_ids, rng, guidance) -> images [G * n, ...].
+
+  `train` holds G identities' LiDB weights (leaves [G, ...]); `cond_ids` [G * n, L] are G
+  consecutive groups of n prompts, group g sampled with identity g. One batch for all
+  identities, through the low-rank side path (no merged copy per identity); `aux` is
+  shared by all.
+  """
+  from hdb_jax import preopt  # preopt's side path; preopt does not import this module
+
+  def generate(frozen, train, aux, cond_ids, uncond_ids, rng, guidance_scale):
+    factors = jax.vmap(lidb.factors, in_axes=(0, None))(train, aux)        # leaves [G, ...]
+    # diffusion.generate runs the models on [uncond rows; cond rows]: 2G groups.
+    both = jax.tree_util.tree_map(lambda f: jnp.concatenate([f, f]), factors)
+    with preopt.low_rank_side_path(both):
+      return diffusion.generate(sd, frozen, cond_ids, uncond_ids, rng, guidance_scale,
+                                num_steps)
+
+  return jax.jit(generate)

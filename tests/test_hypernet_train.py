@@ -207,3 +207,75 @@ def test_predict_writes_a_lidb_file(reference_run, stand_in, tmp_path):
   assert cli.main(["predict", "--hypernet", hypernet_dir, "--image", str(not_image),
                    "--out", str(tmp_path / "bad.safetensors")]) == 1
   assert not os.path.exists(tmp_path / "bad.safetensors")
+
+
+def test_learnable_aux_trains_the_aux_and_its_files_store_it(tmp_path, stand_in):
+  """hypernet.learnable_aux: the aux matrices are params (moved by the diffusion loss),
+  predicted LiDB files store them, and they export with them; beta must be 0."""
+  import train.train_hypernet as entry
+  from hdb_jax import cli, lora
+  overrides = {**RUN, **stand_in, "hypernet.learnable_aux": True, "train.beta": 0.0,
+               "train.steps": 4}
+  with pytest.raises(ValueError, match="beta=0"):
+    entry.run(_config({**overrides, "train.beta": 1.0}), str(tmp_path / "refused"))
+  assert entry.run(_config(overrides), str(tmp_path))
+  net, params, info = hypernet.load(os.path.join(tmp_path, "hypernet"))
+  net_params, learned = hypernet.split_aux(params, net.layout)
+  seeded = lidb.make_aux(info["lidb_spec"])
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), learned, seeded)
+  assert max(jax.tree_util.tree_leaves(moved)) > 1e-4
+  out = str(tmp_path / "me.safetensors")
+  image = os.path.join(REPO, "assets", "mini_subject", "photo_0.png")
+  assert cli.main(["predict", "--hypernet", os.path.join(tmp_path, "hypernet"),
+                   "--image", image, "--out", out]) == 0
+  with pytest.raises(ValueError, match="learned aux"):
+    lidb.load(out)
+  train, aux, _, metadata = lidb.load_with_aux(out)
+  assert metadata["aux"] == "stored"
+  jax.tree_util.tree_map(np.testing.assert_array_equal, aux,
+                         jax.tree_util.tree_map(np.asarray, learned))
+  exported, _ = lora.read(out)  # what `hdb export` converts
+  expected = lidb.factors(train, learned)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
+                         exported, expected)
+
+
+def test_per_identity_sampling_equals_merged_weights(stand_in):
+  """make_generate_per_identity (one batch, side path, G identities) gives row g what the
+  merged weights of identity g give on the same noise."""
+  from hdb_jax import dreambooth
+  config = _config({**RUN, **stand_in})
+  sd, frozen = models.load_or_build(config.model)
+  targets = weights_dataset.open_dataset(stand_in["data.weights"])
+  aux = lidb.make_aux(targets.spec)
+  train = jax.tree_util.tree_map(lambda x: x[:2], targets.train)  # [G=2, ...]
+  cond = np.repeat(sd.tokenize(["a sks face"]), 2, 0)
+  uncond = np.repeat(sd.tokenize([""]), 2, 0)
+  key = jax.random.key(3)
+  grouped = np.asarray(dreambooth.make_generate_per_identity(sd, 2)(
+      frozen, train, aux, cond, uncond, key, 4.0))
+  merged = dreambooth.make_generate(sd, 2)
+  for g in range(2):
+    one = jax.tree_util.tree_map(lambda x: x[g], train)
+    expected = np.asarray(merged(frozen, one, aux, cond, uncond, key, 4.0))[g]
+    np.testing.assert_allclose(grouped[g], expected, atol=1e-4)  # measured: 6e-6
+  base = np.asarray(merged(frozen, None, None, cond, uncond, key, 4.0))
+  assert np.abs(grouped - base).max() > 0.05  # the weights did change the samples
+
+
+def test_eval_hypernet_scores_every_row(reference_run, stand_in):
+  import train.eval_hypernet as evaluate
+  config = _config({**RUN, **stand_in})
+  metrics, grid = evaluate.run(config, os.path.join(reference_run, "hypernet"), "train",
+                               num_identities=3, iterations=[1, 2], per_prompt=1, chunk=2,
+                               num_steps=2, guidance_scale=4.0, seed=0)
+  assert list(metrics["rows"]) == ["base", "hypernet_s1", "hypernet_s2", "preoptimized"]
+  assert len(metrics["prompts"]) == 12 and metrics["num_identities"] == 3
+  for name, row in metrics["rows"].items():
+    assert 0.0 <= row["identity_accuracy_plain"] <= 1.0, (name, row)
+    assert 0.0 <= row["background_accuracy"] <= 1.0 and 0.0 <= row["face_validity"] <= 1.0
+    if name != "base":
+      assert abs(row["identity_gain_plain"] - (row["identity_accuracy_plain"] - metrics[
+          "rows"]["base"]["identity_accuracy_plain"])) < 1e-9
+  assert len(metrics["per_identity_plain"]) == 3
+  assert grid.shape[0] == 3 * (1 + 4 * 3)  # photo + 4 rows x 3 prompts per identity
