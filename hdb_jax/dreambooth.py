@@ -36,21 +36,26 @@ def make_pool(latents: Mapping[str, jax.Array], input_ids: np.ndarray, weight: f
           "weight": jnp.full((count,), weight, jnp.float32)}
 
 
-def _draw(pool: Mapping[str, jax.Array], rng, batch_size: int) -> dict:
+def draw(pool: Mapping[str, jax.Array], rng, batch_size: int) -> dict:
+  """`batch_size` examples drawn uniformly from a pool (`make_pool`)."""
   index = jax.random.randint(rng, (batch_size,), 0, pool["mean"].shape[0])
   return jax.tree_util.tree_map(lambda x: x[index], dict(pool))
 
 
-def loss_fn(sd, train, frozen, aux, pools, rng, batch_size: int):
-  """Diffusion loss of the merged model on `batch_size` draws from each pool."""
+def pools_loss(sd, params, pools, rng, batch_size: int):
+  """Diffusion loss of `params` (unet + text_encoder) on `batch_size` draws from each pool."""
   draw_rng, latent_rng, noise_rng = jax.random.split(rng, 3)
-  batches = [_draw(pool, key, batch_size)
+  batches = [draw(pool, key, batch_size)
              for pool, key in zip(pools, jax.random.split(draw_rng, len(pools)))]
   batch = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *batches)
   latents = diffusion.sample_latents(latent_rng, batch["mean"], batch["std"])
-  params = lidb.merge(frozen, train, aux)
   return diffusion.text_conditioned_loss(sd, params, batch["input_ids"], latents, noise_rng,
                                          batch["weight"])
+
+
+def loss_fn(sd, train, frozen, aux, pools, rng, batch_size: int):
+  """Diffusion loss of the merged model on `batch_size` draws from each pool."""
+  return pools_loss(sd, lidb.merge(frozen, train, aux), pools, rng, batch_size)
 
 
 def make_train_step(sd, optimizer: optax.GradientTransformation, batch_size: int):

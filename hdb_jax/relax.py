@@ -13,7 +13,8 @@ The pitfall it avoids: a component whose two factors are both zero gets no gradi
 up'_j = 0 but a unit down'_j, so they start at zero and still learn. When r' exceeds `in`
 the basis is reused cyclically (no more than `in` orthonormal columns exist).
 
-Everything is pure jax.numpy: jittable, and vmappable over layers of equal shape.
+Everything is pure jax.numpy: jittable, and vmappable over layers of equal shape. The
+exact sum of two LoRAs (factors stacked on the rank axis) is `lora.concat`.
 """
 
 from __future__ import annotations
@@ -81,13 +82,3 @@ def relax_lora(lora: Mapping, rank: int) -> dict:
       out[component][layer] = {"down": down, "up": up}
   return out
 
-
-def concatenate(first: Mapping, second: Mapping) -> dict:
-  """The exact sum of two LoRAs on the same layers as one LoRA of rank r1 + r2:
-  [d1 d2] @ [u1; u2] = d1 @ u1 + d2 @ u2."""
-  if jax.tree_util.tree_structure(first) != jax.tree_util.tree_structure(second):
-    raise ValueError("the two LoRAs change different layers")
-  return {component: {layer: {
-      "down": jnp.concatenate([f["down"], second[component][layer]["down"]], axis=1),
-      "up": jnp.concatenate([f["up"], second[component][layer]["up"]], axis=0)}
-      for layer, f in layers.items()} for component, layers in first.items()}

@@ -1,0 +1,76 @@
+"""Rank-relaxed fast finetuning: a predicted LiDB residual -> a rank-r' LoRA -> ~40 steps.
+
+HyperDreamBooth's second stage (docs/method.md): the hypernetwork's prediction is
+re-parameterized as a LoRA of higher rank (`relax.relax_lora`: the same residual, with
+extra components free to learn) and trained with the diffusion loss on the one photo
+(and its mirror image), prompt "a [V] <class>". The result is a normal LoRA pytree
+({component: {layer: {"down" [in, r'], "up" [r', out]}}}) that `lora.save` writes and
+`hdb export` converts as it is.
+
+The frozen base and the fixed part of the LoRA (the text encoder's layers when they are
+not trained) are arguments of the jitted step, never closed over.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hdb_jax import dreambooth, lidb, lora, relax
+
+
+def initial_lora(train: Mapping, spec: lidb.LiDBSpec, aux: Mapping, rank: int) -> dict:
+  """Predicted LiDB train values -> a LoRA of rank `rank` with exactly their residual."""
+  return relax.relax_lora(lora.from_lidb(train, spec, aux), rank)
+
+
+def split(lora_tree: Mapping, train_text_encoder: bool) -> tuple[dict, dict]:
+  """-> (trained layers, fixed layers): the text encoder's are fixed unless trained."""
+  trained = {c: dict(layers) for c, layers in lora_tree.items()
+             if train_text_encoder or c != "text_encoder"}
+  fixed = {c: dict(layers) for c, layers in lora_tree.items() if c not in trained}
+  return trained, fixed
+
+
+def loss_fn(sd, trained, fixed, frozen, pools, rng, batch_size: int):
+  """Diffusion loss of the base with the whole LoRA (trained + fixed) merged."""
+  return dreambooth.pools_loss(sd, lora.merge(frozen, {**trained, **fixed}), pools, rng,
+                               batch_size)
+
+
+def optimizer(learning_rate: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """AdamW at a constant rate (the public ports: 1e-4 on SD1.5, ~40 steps)."""
+  return optax.adamw(learning_rate, weight_decay=weight_decay)
+
+
+def make_step(sd, tx: optax.GradientTransformation, batch_size: int):
+  """jit(step)(trained, opt_state, fixed, frozen, pools, rng) -> (trained, opt_state, loss)."""
+  def step(trained, opt_state, fixed, frozen, pools, rng):
+    loss, grads = jax.value_and_grad(
+        lambda t: loss_fn(sd, t, fixed, frozen, pools, rng, batch_size))(trained)
+    updates, opt_state = tx.update(grads, opt_state, trained)
+    return optax.apply_updates(trained, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def finetune(sd, frozen, lora_init: Mapping, pools, *, steps: int, learning_rate: float,
+             batch_size: int, seed: int, train_text_encoder: bool = True,
+             progress=None) -> tuple[dict, list[float]]:
+  """Train `lora_init` for `steps` steps on `pools` (`dreambooth.make_pool`) ->
+  (the whole LoRA, loss per step). `progress(iterable)` wraps the loop (e.g. tqdm)."""
+  # Copies: the step donates its input buffers, the caller keeps `lora_init`.
+  trained, fixed = split(jax.tree_util.tree_map(jnp.array, lora_init), train_text_encoder)
+  tx = optimizer(learning_rate)
+  opt_state = tx.init(trained)
+  step_fn = make_step(sd, tx, batch_size)
+  key = jax.random.key(seed)
+  losses = []
+  for step in (progress or (lambda x: x))(range(steps)):
+    trained, opt_state, loss = step_fn(trained, opt_state, fixed, frozen, tuple(pools),
+                                       jax.random.fold_in(key, step))
+    losses.append(loss)
+  return {**trained, **fixed}, [float(x) for x in losses]
