@@ -68,6 +68,23 @@ def get_config() -> ml_collections.ConfigDict:
                "a cartoon of a {token} {class_name} on a pink background"),
       per_prompt=4, num_steps=25, guidance_scale=4.0, seed=0, upscale=4)
 
+  # One photo -> a personalization (`hdb personalize`, hdb_jax/personalize.py): the
+  # hypernetwork predicts LiDB weights, relaxed to a rank-`rank` LoRA, finetuned `steps`
+  # steps (0: hypernetwork only) with AdamW at `learning_rate` on the photo (+ mirror).
+  config.personalize = dict(
+      hypernet=os.path.join(REPO, "assets", "mini_hypernet"), iterations=0,  # 0: as trained
+      rank=4, steps=40, learning_rate=5e-3, batch_size=4, train_text_encoder=True,
+      hflip=True, seed=0,
+      face_check="mini_recognizer",  # the mini world's recognizer refuses non-faces
+      min_side=16,                   # smaller photos are refused
+      prompts=("a {token} {class_name}",
+               "a {token} {class_name} on a blue background",
+               "a {token} {class_name} on a pink background",
+               "a sketch of a {token} {class_name}",
+               "a painting of a {token} {class_name}",
+               "a cartoon of a {token} {class_name} on a green background"),
+      per_prompt=4, sample_steps=25, guidance_scale=4.0, upscale=4)
+
   # Pretraining the base (train/pretrain_base.py) on synthetic_faces/<data.config>.
   config.data = dict(config="default", data_dir="")  # "" -> $HDB_DATA_DIR or ~/tensorflow_datasets
   config.pretrain = dict(

@@ -110,18 +110,36 @@ def list_images(path: str) -> list[str]:
   return found
 
 
-def read_image(path: str, size: int) -> np.ndarray:
-  """RGB image, center-cropped to a square and resized -> float32 [size, size, 3] in [-1, 1]."""
+def read_image(path: str, size: int, min_side: int = 1) -> np.ndarray:
+  """RGB image, upright (EXIF orientation applied), center-cropped to a square and
+  resized -> float32 [size, size, 3] in [-1, 1].
+
+  Raises ValueError naming `path` for an unreadable file, an image with a side under
+  `min_side` pixels, or one too large to decode safely (PIL's decompression-bomb limit).
+  """
+  from PIL import ImageOps
   try:
     with Image.open(path) as im:
+      im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
+      if min(im.size) < min_side:
+        raise _TooSmall(f"{path}: image is {im.width}x{im.height}; at least {min_side} "
+                        "pixels on each side are needed")
       im = im.convert("RGB")
       side = min(im.size)
       left, top = (im.width - side) // 2, (im.height - side) // 2
       im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
       pixels = np.asarray(im, dtype=np.float32)
-  except (OSError, ValueError) as e:
+  except _TooSmall as e:
+    raise ValueError(str(e)) from None
+  except Image.DecompressionBombError as e:
+    raise ValueError(f"{path}: refused, too many pixels to decode safely ({e})") from e
+  except (OSError, ValueError, SyntaxError) as e:
     raise ValueError(f"{path}: cannot read image ({e})") from e
   return pixels / 127.5 - 1.0
+
+
+class _TooSmall(Exception):
+  pass
 
 
 def to_uint8(images) -> np.ndarray:
@@ -147,3 +165,18 @@ def save_grid(images, path: str, rows: int, upscale: int = 1) -> None:
   im = Image.fromarray(grid_image(images, rows, upscale))
   with atomic_path(path) as tmp:
     im.save(tmp, format="PNG")
+
+
+def labelled_rows(rows, labels, upscale: int = 1, label_width: int = 0) -> np.ndarray:
+  """Rows of images (each [N_i, H, W, 3] in [-1, 1], the same N) -> one uint8 image with
+  each row's label written on a white band to its left."""
+  from PIL import ImageDraw
+  grid = grid_image(np.concatenate(rows), rows=len(rows), upscale=upscale)
+  row_height = grid.shape[0] // len(rows)
+  width = label_width or 6 * max(len(label) for label in labels) + 12  # default font ~6 px
+  canvas = Image.new("RGB", (width + grid.shape[1], grid.shape[0]), "white")
+  canvas.paste(Image.fromarray(grid), (width, 0))
+  draw = ImageDraw.Draw(canvas)
+  for i, label in enumerate(labels):
+    draw.text((6, i * row_height + row_height // 2 - 6), label, fill="black")
+  return np.asarray(canvas)

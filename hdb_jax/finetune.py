@@ -58,15 +58,17 @@ def make_step(sd, tx: optax.GradientTransformation, batch_size: int):
 
 
 def finetune(sd, frozen, lora_init: Mapping, pools, *, steps: int, learning_rate: float,
-             batch_size: int, seed: int, train_text_encoder: bool = True,
-             progress=None) -> tuple[dict, list[float]]:
+             batch_size: int, seed: int, train_text_encoder: bool = True, progress=None,
+             step_fn=None) -> tuple[dict, list[float]]:
   """Train `lora_init` for `steps` steps on `pools` (`dreambooth.make_pool`) ->
-  (the whole LoRA, loss per step). `progress(iterable)` wraps the loop (e.g. tqdm)."""
+  (the whole LoRA, loss per step). `progress(iterable)` wraps the loop (e.g. tqdm).
+  `step_fn`: a `make_step(sd, optimizer(learning_rate), batch_size)` to reuse (one
+  compilation per process for any photo); built here when not given."""
   # Copies: the step donates its input buffers, the caller keeps `lora_init`.
   trained, fixed = split(jax.tree_util.tree_map(jnp.array, lora_init), train_text_encoder)
   tx = optimizer(learning_rate)
   opt_state = tx.init(trained)
-  step_fn = make_step(sd, tx, batch_size)
+  step_fn = step_fn or make_step(sd, tx, batch_size)
   key = jax.random.key(seed)
   losses = []
   for step in (progress or (lambda x: x))(range(steps)):

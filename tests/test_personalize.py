@@ -1,0 +1,82 @@
+"""`hdb personalize` on the mini world (the committed base and hypernetwork), few steps:
+it writes exactly its three artefacts; bad photos give a clear error, exit 1 and no
+output; photos are read upright and too large ones are refused by name."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from hdb_jax import cli, files, lora
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MINI = os.path.join(REPO, "configs", "mini.py")
+PHOTO = os.path.join(REPO, "assets", "mini_subject", "photo_0.png")
+FAST = ["--set", "personalize.per_prompt=1", "--set", "personalize.sample_steps=2",
+        "--set", "personalize.upscale=1"]
+
+
+def _personalize(image, out, *extra):
+  cache = jax.config.jax_compilation_cache_dir  # the session's (tests/conftest.py)
+  return cli.main(["personalize", "--config", MINI, "--image", str(image), "--out", str(out),
+                   "--cache-dir", cache] + FAST + list(extra))
+
+
+@pytest.mark.parametrize("steps", [3, 0])
+def test_writes_every_artefact_and_nothing_else(tmp_path, steps):
+  out = tmp_path / "me"
+  assert _personalize(PHOTO, out, "--steps", str(steps)) == 0
+  assert sorted(os.listdir(out)) == sorted([cli.PERSONALIZATION_FILE, cli.SAMPLES_FILE,
+                                            cli.TIMINGS_FILE])
+  weights, metadata = lora.load(str(out / cli.PERSONALIZATION_FILE))
+  ranks = {r for layers in lora.ranks(weights).values() for r in layers.values()}
+  assert ranks == ({4} if steps else {1})
+  assert metadata["steps"] == str(steps) and metadata["token"] == "sks"
+  assert len(metadata["image_sha256"]) == 64 and len(metadata["base_fingerprint"]) == 16
+  with open(out / cli.TIMINGS_FILE) as f:
+    timings = json.load(f)
+  for stage in ("read", "detect", "load", "compile", "predict", "finetune", "sample", "total"):
+    assert timings["seconds"][stage] >= 0.0, stage
+  grid = np.asarray(Image.open(out / cli.SAMPLES_FILE))
+  assert grid.shape[0] == 6 * 32  # one row per default prompt, 32 px each at upscale 1
+  assert _personalize(PHOTO, out) == 1  # an existing result is not clobbered
+  assert (out / cli.PERSONALIZATION_FILE).exists()
+
+
+def _bad_images(folder):
+  text = folder / "notes.png"
+  text.write_text("not an image")
+  truncated = folder / "truncated.png"
+  Image.open(PHOTO).save(folder / "whole.png")
+  truncated.write_bytes((folder / "whole.png").read_bytes()[:200])
+  tiny = folder / "tiny.png"
+  Image.new("RGB", (1, 1), "red").save(tiny)
+  no_face = folder / "wall.png"
+  Image.new("RGB", (32, 32), (120, 120, 120)).save(no_face)
+  return {"cannot read": text, "cannot read ": truncated, "1x1": tiny, "no face": no_face}
+
+
+def test_bad_photos_are_refused_with_nothing_written(tmp_path, capsys):
+  for expected, image in _bad_images(tmp_path).items():
+    out = tmp_path / f"out_{image.stem}"
+    assert _personalize(image, out) == 1, image
+    error = capsys.readouterr().err
+    assert str(image) in error and expected.strip() in error, error
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_photos_are_read_upright_and_bombs_refused(tmp_path, monkeypatch):
+  pixels = np.zeros((8, 16, 3), np.uint8)
+  pixels[:, :8] = 255  # left half white
+  exif = Image.Exif()
+  exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+  path = tmp_path / "phone.jpg"
+  Image.fromarray(pixels).save(path, exif=exif, quality=100)
+  upright = files.read_image(str(path), 8)
+  assert upright[:4].mean() > 0.5 and upright[4:].mean() < -0.5  # white on top after EXIF
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+  with pytest.raises(ValueError, match="phone.jpg: refused, too many pixels"):
+    files.read_image(str(path), 8)
