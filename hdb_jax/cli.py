@@ -146,6 +146,8 @@ def personalize(args) -> dict:
   from hdb_jax import config_file, files, lora, personalize as personalize_lib
   began = time.perf_counter()
   config = config_file.load(args.config, _parse_overrides(args.set))
+  if "personalize" not in config:
+    raise ValueError(f"{args.config}: no `personalize` section (configs/mini.py has one)")
   cfg = config.personalize
   if args.steps is not None:
     if args.steps < 0:

@@ -68,6 +68,14 @@ def test_bad_photos_are_refused_with_nothing_written(tmp_path, capsys):
     assert not out.exists() or not os.listdir(out)
 
 
+def test_a_config_without_a_personalize_section_is_refused(tmp_path, capsys):
+  tiny = os.path.join(REPO, "configs", "tiny.py")
+  assert cli.main(["personalize", "--config", tiny, "--image", PHOTO,
+                   "--out", str(tmp_path / "out")]) == 1
+  assert "no `personalize` section" in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
+
+
 def test_photos_are_read_upright_and_bombs_refused(tmp_path, monkeypatch):
   pixels = np.zeros((8, 16, 3), np.uint8)
   pixels[:, :8] = 255  # left half white
