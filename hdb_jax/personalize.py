@@ -2,7 +2,7 @@
 
     personalizer = personalize.load(config)       # base, hypernetwork; once per process
     result = personalize.run(personalizer, photo)  # photo [S, S, 3] in [-1, 1]
-    images = personalize.sample(personalizer, result.lora, prompts, per_prompt=4)
+    images = personalize.sample(personalizer, result.lora, prompts)  # per_prompt each
 
 `config.personalize` (configs/mini.py documents every key): the hypernetwork folder, its
 iterations, the relaxed rank r', the finetuning steps, learning rate, batch, whether the
@@ -78,6 +78,8 @@ class Result:
 
 
 def load(config) -> Personalizer:
+  """The base model and the hypernetwork of `config`, checked to belong together, and
+  the jitted functions (not compiled yet: `compile`)."""
   cfg = config.personalize
   sd, frozen = models.load_or_build(config.model)
   net, params, info = hypernet.load(cfg.hypernet)
