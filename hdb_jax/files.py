@@ -139,7 +139,7 @@ def read_image(path: str, size: int, min_side: int = 1) -> np.ndarray:
 
 
 class _TooSmall(Exception):
-  pass
+  """Raised inside read_image's try block, re-raised as ValueError without re-wrapping."""
 
 
 def to_uint8(images) -> np.ndarray:
@@ -168,7 +168,7 @@ def save_grid(images, path: str, rows: int, upscale: int = 1) -> None:
 
 
 def labelled_rows(rows, labels, upscale: int = 1, label_width: int = 0) -> np.ndarray:
-  """Rows of images (each [N_i, H, W, 3] in [-1, 1], the same N) -> one uint8 image with
+  """Rows of images (each [N, H, W, 3] in [-1, 1], the same N) -> one uint8 image with
   each row's label written on a white band to its left."""
   from PIL import ImageDraw
   grid = grid_image(np.concatenate(rows), rows=len(rows), upscale=upscale)
