@@ -75,7 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
       hypernet=os.path.join(REPO, "assets", "mini_hypernet"), iterations=0,  # 0: as trained
       rank=4, steps=40, learning_rate=5e-3, batch_size=4, train_text_encoder=True,
       hflip=True, seed=0,
-      face_check="mini_recognizer",  # the mini world's recognizer refuses non-faces
+      face_check="mini_recognizer",  # the mini world's recognizer refuses non-faces;
+                                     # "dlib" for real photos (configs/sd15.py), "none"
+      crop_margin=0.6,               # "dlib" only: the aligned crop's margin (hdb_jax/faces.py)
       min_side=16,                   # smaller photos are refused
       prompts=("a {token} {class_name}",
                "a {token} {class_name} on a blue background",

@@ -71,6 +71,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       # One random D_train start for all identities (else one per identity): the
       # hypernetwork's weight-space targets then differ only by what was learned.
       shared_init=True,
+      init_seed=-1,             # seed of the start(s); -1: `seed` (another seed, same start:
+                                # only the training noise differs; see analyze_targets)
+      weight_decay=0.0,         # > 0: AdamW, decoupled decay towards zero
       eval_batch_size=16,       # fixed-noise eval loss before/after per identity; 0: skip
       checkpoint_every_blocks=8)
   if variant == "tiny":

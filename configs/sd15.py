@@ -8,6 +8,12 @@ scheduler/) with Flax or PyTorch safetensors weights; there is no download.
         --config.model.path=/data/stable-diffusion-v1-5 \
         --config.images=/data/me/ --workdir /tmp/hdb_sd15_me
 
+Personalize from one photo (a hypernetwork trained with configs/hypernet_sd15_gpu.py on
+this base; the face is found and cropped by dlib, `pip install -e '.[faces]'`):
+
+    hdb personalize --config configs/sd15.py --image me.jpg --out /tmp/me \
+        --set model.path=/data/stable-diffusion-v1-5 --set personalize.hypernet=/data/hypernet_sd15
+
 Sizes, with no weights read (the architecture below mirrors SD1.5's config.json files):
 
     hdb info --config configs/sd15.py     # lidb_layers 176, lidb_trainable_params 26400
@@ -62,4 +68,18 @@ def get_config() -> ml_collections.ConfigDict:
       prompts=("a photo of {token} {class_name}", "a watercolor painting of {token} {class_name}",
                "a pencil sketch of {token} {class_name}"),
       per_prompt=2, num_steps=50, guidance_scale=7.5, seed=0, upscale=1)
+  # `hdb personalize` (configs/mini.py documents each key): the paper's 40 steps of the
+  # rank-relaxed LoRA (r' = 4, the ports' setting), text encoder included.
+  config.personalize = dict(
+      hypernet="",  # required: a folder written by train.train_hypernet for this base
+      iterations=0, rank=4, steps=40, learning_rate=1e-4, batch_size=1,
+      train_text_encoder=True, hflip=True, seed=0,
+      face_check="dlib", crop_margin=0.6, min_side=256,
+      prompts=("a photo of {token} {class_name}",
+               "a photo of {token} {class_name} on a beach",
+               "a photo of {token} {class_name} in a forest",
+               "a pencil sketch of {token} {class_name}",
+               "a watercolor painting of {token} {class_name}",
+               "a pop art portrait of {token} {class_name}"),
+      per_prompt=2, sample_steps=50, guidance_scale=7.5, upscale=1)
   return config

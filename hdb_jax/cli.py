@@ -156,25 +156,11 @@ def personalize(args) -> dict:
   if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
     raise ValueError(f"{args.out}: exists and is not empty (--overwrite replaces it)")
   cache = personalize_lib.enable_compile_cache(args.cache_dir)
-  seconds = {}
 
-  tick = time.perf_counter()
-  photo = files.read_image(args.image, personalize_lib.photo_size(cfg),
-                           min_side=cfg.min_side)
+  photo, seconds = personalize_lib.read_photo(args.image, cfg, personalize_lib.photo_size(cfg),
+                                              crop=not args.no_crop)
   with open(args.image, "rb") as f:
     photo_hash = hashlib.sha256(f.read()).hexdigest()
-  seconds["read"] = time.perf_counter() - tick
-  tick = time.perf_counter()
-  if cfg.face_check == "mini_recognizer":
-    from hdb_jax.mini import recognizer  # the mini world's face check, picked by config
-    face_prob = float(recognizer.load()(photo[None])["face_prob"][0])
-    if face_prob <= 0.5:
-      raise ValueError(f"{args.image}: no face found (the mini world's recognizer gives "
-                       f"face probability {face_prob:.2f})")
-  elif cfg.face_check != "none":
-    raise ValueError(f"config.personalize.face_check must be 'mini_recognizer' or 'none', "
-                     f"got {cfg.face_check!r}")
-  seconds["detect"] = time.perf_counter() - tick
 
   tick = time.perf_counter()
   personalizer = personalize_lib.load(config)
@@ -260,6 +246,9 @@ def main(argv=None) -> int:
   p.add_argument("--cache-dir", default=None,
                  help="compilation cache (default $HDB_COMPILE_CACHE or ~/.cache/hdb-jax/xla)")
   p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+  p.add_argument("--no-crop", action="store_true",
+                 help="use the photo's centre square as it is (face_check 'dlib' otherwise "
+                 "cuts an aligned square around the face; the face must still be found)")
   args = parser.parse_args(argv)
   file_commands = {"export": export, "import": import_lora, "export-base": export_base,
                    "predict": predict, "personalize": personalize}

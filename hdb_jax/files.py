@@ -110,9 +110,8 @@ def list_images(path: str) -> list[str]:
   return found
 
 
-def read_image(path: str, size: int, min_side: int = 1) -> np.ndarray:
-  """RGB image, upright (EXIF orientation applied), center-cropped to a square and
-  resized -> float32 [size, size, 3] in [-1, 1].
+def read_rgb(path: str, min_side: int = 1) -> np.ndarray:
+  """The image at `path` as uint8 RGB [H, W, 3], upright (EXIF orientation applied).
 
   Raises ValueError naming `path` for an unreadable file, an image with a side under
   `min_side` pixels, or one too large to decode safely (PIL's decompression-bomb limit).
@@ -124,22 +123,33 @@ def read_image(path: str, size: int, min_side: int = 1) -> np.ndarray:
       if min(im.size) < min_side:
         raise _TooSmall(f"{path}: image is {im.width}x{im.height}; at least {min_side} "
                         "pixels on each side are needed")
-      im = im.convert("RGB")
-      side = min(im.size)
-      left, top = (im.width - side) // 2, (im.height - side) // 2
-      im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-      pixels = np.asarray(im, dtype=np.float32)
+      return np.asarray(im.convert("RGB"), dtype=np.uint8)
   except _TooSmall as e:
     raise ValueError(str(e)) from None
   except Image.DecompressionBombError as e:
     raise ValueError(f"{path}: refused, too many pixels to decode safely ({e})") from e
   except (OSError, ValueError, SyntaxError) as e:
     raise ValueError(f"{path}: cannot read image ({e})") from e
-  return pixels / 127.5 - 1.0
+
+
+def square_resize(rgb: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> its centre square resized to float32 [size, size, 3] in [-1, 1]."""
+  height, width = rgb.shape[:2]
+  side = min(height, width)
+  top, left = (height - side) // 2, (width - side) // 2
+  im = Image.fromarray(rgb[top:top + side, left:left + side]).resize((size, size),
+                                                                     Image.BICUBIC)
+  return np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+
+
+def read_image(path: str, size: int, min_side: int = 1) -> np.ndarray:
+  """`read_rgb`, centre-cropped to a square and resized -> float32 [size, size, 3] in
+  [-1, 1]; the same errors."""
+  return square_resize(read_rgb(path, min_side), size)
 
 
 class _TooSmall(Exception):
-  """Raised inside read_image's try block, re-raised as ValueError without re-wrapping."""
+  """Raised inside read_rgb's try block, re-raised as ValueError without re-wrapping."""
 
 
 def to_uint8(images) -> np.ndarray:

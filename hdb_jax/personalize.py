@@ -21,10 +21,13 @@ import time
 import jax
 import numpy as np
 
-from hdb_jax import diffusion, dreambooth, finetune, hypernet, lidb, lora, models
+from hdb_jax import diffusion, dreambooth, files, finetune, hypernet, lidb, lora, models
 from hdb_jax import params as params_lib
 
 DEFAULT_CACHE = os.path.join("~", ".cache", "hdb-jax", "xla")
+# config.personalize.face_check: "dlib" (real photos: hdb_jax/faces.py finds the face and
+# cuts an aligned square), "mini_recognizer" (the mini world's synthetic faces), "none".
+FACE_CHECKS = ("dlib", "mini_recognizer", "none")
 
 
 def enable_compile_cache(path: str | None = None) -> str:
@@ -40,6 +43,9 @@ def enable_compile_cache(path: str | None = None) -> str:
 def photo_size(cfg) -> int:
   """The photo size the configured hypernetwork reads (from its hypernet.json)."""
   import json
+  if not cfg.hypernet:
+    raise ValueError("config.personalize.hypernet is empty: set it to a hypernetwork folder "
+                     "(train.train_hypernet's output), e.g. --set personalize.hypernet=DIR")
   path = os.path.join(cfg.hypernet, hypernet.INFO_FILE)
   try:
     with open(path) as f:
@@ -49,6 +55,36 @@ def photo_size(cfg) -> int:
                             "hypernetwork folder)") from None
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ValueError(f"{path}: unreadable hypernetwork info ({e})") from e
+
+
+def read_photo(path: str, cfg, size: int, crop: bool = True):
+  """The face photo at `path` -> (float32 [size, size, 3] in [-1, 1], seconds per stage).
+
+  Read upright (EXIF); with face_check "dlib" the most confident face is found and, with
+  `crop`, an aligned square around it is cut (else the centre square is used); with
+  "mini_recognizer" the mini world's recognizer must see a face. ValueError naming the
+  file for an unreadable or too small image or one without a face."""
+  if cfg.face_check not in FACE_CHECKS:
+    raise ValueError(f"config.personalize.face_check must be one of {FACE_CHECKS}, "
+                     f"got {cfg.face_check!r}")
+  tick = time.perf_counter()
+  rgb = files.read_rgb(path, min_side=cfg.min_side)
+  seconds = {"read": time.perf_counter() - tick}
+  tick = time.perf_counter()
+  if cfg.face_check == "dlib":
+    from hdb_jax import faces  # needs the [faces] extra; only real-photo configs use it
+    face = faces.find_face(rgb, path)
+    if crop:
+      rgb = faces.aligned_crop(rgb, face, size, cfg.crop_margin)
+  photo = files.square_resize(rgb, size)
+  if cfg.face_check == "mini_recognizer":
+    from hdb_jax.mini import recognizer  # the mini world's face check, picked by config
+    face_prob = float(recognizer.load()(photo[None])["face_prob"][0])
+    if face_prob <= 0.5:
+      raise ValueError(f"{path}: no face found (the mini world's recognizer gives "
+                       f"face probability {face_prob:.2f})")
+  seconds["detect"] = time.perf_counter() - tick
+  return photo, seconds
 
 
 @dataclasses.dataclass

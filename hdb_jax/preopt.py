@@ -195,7 +195,7 @@ def make_block_fns(sd, spec: lidb.LiDBSpec, optimizer: optax.GradientTransformat
                    mesh: Mesh, *, seed: int, batch_size: int,
                    eval_batch_size: int = 8, residual: str = "side",
                    hflip: bool = True, face_background_weight: float | None = None,
-                   shared_init: bool = False) -> BlockFns:
+                   shared_init: bool = False, init_seed: int | None = None) -> BlockFns:
   """Block functions with the identity axis sharded over `mesh` axis "data".
 
   `face_background_weight`: None, a plain diffusion loss; a value in [0, 1], the
@@ -208,10 +208,12 @@ def make_block_fns(sd, spec: lidb.LiDBSpec, optimizer: optax.GradientTransformat
   per_identity = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
 
+  start_seed = seed if init_seed is None else init_seed
+
   def init(identities):
-    keys = identity_keys(seed, PURPOSE_INIT, identities)
+    keys = identity_keys(start_seed, PURPOSE_INIT, identities)
     if shared_init:
-      keys = identity_keys(seed, PURPOSE_INIT, jnp.zeros_like(identities))
+      keys = identity_keys(start_seed, PURPOSE_INIT, jnp.zeros_like(identities))
     train = jax.vmap(lambda key: lidb.init(spec, key))(keys)
     return train, jax.vmap(optimizer.init)(train)
 

@@ -10,6 +10,15 @@ values, and the residuals D_train @ U_train), on the first `--fit` identities, a
 the variance explained (R^2) on the rest. Also: the values' mean square, their variance
 across identities (what a weight loss that predicts only the mean scores), and the
 fraction of that variance in the top principal directions.
+
+With `--repeat OTHER_WEIGHTS` (the same identities pre-optimized again with another
+`preopt.seed` and the same `preopt.init_seed`: the same start, other training noise), it
+reports how repeatable the values are instead: the correlation across identities between
+the two runs, i.e. the fraction of the variance across identities that is not training
+noise (what any predictor from the photo can hope to learn). Fewer identities do (64 is
+plenty), so the variants of the pre-optimization can be compared before a long run:
+
+    python -m train.analyze_targets --weights A/weights --repeat B/weights --out rep.json
 """
 
 import json
@@ -32,6 +41,8 @@ def define_flags():
   flags.DEFINE_string("out", None, "Metrics JSON to write.")
   flags.DEFINE_integer("fit", 1000, "Identities to fit on; the rest are held out.")
   flags.DEFINE_list("ridge", ["1", "10", "100"], "Ridge strengths tried (best reported).")
+  flags.DEFINE_string("repeat", None, "Weights of the same identities from another noise "
+                      "seed: report the repeatable fraction instead of the probes.")
   flags.mark_flags_as_required(["weights", "out"])
 
 
@@ -46,6 +57,30 @@ def held_out_r2(features, targets, fit: int, strengths) -> float:
     residual = ((x[fit:] @ weights - y[fit:]) ** 2).mean()
     best = max(best, 1.0 - residual / (y[fit:] ** 2).mean())
   return float(best)
+
+
+def flat_values(targets) -> np.ndarray:
+  """The train values of every identity, flattened: [N, T], ordered by identity."""
+  order = np.argsort(np.asarray(targets.identities))
+  return np.concatenate([np.asarray(x).reshape(len(targets), -1)[order]
+                         for x in jax.tree_util.tree_leaves(targets.train)], 1)
+
+
+def repeatability(weights_dir: str, other_dir: str) -> dict:
+  """How much of the variance across identities two noise seeds agree on."""
+  first, second = (weights_dataset.open_dataset(d) for d in (weights_dir, other_dir))
+  if sorted(np.asarray(first.identities).tolist()) != sorted(
+      np.asarray(second.identities).tolist()):
+    raise ValueError(f"{weights_dir} and {other_dir} hold different identities")
+  a, b = flat_values(first), flat_values(second)
+  a, b = a - a.mean(0), b - b.mean(0)
+  return {
+      "identities": len(first),
+      "variance_across_identities": [float((a ** 2).mean()), float((b ** 2).mean())],
+      # the shared part over the geometric mean of the two variances
+      "repeatable_fraction": float((a * b).mean() / np.sqrt((a ** 2).mean() * (b ** 2).mean())),
+      "mean_square_difference": float(((a - b) ** 2).mean()),
+  }
 
 
 def run(weights_dir: str, fit: int, strengths) -> dict:
@@ -90,7 +125,10 @@ def run(weights_dir: str, fit: int, strengths) -> dict:
 def main(argv):
   del argv
   logs.quiet_libraries()
-  metrics = run(FLAGS.weights, FLAGS.fit, [float(s) for s in FLAGS.ridge])
+  if FLAGS.repeat:
+    metrics = repeatability(FLAGS.weights, FLAGS.repeat)
+  else:
+    metrics = run(FLAGS.weights, FLAGS.fit, [float(s) for s in FLAGS.ridge])
   metrics["command"] = "python -m train.analyze_targets " + files.portable_command(
       sys.argv[1:], REPO)
   files.write_json(FLAGS.out, metrics)

@@ -175,10 +175,13 @@ def _run(config, workdir, stop) -> bool:
   num_devices = jax.device_count() if config.mesh.data == -1 else config.mesh.data
   mesh = jax.make_mesh((num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.devices()[:num_devices])
+  optimizer = (optax.adamw(run.learning_rate, weight_decay=run.weight_decay)
+               if run.weight_decay else optax.adam(run.learning_rate))
   fns = preopt.make_block_fns(
-      sd, spec, optax.adam(run.learning_rate), mesh, seed=run.seed, batch_size=run.batch_size,
+      sd, spec, optimizer, mesh, seed=run.seed, batch_size=run.batch_size,
       eval_batch_size=run.eval_batch_size, residual=run.residual, hflip=run.hflip,
-      face_background_weight=run.face_background_weight, shared_init=run.shared_init)
+      face_background_weight=run.face_background_weight, shared_init=run.shared_init,
+      init_seed=None if run.init_seed < 0 else run.init_seed)
   base_fingerprint = params_lib.fingerprint(frozen, spec.layers)
   frozen, aux = preopt.replicate((frozen, aux), fns.replicated)
   global_block = run.per_device_block * num_devices
@@ -193,7 +196,7 @@ def _run(config, workdir, stop) -> bool:
       "base": base_fingerprint, "lidb": config.lidb.to_dict(), "data": config.data.to_dict(),
       "prompt": prompt, "preopt": {k: run[k] for k in (
           "steps", "batch_size", "learning_rate", "seed", "hflip", "face_background_weight",
-          "shared_init")}}))
+          "shared_init", "init_seed", "weight_decay")}}))
   ckpt = checkpoint.manager(workdir)
   progress = {"position": 0, "step": 0, "global_block": global_block, "run_id": run_id}
   if ckpt.latest_step() is not None:
