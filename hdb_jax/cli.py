@@ -138,7 +138,8 @@ def personalize(args) -> dict:
   samples of each prompt, rows labelled) and timings.json (seconds per stage). The
   hypernetwork predicts LiDB weights, they are relaxed to a rank-r' LoRA and finetuned on
   the photo for `personalize.steps` steps (--steps 0: the hypernetwork alone). Compiled
-  programs are cached on disk (--cache-dir), so a second run in a new process is faster."""
+  programs are stored on disk (--cache-dir), so a second run in a new process neither
+  traces nor compiles them."""
   import hashlib
   import os
   import time
@@ -155,19 +156,17 @@ def personalize(args) -> dict:
     cfg.steps = args.steps
   if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
     raise ValueError(f"{args.out}: exists and is not empty (--overwrite replaces it)")
-  cache = personalize_lib.enable_compile_cache(args.cache_dir)
+  cache = personalize_lib.cache_dirs(args.cache_dir)
 
   photo, seconds = personalize_lib.read_photo(args.image, cfg, personalize_lib.photo_size(cfg),
                                               crop=not args.no_crop)
   with open(args.image, "rb") as f:
     photo_hash = hashlib.sha256(f.read()).hexdigest()
 
-  tick = time.perf_counter()
-  personalizer = personalize_lib.load(config)
-  seconds["load"] = time.perf_counter() - tick
   words = dict(token=config.token, class_name=config.class_name)
   prompts = [prompt.format(**words) for prompt in cfg.prompts]
-  seconds["compile"] = personalize_lib.compile(personalizer, prompts)
+  personalizer = personalize_lib.load(config, prompts, cache)
+  seconds.update(personalizer.seconds)
   result = personalize_lib.run(personalizer, photo, progress=lambda steps: tqdm(
       steps, desc="fast finetuning", unit="step", leave=False))
   seconds.update(result.seconds)
@@ -189,7 +188,7 @@ def personalize(args) -> dict:
     seconds["total"] = time.perf_counter() - began
     files.write_json(os.path.join(tmp, TIMINGS_FILE), {
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "steps": cfg.steps, "compile_cache": os.path.basename(cache),
+        "steps": cfg.steps, "programs_stored": personalizer.stored,
         "final_loss": result.losses[-1] if result.losses else None})
   return {"out": args.out, "steps": cfg.steps, "seconds": round(seconds["total"], 2),
           "files": [PERSONALIZATION_FILE, SAMPLES_FILE, TIMINGS_FILE]}
@@ -244,7 +243,8 @@ def main(argv=None) -> int:
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value, e.g. --set personalize.rank=8 (repeatable)")
   p.add_argument("--cache-dir", default=None,
-                 help="compilation cache (default $HDB_COMPILE_CACHE or ~/.cache/hdb-jax/xla)")
+                 help="cache of traced and compiled programs (default $HDB_CACHE or "
+                 "~/.cache/hdb-jax); the second run with the same config skips both")
   p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
   p.add_argument("--no-crop", action="store_true",
                  help="use the photo's centre square as it is (face_check 'dlib' otherwise "

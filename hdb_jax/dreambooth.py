@@ -93,14 +93,30 @@ def make_generate_per_identity(sd, num_steps: int):
   identities, through the low-rank side path (no merged copy per identity); `aux` is
   shared by all.
   """
+  generate = _generate_per_identity_lora(sd, num_steps)
+
+  def from_lidb(frozen, train, aux, cond_ids, uncond_ids, rng, guidance_scale):
+    factors = jax.vmap(lidb.factors, in_axes=(0, None))(train, aux)        # leaves [G, ...]
+    return generate(frozen, factors, cond_ids, uncond_ids, rng, guidance_scale)
+
+  return jax.jit(from_lidb)
+
+
+def make_generate_per_identity_lora(sd, num_steps: int):
+  """jit(fn)(frozen, lora, cond_ids, uncond_ids, rng, guidance) -> images [G * n, ...]:
+  `make_generate_per_identity` for G identities' LoRAs (`lora` leaves [G, in, r] and
+  [G, r, out], any rank)."""
+  return jax.jit(_generate_per_identity_lora(sd, num_steps))
+
+
+def _generate_per_identity_lora(sd, num_steps: int):
   from hdb_jax import preopt  # preopt's side path; preopt does not import this module
 
-  def generate(frozen, train, aux, cond_ids, uncond_ids, rng, guidance_scale):
-    factors = jax.vmap(lidb.factors, in_axes=(0, None))(train, aux)        # leaves [G, ...]
+  def generate(frozen, factors, cond_ids, uncond_ids, rng, guidance_scale):
     # diffusion.generate runs the models on [uncond rows; cond rows]: 2G groups.
     both = jax.tree_util.tree_map(lambda f: jnp.concatenate([f, f]), factors)
     with preopt.low_rank_side_path(both):
       return diffusion.generate(sd, frozen, cond_ids, uncond_ids, rng, guidance_scale,
                                 num_steps)
 
-  return jax.jit(generate)
+  return generate

@@ -22,9 +22,10 @@ import optax
 from hdb_jax import dreambooth, lidb, lora, relax
 
 
-def initial_lora(train: Mapping, spec: lidb.LiDBSpec, aux: Mapping, rank: int) -> dict:
-  """Predicted LiDB train values -> a LoRA of rank `rank` with exactly their residual."""
-  return relax.relax_lora(lora.from_lidb(train, spec, aux), rank)
+def initial_lora(train: Mapping, aux: Mapping, rank: int) -> dict:
+  """Predicted LiDB train values -> a LoRA of rank `rank` with exactly their residual
+  (traceable: jit it, or call it eagerly)."""
+  return relax.relax_lora(lora.lidb_factors(train, aux), rank)
 
 
 def split(lora_tree: Mapping, train_text_encoder: bool) -> tuple[dict, dict]:
@@ -57,6 +58,20 @@ def make_step(sd, tx: optax.GradientTransformation, batch_size: int):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
+def train(step_fn, trained, opt_state, fixed, frozen, pools, *, steps: int, seed: int,
+          progress=None) -> tuple[dict, list[float]]:
+  """The loop: `steps` calls of `step_fn` (`make_step`'s; it donates `trained` and
+  `opt_state`) -> (the whole LoRA, trained + fixed, and the loss per step).
+  `progress(iterable)` wraps the loop (e.g. tqdm)."""
+  key = jax.random.key(seed)
+  losses = []
+  for step in (progress or (lambda x: x))(range(steps)):
+    trained, opt_state, loss = step_fn(trained, opt_state, fixed, frozen, tuple(pools),
+                                       jax.random.fold_in(key, step))
+    losses.append(loss)
+  return {**trained, **fixed}, [float(x) for x in losses]
+
+
 def finetune(sd, frozen, lora_init: Mapping, pools, *, steps: int, learning_rate: float,
              batch_size: int, seed: int, train_text_encoder: bool = True, progress=None,
              step_fn=None) -> tuple[dict, list[float]]:
@@ -69,10 +84,5 @@ def finetune(sd, frozen, lora_init: Mapping, pools, *, steps: int, learning_rate
   tx = optimizer(learning_rate)
   opt_state = tx.init(trained)
   step_fn = step_fn or make_step(sd, tx, batch_size)
-  key = jax.random.key(seed)
-  losses = []
-  for step in (progress or (lambda x: x))(range(steps)):
-    trained, opt_state, loss = step_fn(trained, opt_state, fixed, frozen, tuple(pools),
-                                       jax.random.fold_in(key, step))
-    losses.append(loss)
-  return {**trained, **fixed}, [float(x) for x in losses]
+  return train(step_fn, trained, opt_state, fixed, frozen, pools, steps=steps, seed=seed,
+               progress=progress)

@@ -321,9 +321,9 @@ def save(path: str, params, net_config, spec: lidb.LiDBSpec, base_fingerprint: s
       json.dump(info, f, indent=2)
 
 
-def load(path: str, encoder: nn.Module | None = None):
-  """A hypernetwork folder -> (net, params, info). Checks it fully."""
-  import ml_collections
+def read(path: str) -> tuple[dict, dict]:
+  """A hypernetwork folder -> (params, info), checked, without building the network
+  (info["lidb_spec"] is a LiDBSpec, info["fingerprint"] the weights file's hash)."""
   import safetensors.numpy
   info_path, weights_path = os.path.join(path, INFO_FILE), os.path.join(path, WEIGHTS_FILE)
   for needed in (info_path, weights_path):
@@ -337,19 +337,25 @@ def load(path: str, encoder: nn.Module | None = None):
   if info.get("format") != FORMAT:
     raise ValueError(f"{info_path}: not a hypernetwork (format={info.get('format')!r})")
   spec = weights_dataset.spec_from_json(json.dumps(info["lidb_spec"]), info_path)
-  net_config = ml_collections.ConfigDict(info["hypernet"])
-  if encoder is None and net_config.encoder.get("kind", "vit") == "clip":
-    from hdb_jax import models  # the architecture is stored; the weights are in the file
-    encoder = models.vision_encoder_from_config(info["encoder_config"],
-                                                net_config.encoder.get("dtype", "float32"))
-  net = make(weight_layout(spec), net_config, encoder)
   try:
     params = params_lib.unflatten(safetensors.numpy.load_file(weights_path))
   except Exception as e:
     raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
   with open(weights_path, "rb") as f:
     fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
-  return net, params, dict(info, lidb_spec=spec, fingerprint=fingerprint)
+  return params, dict(info, lidb_spec=spec, fingerprint=fingerprint)
+
+
+def load(path: str, encoder: nn.Module | None = None):
+  """A hypernetwork folder -> (net, params, info). Checks it fully."""
+  import ml_collections
+  params, info = read(path)
+  net_config = ml_collections.ConfigDict(info["hypernet"])
+  if encoder is None and net_config.encoder.get("kind", "vit") == "clip":
+    from hdb_jax import models  # the architecture is stored; the weights are in the file
+    encoder = models.vision_encoder_from_config(info["encoder_config"],
+                                                net_config.encoder.get("dtype", "float32"))
+  return make(weight_layout(info["lidb_spec"]), net_config, encoder), params, info
 
 
 def predict_file(hypernet_dir: str, image_path: str, out: str,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import jax
 import numpy as np
 
 from hdb_jax import lidb
@@ -31,15 +32,17 @@ FILE_VERSION = "1"
 FACTORS = ("down", "up")
 
 
-def from_lidb(train: Mapping, spec: lidb.LiDBSpec, aux: Mapping | None = None) -> dict:
-  """LiDB train values -> LoRA of rank `spec.rank`: down = D_aux @ D_train, up = U_train @ U_aux.
+def lidb_factors(train: Mapping, aux: Mapping) -> dict:
+  """LiDB train values -> LoRA of rank `spec.rank`: down = D_aux @ D_train, up = U_train @
+  U_aux, as JAX arrays (traceable: usable inside jit)."""
+  return {component: {layer: {name: f[name] for name in FACTORS} for layer, f in layers.items()}
+          for component, layers in lidb.factors(train, aux).items()}
 
-  `aux` defaults to the aux matrices of the spec's seed; the result is float32 NumPy.
-  """
-  factors = lidb.factors(train, lidb.make_aux(spec) if aux is None else aux)
-  return {component: {layer: {name: np.asarray(f[name], np.float32) for name in FACTORS}
-                      for layer, f in layers.items()}
-          for component, layers in factors.items()}
+
+def from_lidb(train: Mapping, spec: lidb.LiDBSpec, aux: Mapping | None = None) -> dict:
+  """`lidb_factors` as float32 NumPy; `aux` defaults to the aux matrices of the spec's seed."""
+  factors = lidb_factors(train, lidb.make_aux(spec) if aux is None else aux)
+  return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), factors)
 
 
 def layer_shapes(lora: Mapping) -> dict:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hdb_jax import params as params_lib
+from hdb_jax.model_folder import COMPONENTS, FLAX_WEIGHTS, SUBFOLDERS, TORCH_WEIGHTS  # noqa: F401
 
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
@@ -71,13 +72,6 @@ class _ExactGELUFlaxGEGLU(attention_flax.FlaxGEGLU):
 # FlaxFeedForward.setup looks the class up by this module-level name.
 attention_flax.FlaxGEGLU = _ExactGELUFlaxGEGLU
 
-COMPONENTS = ("unet", "vae", "text_encoder")
-SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-FLAX_WEIGHTS = {"unet": "diffusion_flax_model.msgpack", "vae": "diffusion_flax_model.msgpack",
-                "text_encoder": "flax_model.msgpack"}
-TORCH_WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors",
-                 "vae": "diffusion_pytorch_model.safetensors",
-                 "text_encoder": "model.safetensors"}
 # A CLIP vision model folder (the hypernetwork's pretrained encoder), not an SD component.
 VISION_WEIGHTS = {"flax": "flax_model.msgpack", "torch": "model.safetensors"}
 

@@ -1,43 +1,56 @@
 """One face photo -> a personalized LoRA: hypernetwork, rank relaxation, fast finetuning.
 
-    personalizer = personalize.load(config)       # base, hypernetwork; once per process
-    result = personalize.run(personalizer, photo)  # photo [S, S, 3] in [-1, 1]
+    personalizer = personalize.load(config, prompts)  # base, hypernetwork, programs
+    result = personalize.run(personalizer, photo)     # photo [S, S, 3] in [-1, 1]
     images = personalize.sample(personalizer, result.lora, prompts)  # per_prompt each
 
 `config.personalize` (configs/mini.py documents every key): the hypernetwork folder, its
 iterations, the relaxed rank r', the finetuning steps, learning rate, batch, whether the
-text encoder trains, and the sampling settings. Every jitted function is built once in
-`load` and compiled once per process for any photo (`compile` does it ahead of time
-and reports how long it took); a persistent compilation cache (`enable_compile_cache`)
-makes a new process warm too.
+text encoder trains, and the sampling settings.
+
+Speed: `load` builds five programs (predict, start: relax + optimizer state, encode,
+step, generate), compiled once per process for any photo. They are also stored on disk
+(`hdb_jax/programs.py`: `jax.export` under a key of everything that shapes them, and
+XLA's persistent cache), so a new process with the same config, base folder (Flax
+weights) and code neither imports nor traces the model code: it reads the arrays,
+deserializes the programs and fetches their compiled code. Otherwise (first run, another
+config, a PyTorch-weights or random-init base) the models are built and traced, and the
+programs stored for next time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
 import os
 import time
 
 import jax
 import numpy as np
 
-from hdb_jax import diffusion, dreambooth, files, finetune, hypernet, lidb, lora, models
+from hdb_jax import files, finetune, hypernet, lidb, lora, model_folder, programs
+from hdb_jax import weights_dataset
 from hdb_jax import params as params_lib
 
-DEFAULT_CACHE = os.path.join("~", ".cache", "hdb-jax", "xla")
+DEFAULT_CACHE = os.path.join("~", ".cache", "hdb-jax")
 # config.personalize.face_check: "dlib" (real photos: hdb_jax/faces.py finds the face and
 # cuts an aligned square), "mini_recognizer" (the mini world's synthetic faces), "none".
 FACE_CHECKS = ("dlib", "mini_recognizer", "none")
+PROGRAMS = ("predict", "start", "encode", "step", "generate")
 
 
-def enable_compile_cache(path: str | None = None) -> str:
-  """Persist compiled XLA programs in `path` ($HDB_COMPILE_CACHE, else
-  ~/.cache/hdb-jax/xla): the second personalization in a new process skips compiling."""
-  path = os.path.expanduser(path or os.environ.get("HDB_COMPILE_CACHE") or DEFAULT_CACHE)
-  os.makedirs(path, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", path)
+def cache_dirs(path: str | None = None) -> dict[str, str]:
+  """The cache folders under `path` ($HDB_CACHE, else ~/.cache/hdb-jax): "xla" (XLA's
+  compiled code) and "programs" (exported programs), created; the XLA one is enabled."""
+  root = os.path.expanduser(path or os.environ.get("HDB_CACHE") or DEFAULT_CACHE)
+  dirs = {"xla": os.path.join(root, "xla"), "programs": os.path.join(root, "programs")}
+  for folder in dirs.values():
+    os.makedirs(folder, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", dirs["xla"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  return path
+  return dirs
 
 
 def photo_size(cfg) -> int:
@@ -89,8 +102,7 @@ def read_photo(path: str, cfg, size: int, crop: bool = True):
 
 @dataclasses.dataclass
 class Personalizer:
-  """What `run` needs, loaded and jitted once."""
-  sd: object
+  """What `run` and `sample` need: arrays and compiled programs (no model code)."""
   frozen: dict
   net_params: dict
   aux: dict
@@ -99,10 +111,15 @@ class Personalizer:
   hypernet_info: dict
   cfg: object               # config.personalize
   prompt: str               # "a [V] <class>"
-  predict: object           # jit(params, images [1, S, S, 3]) -> LiDB train, leaves [1, ...]
-  encode: object            # jit(vae params, images) -> latent (mean, std)
-  step: object              # finetune.make_step
-  generate: object          # jit(frozen, lora, cond, uncond, rng, guidance) -> images
+  image_size: int
+  tokens: dict              # prompt -> token ids [L]: the instance prompt, "", `prompts`
+  predict: object           # (net params, images [1, S, S, 3]) -> LiDB train, leaves [1, ...]
+  start: object             # (prediction, aux) -> (trained, fixed, opt state); steps 0: LoRA
+  encode: object            # (vae params, images [V, S, S, 3]) -> latent (mean, std)
+  step: object              # finetune.make_step's; None when steps == 0
+  generate: object          # (frozen, lora, cond [N, L], uncond [N, L], rng, guidance) -> images
+  seconds: dict             # load, compile
+  stored: bool              # the programs came from the store (no tracing)
 
 
 @dataclasses.dataclass
@@ -113,97 +130,213 @@ class Result:
   seconds: dict[str, float]
 
 
-def load(config) -> Personalizer:
-  """The base model and the hypernetwork of `config`, checked to belong together, and
-  the jitted functions (not compiled yet: `compile`)."""
-  cfg = config.personalize
-  sd, frozen = models.load_or_build(config.model)
-  net, params, info = hypernet.load(cfg.hypernet)
-  net_params, learned_aux = hypernet.split_aux(params, net.layout)
-  spec = info["lidb_spec"]
-  lidb.check_base(spec, frozen, cfg.hypernet)
+def _program_key(config, info, prompts: list[str]) -> str:
+  """Everything that shapes the programs (weights are arguments, so not them)."""
+  model = config.model.to_dict()
+  folder_configs = model_folder.read_config_texts(model["path"]) if model.get("path") else {}
+  tokenizer = {}
+  for name in ("vocab.json", "merges.txt"):
+    for root in (model.get("path") and os.path.join(model["path"], "tokenizer"),
+                 model.get("tokenizer_path")):
+      if root and os.path.exists(os.path.join(root, name)):
+        with open(os.path.join(root, name), "rb") as f:
+          tokenizer[name] = hashlib.sha256(f.read()).hexdigest()
+  cfg = {k: v for k, v in config.personalize.to_dict().items() if k != "hypernet"}
+  return programs.key_of(
+      "personalize", model, folder_configs, tokenizer, cfg, config.instance_prompt,
+      config.token, config.class_name, list(prompts), info["hypernet"],
+      weights_dataset.spec_to_json(info["lidb_spec"]), info.get("image_size"))
+
+
+def _check_pair(spec, frozen, info, where: str, image_size: int) -> str:
+  """The base and the hypernetwork belong together -> the base's fingerprint."""
+  lidb.check_base(spec, frozen, where)
   fingerprint = params_lib.fingerprint(frozen, spec.layers)
   if info["base_fingerprint"] != fingerprint:
-    raise ValueError(f"{cfg.hypernet}: trained on base {info['base_fingerprint']}, "
+    raise ValueError(f"{where}: trained on base {info['base_fingerprint']}, "
                      f"config.model is {fingerprint}")
-  if int(info["image_size"]) != sd.image_size:
-    raise ValueError(f"{cfg.hypernet}: reads {info['image_size']}px photos, the model "
-                     f"makes {sd.image_size}px images")
+  if int(info["image_size"]) != image_size:
+    raise ValueError(f"{where}: reads {info['image_size']}px photos, the model "
+                     f"makes {image_size}px images")
+  return fingerprint
+
+
+def _stored_frozen(config, bundle: programs.Bundle):
+  """The base's arrays read straight from its Flax files, cast as the stored programs
+  take them; None when that is not possible (then the models are built)."""
+  path = config.model.get("path")
+  if not path:
+    return None
+  try:
+    frozen = model_folder.read_flax_params(os.path.expanduser(path))
+  except Exception:  # a damaged file: models.load names it
+    return None
+  if frozen is None:
+    return None
+  (frozen_avals, *_), _ = jax.tree_util.tree_unflatten(bundle.programs["generate"].in_tree,
+                                                       bundle.programs["generate"].in_avals)
+  try:
+    return jax.tree_util.tree_map(
+        lambda aval, x: np.asarray(x, aval.dtype) if np.shape(x) == aval.shape else None,
+        frozen_avals, frozen)
+  except ValueError:  # another tree structure
+    return None
+
+
+def _trace(config, cfg, spec, aux, net_params, info, prompts):
+  """Build the models and export the five programs -> (exported, meta, frozen)."""
+  from hdb_jax import diffusion, dreambooth, models  # the model code: first runs only
+  sd, frozen = models.load_or_build(config.model)
+  instance = config.instance_prompt.format(token=config.token, class_name=config.class_name)
+  texts = [instance, ""] + list(prompts)
+  tokens = dict(zip(texts, sd.tokenize(texts).tolist()))
+  net = hypernet.make(hypernet.weight_layout(spec), _net_config(info), _encoder(info))
   iterations = int(cfg.iterations or info["hypernet"]["iterations"])
+  tx = finetune.optimizer(cfg.learning_rate)
+
+  def start(predicted, aux):
+    predicted = jax.tree_util.tree_map(lambda x: x[0], predicted)
+    if not cfg.steps:  # hypernetwork only: its rank-1 residual as a LoRA
+      return lora.lidb_factors(predicted, aux)
+    trained, fixed = finetune.split(finetune.initial_lora(predicted, aux, cfg.rank),
+                                    cfg.train_text_encoder)
+    return trained, fixed, tx.init(trained)
 
   def generate(frozen, lora_tree, cond_ids, uncond_ids, rng, guidance_scale):
     return diffusion.generate(sd, lora.merge(frozen, lora_tree), cond_ids, uncond_ids, rng,
                               guidance_scale, cfg.sample_steps)
 
+  export = lambda fn, *args: jax.export.export(jax.jit(fn))(*args)
+  size = sd.image_size
+  views = 2 if cfg.hflip else 1
+  exported = {}
+  exported["predict"] = export(lambda p, x: net.apply({"params": p}, x, iterations=iterations),
+                               net_params, np.zeros((1, size, size, 3), np.float32))
+  predicted = jax.eval_shape(exported["predict"].call, net_params,
+                             jax.ShapeDtypeStruct((1, size, size, 3), np.float32))
+  exported["start"] = export(start, predicted, aux)
+  exported["encode"] = export(sd.encode_images, frozen["vae"],
+                              np.zeros((views, size, size, 3), np.float32))
+  started = jax.eval_shape(exported["start"].call, predicted, aux)
+  if cfg.steps:
+    trained, fixed, opt_state = started
+    mean, std = jax.eval_shape(exported["encode"].call, frozen["vae"],
+                               jax.ShapeDtypeStruct((views, size, size, 3), np.float32))
+    pool = dreambooth.make_pool({"mean": np.zeros(mean.shape, mean.dtype),
+                                 "std": np.zeros(std.shape, std.dtype)},
+                                np.asarray([tokens[instance]]), 1.0)
+    step = finetune.make_step(sd, tx, cfg.batch_size)
+    exported["step"] = jax.export.export(step)(trained, opt_state, fixed, frozen, (pool,),
+                                               jax.random.key(0))
+    lora_shapes = {**trained, **fixed}
+  else:
+    lora_shapes = started
+  cond = np.zeros((len(prompts) * cfg.per_prompt, sd.max_length), np.int32)
+  exported["generate"] = export(generate, frozen, lora_shapes, cond, cond, jax.random.key(0),
+                                np.float32(cfg.guidance_scale))
+  meta = {"tokens": tokens, "image_size": size, "instance_prompt": instance}
+  return exported, meta, frozen
+
+
+def _net_config(info):
+  import ml_collections
+  return ml_collections.ConfigDict(info["hypernet"])
+
+
+def _encoder(info):
+  """The CLIP vision tower of a hypernetwork that has one (its architecture is stored)."""
+  encoder = info["hypernet"].get("encoder", {})
+  if encoder.get("kind", "vit") != "clip":
+    return None
+  from hdb_jax import models
+  return models.vision_encoder_from_config(info["encoder_config"],
+                                           encoder.get("dtype", "float32"))
+
+
+def load(config, prompts: list[str], cache: dict | None = None) -> Personalizer:
+  """The base model, the hypernetwork (checked to belong together) and the programs,
+  compiled; `prompts` (formatted) are the ones `sample` will get. `cache`: `cache_dirs()`
+  (None: no stored programs; XLA's cache as configured)."""
+  cfg = config.personalize
+  began = time.perf_counter()
+  params, info = hypernet.read(cfg.hypernet)
+  spec = info["lidb_spec"]
+  net_params, learned_aux = hypernet.split_aux(params, hypernet.weight_layout(spec))
+  aux = learned_aux if learned_aux is not None else lidb.make_aux(spec)
+  # The optimizer state's named tuples cross the program files (the same types for any
+  # params tree): registered before any program is read or written.
+  programs.register_namedtuples(jax.eval_shape(finetune.optimizer(cfg.learning_rate).init,
+                                               {"x": jax.ShapeDtypeStruct((1,), np.float32)}))
+  store = programs.Store(cache["programs"]) if cache else None
+  key = _program_key(config, info, prompts)
+  bundle = store.load(key) if store else None
+  frozen = _stored_frozen(config, bundle) if bundle else None
+  if frozen is not None:
+    exported, meta, stored = bundle.programs, bundle.meta, True
+  else:
+    exported, meta, frozen = _trace(config, cfg, spec, aux, net_params, info, prompts)
+    stored = False
+    if store:
+      try:
+        store.save(key, exported, meta)
+      except OSError as e:
+        logging.warning("%s: cannot store the programs (%s); the next run traces again",
+                        store.folder, e)
+  fingerprint = _check_pair(spec, frozen, info, cfg.hypernet, int(meta["image_size"]))
+  loaded = time.perf_counter()
+  compiled = programs.compile_all(exported, donate={"step": (0, 1)})
   return Personalizer(
-      sd=sd, frozen=frozen, net_params=net_params,
-      aux=learned_aux if learned_aux is not None else lidb.make_aux(spec), spec=spec,
-      fingerprint=fingerprint, hypernet_info=info, cfg=cfg,
-      prompt=config.instance_prompt.format(token=config.token, class_name=config.class_name),
-      predict=jax.jit(lambda p, x: net.apply({"params": p}, x, iterations=iterations)),
-      encode=jax.jit(sd.encode_images),
-      step=finetune.make_step(sd, finetune.optimizer(cfg.learning_rate), cfg.batch_size),
-      generate=jax.jit(generate))
+      frozen=frozen, net_params=net_params, aux=aux, spec=spec, fingerprint=fingerprint,
+      hypernet_info=info, cfg=cfg, prompt=meta["instance_prompt"],
+      image_size=int(meta["image_size"]), tokens=meta["tokens"],
+      predict=compiled["predict"], start=compiled["start"], encode=compiled["encode"],
+      step=compiled.get("step"), generate=compiled["generate"],
+      seconds={"load": loaded - began, "compile": time.perf_counter() - loaded},
+      stored=stored)
 
 
 def _pools(p: Personalizer, photo: np.ndarray):
   """The photo (and its mirror image), encoded once by the frozen VAE, as a pool."""
+  from hdb_jax import dreambooth
   images = np.stack([photo, photo[:, ::-1]]) if p.cfg.hflip else photo[None]
   mean, std = p.encode(p.frozen["vae"], images)
-  return (dreambooth.make_pool({"mean": mean, "std": std}, p.sd.tokenize([p.prompt]), 1.0),)
+  return (dreambooth.make_pool({"mean": mean, "std": std}, np.asarray([p.tokens[p.prompt]]),
+                               1.0),)
 
 
-def compile(p: Personalizer, prompts: list[str]) -> float:
-  """Compile every function `run` and `sample(prompts)` use, ahead of time, and keep the
-  compiled programs in `p` -> seconds taken (little when the persistent cache has them)."""
-  began = time.perf_counter()
-  size = p.sd.image_size
-  photo = np.zeros((size, size, 3), np.float32)
-  p.predict = p.predict.lower(p.net_params, photo[None]).compile()
-  images = np.zeros((2 if p.cfg.hflip else 1, size, size, 3), np.float32)
-  p.encode = p.encode.lower(p.frozen["vae"], images).compile()
-  zero = lidb.init(p.spec, jax.random.key(0))
-  if p.cfg.steps:
-    start = finetune.initial_lora(zero, p.spec, p.aux, p.cfg.rank)
-    trained, fixed = finetune.split(start, p.cfg.train_text_encoder)
-    opt_state = finetune.optimizer(p.cfg.learning_rate).init(trained)
-    p.step = p.step.lower(trained, opt_state, fixed, p.frozen, _pools(p, photo),
-                          jax.random.key(0)).compile()
-    shapes = jax.tree_util.tree_map(np.asarray, start)
-  else:
-    shapes = lora.from_lidb(zero, p.spec, p.aux)
-  cond = np.repeat(p.sd.tokenize(prompts), p.cfg.per_prompt, 0)
-  p.generate = p.generate.lower(p.frozen, shapes, cond, cond, jax.random.key(0),
-                                p.cfg.guidance_scale).compile()
-  return time.perf_counter() - began
-
-
-def run(p: Personalizer, photo: np.ndarray, progress=None) -> Result:
-  """photo [S, S, 3] in [-1, 1] -> the personalization (and seconds per stage)."""
+def run(p: Personalizer, photo: np.ndarray, progress=None, from_zero: bool = False) -> Result:
+  """photo [S, S, 3] in [-1, 1] -> the personalization (and seconds per stage).
+  `from_zero`: the prediction replaced by zeros, so finetuning starts from a zero
+  residual (the "no hypernetwork" ablation; the relaxed LoRA keeps its unit basis)."""
   seconds = {}
   began = time.perf_counter()
-  predicted = jax.tree_util.tree_map(lambda x: np.asarray(x[0]),
-                                     p.predict(p.net_params, photo[None]))
+  batched = p.predict(p.net_params, np.asarray(photo, np.float32)[None])
+  if from_zero:
+    batched = jax.tree_util.tree_map(np.zeros_like, batched)
+  predicted = jax.tree_util.tree_map(lambda x: np.asarray(x[0]), batched)
   seconds["predict"] = time.perf_counter() - began
   began = time.perf_counter()
   if p.cfg.steps:
-    start = finetune.initial_lora(predicted, p.spec, p.aux, p.cfg.rank)
-    tuned, losses = finetune.finetune(
-        p.sd, p.frozen, start, _pools(p, photo), steps=p.cfg.steps,
-        learning_rate=p.cfg.learning_rate, batch_size=p.cfg.batch_size, seed=p.cfg.seed,
-        train_text_encoder=p.cfg.train_text_encoder, progress=progress, step_fn=p.step)
-  else:  # hypernetwork only: its rank-1 residual as a LoRA
-    tuned, losses = lora.from_lidb(predicted, p.spec, p.aux), []
+    trained, fixed, opt_state = p.start(batched, p.aux)
+    tuned, losses = finetune.train(p.step, trained, opt_state, fixed, p.frozen,
+                                   _pools(p, photo), steps=p.cfg.steps, seed=p.cfg.seed,
+                                   progress=progress)
+  else:
+    tuned, losses = p.start(batched, p.aux), []
   tuned = jax.tree_util.tree_map(np.asarray, tuned)
   seconds["finetune"] = time.perf_counter() - began
   return Result(lora=tuned, predicted=predicted, losses=losses, seconds=seconds)
 
 
 def sample(p: Personalizer, lora_tree, prompts: list[str], seed: int = 0) -> np.ndarray:
-  """`per_prompt` samples of each prompt in one batch -> [len(prompts), per_prompt, H, W, 3]."""
-  per_prompt = p.cfg.per_prompt
-  cond = np.repeat(p.sd.tokenize(prompts), per_prompt, 0)
-  uncond = np.repeat(p.sd.tokenize([""]), len(cond), 0)
+  """`per_prompt` samples of each of `prompts` (those given to `load`) in one batch ->
+  [len(prompts), per_prompt, H, W, 3]."""
+  unknown = [prompt for prompt in prompts if prompt not in p.tokens]
+  if unknown:
+    raise ValueError(f"sample: prompts not given to load: {unknown}")
+  cond = np.repeat(np.asarray([p.tokens[prompt] for prompt in prompts], np.int32),
+                   p.cfg.per_prompt, 0)
+  uncond = np.repeat(np.asarray([p.tokens[""]], np.int32), len(cond), 0)
   images = np.asarray(p.generate(p.frozen, lora_tree, cond, uncond, jax.random.key(seed),
-                                 p.cfg.guidance_scale))
-  return images.reshape((len(prompts), per_prompt) + images.shape[1:])
+                                 np.float32(p.cfg.guidance_scale)))
+  return images.reshape((len(prompts), p.cfg.per_prompt) + images.shape[1:])

@@ -19,7 +19,7 @@ def test_fast_finetune_from_a_relaxed_prediction(tiny_model, tiny_lidb):
   keys = jax.random.split(jax.random.key(0), 2)
   predicted = jax.tree_util.tree_map(  # a stand-in prediction: nonzero residuals
       lambda x: x + 0.05 * jax.random.normal(keys[1], x.shape), lidb.init(spec, keys[0]))
-  start = finetune.initial_lora(predicted, spec, aux, rank=4)
+  start = finetune.initial_lora(predicted, aux, rank=4)
   assert all(f["down"].shape[1] == 4 for layers in start.values() for f in layers.values())
   for component, residuals in lidb.deltas(predicted, aux).items():
     for layer, residual in residuals.items():

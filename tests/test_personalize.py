@@ -19,16 +19,21 @@ FAST = ["--set", "personalize.per_prompt=1", "--set", "personalize.sample_steps=
         "--set", "personalize.upscale=1"]
 
 
-def _personalize(image, out, *extra):
-  cache = jax.config.jax_compilation_cache_dir  # the session's (tests/conftest.py)
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  """One program cache for this file's runs (its XLA part replaces tests/conftest.py's)."""
+  return str(tmp_path_factory.mktemp("hdb-cache"))
+
+
+def _personalize(image, out, *extra, cache_dir):
   return cli.main(["personalize", "--config", MINI, "--image", str(image), "--out", str(out),
-                   "--cache-dir", cache] + FAST + list(extra))
+                   "--cache-dir", cache_dir] + FAST + list(extra))
 
 
 @pytest.mark.parametrize("steps", [3, 0])
-def test_writes_every_artefact_and_nothing_else(tmp_path, steps):
+def test_writes_every_artefact_and_nothing_else(tmp_path, steps, cache):
   out = tmp_path / "me"
-  assert _personalize(PHOTO, out, "--steps", str(steps)) == 0
+  assert _personalize(PHOTO, out, "--steps", str(steps), cache_dir=cache) == 0
   assert sorted(os.listdir(out)) == sorted([cli.PERSONALIZATION_FILE, cli.SAMPLES_FILE,
                                             cli.TIMINGS_FILE])
   weights, metadata = lora.load(str(out / cli.PERSONALIZATION_FILE))
@@ -42,8 +47,15 @@ def test_writes_every_artefact_and_nothing_else(tmp_path, steps):
     assert timings["seconds"][stage] >= 0.0, stage
   grid = np.asarray(Image.open(out / cli.SAMPLES_FILE))
   assert grid.shape[0] == 6 * 32  # one row per default prompt, 32 px each at upscale 1
-  assert _personalize(PHOTO, out) == 1  # an existing result is not clobbered
+  assert _personalize(PHOTO, out, cache_dir=cache) == 1  # an existing result is not clobbered
   assert (out / cli.PERSONALIZATION_FILE).exists()
+  # A second run reads the stored programs instead of tracing: the same result.
+  again = tmp_path / "again"
+  assert _personalize(PHOTO, again, "--steps", str(steps), cache_dir=cache) == 0
+  with open(again / cli.TIMINGS_FILE) as f:
+    assert json.load(f)["programs_stored"] is True
+  weights_again, _ = lora.load(str(again / cli.PERSONALIZATION_FILE))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, weights_again, weights)
 
 
 def _bad_images(folder):
@@ -59,10 +71,10 @@ def _bad_images(folder):
   return {"cannot read": text, "cannot read ": truncated, "1x1": tiny, "no face": no_face}
 
 
-def test_bad_photos_are_refused_with_nothing_written(tmp_path, capsys):
+def test_bad_photos_are_refused_with_nothing_written(tmp_path, capsys, cache):
   for expected, image in _bad_images(tmp_path).items():
     out = tmp_path / f"out_{image.stem}"
-    assert _personalize(image, out) == 1, image
+    assert _personalize(image, out, cache_dir=cache) == 1, image
     error = capsys.readouterr().err
     assert str(image) in error and expected.strip() in error, error
     assert not out.exists() or not os.listdir(out)

@@ -66,6 +66,14 @@ def flat_values(targets) -> np.ndarray:
                          for x in jax.tree_util.tree_leaves(targets.train)], 1)
 
 
+def repeatable_share(first: np.ndarray, second: np.ndarray) -> float:
+  """Values [N, T] of the same N identities from two runs -> the share of the variance
+  across identities that both runs have (their covariance over the geometric mean of
+  their variances): 1 for identical runs, ~0 for independent noise."""
+  a, b = first - first.mean(0), second - second.mean(0)
+  return float((a * b).mean() / np.sqrt((a ** 2).mean() * (b ** 2).mean()))
+
+
 def repeatability(weights_dir: str, other_dir: str) -> dict:
   """How much of the variance across identities two noise seeds agree on."""
   first, second = (weights_dataset.open_dataset(d) for d in (weights_dir, other_dir))
@@ -73,13 +81,11 @@ def repeatability(weights_dir: str, other_dir: str) -> dict:
       np.asarray(second.identities).tolist()):
     raise ValueError(f"{weights_dir} and {other_dir} hold different identities")
   a, b = flat_values(first), flat_values(second)
-  a, b = a - a.mean(0), b - b.mean(0)
   return {
       "identities": len(first),
-      "variance_across_identities": [float((a ** 2).mean()), float((b ** 2).mean())],
-      # the shared part over the geometric mean of the two variances
-      "repeatable_fraction": float((a * b).mean() / np.sqrt((a ** 2).mean() * (b ** 2).mean())),
-      "mean_square_difference": float(((a - b) ** 2).mean()),
+      "variance_across_identities": [float(a.var(0).mean()), float(b.var(0).mean())],
+      "repeatable_fraction": repeatable_share(a, b),
+      "mean_square_difference": float(((a - a.mean(0) - b + b.mean(0)) ** 2).mean()),
   }
 
 

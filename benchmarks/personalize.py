@@ -1,0 +1,112 @@
+r"""`hdb personalize` end to end, from command start to files written: cold, traced, warm.
+
+    python benchmarks/personalize.py --out benchmarks/results/personalize_mini.json
+
+Each run is a new process (`hdb personalize --config configs/mini.py` on the shipped
+photo, the README's command), timed from its start to its exit; the rows differ only in
+what its cache folder holds:
+  cold     an empty cache: trace, store and compile every program (a new machine)
+  traced   XLA's compiled code kept, the stored programs removed: what a process gets
+           from JAX's persistent compilation cache alone (tracing and model imports left)
+  warm     both kept: programs deserialized and fetched, no model code imported
+Rounds are interleaved (cold, traced, warm, cold, ...) and the median of each row is
+reported, with the stage times of its timings.json and the peak resident memory of the
+process. Targets (issue "Personalize"): warm <= 10 s, cold <= 30 s on a 2-core CPU.
+"""
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+flags.DEFINE_string("config", "configs/mini.py", "Config with a `personalize` section.")
+flags.DEFINE_string("image", "assets/mini_subject/photo_0.png", "The face photo.")
+flags.DEFINE_integer("rounds", 3, "Runs of each row (interleaved); the median is reported.")
+flags.DEFINE_list("rows", ["cold", "traced", "warm"], "Rows to measure.")
+flags.DEFINE_list("set", [], "Config overrides passed as --set KEY=VALUE.")
+flags.DEFINE_string("out", "", "Write the results as JSON here.")
+FLAGS = flags.FLAGS
+
+
+def run_once(cache: str, out: str) -> dict:
+  """One `hdb personalize` process -> wall seconds, its timings.json, peak RSS (MB)."""
+  command = [sys.executable, "-m", "hdb_jax.cli", "personalize", "--config", FLAGS.config,
+             "--image", FLAGS.image, "--out", out, "--cache-dir", cache, "--overwrite"]
+  for pair in FLAGS.set:
+    command += ["--set", pair]
+  began = time.perf_counter()
+  child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+  stderr = child.stderr.read()
+  _, status, usage = os.wait4(child.pid, 0)  # this child's own peak resident memory
+  wall = time.perf_counter() - began
+  child.returncode = os.waitstatus_to_exitcode(status)
+  if child.returncode:
+    raise RuntimeError(f"hdb personalize failed:\n{stderr[-3000:]}")
+  with open(os.path.join(out, "timings.json")) as f:
+    timings = json.load(f)
+  return {"wall": wall, "stages": timings["seconds"],
+          "programs_stored": timings["programs_stored"], "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def main(argv):
+  del argv
+  work = tempfile.mkdtemp(prefix="hdb-bench-personalize-")
+  cache, out = os.path.join(work, "cache"), os.path.join(work, "out")
+  results = {row: [] for row in FLAGS.rows}
+  try:
+    for round_index in range(FLAGS.rounds):
+      for row in FLAGS.rows:
+        if row == "cold":
+          shutil.rmtree(cache, ignore_errors=True)
+        elif row == "traced":
+          shutil.rmtree(os.path.join(cache, "programs"), ignore_errors=True)
+        if row != "cold" and not os.path.isdir(os.path.join(cache, "xla")):
+          run_once(cache, out)  # fill the cache first
+        result = run_once(cache, out)
+        results[row].append(result)
+        print(f"round {round_index + 1} {row:7s} {result['wall']:6.1f} s  "
+              f"{json.dumps(result['stages'])}", flush=True)
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+  summary = {}
+  for row, runs in results.items():
+    stages = sorted({k for r in runs for k in r["stages"]})
+    summary[row] = {
+        "wall_seconds_median": round(statistics.median(r["wall"] for r in runs), 2),
+        "wall_seconds": [round(r["wall"], 2) for r in runs],
+        "stage_seconds_median": {k: round(statistics.median(r["stages"][k] for r in runs), 3)
+                                 for k in stages},
+        "programs_stored": [r["programs_stored"] for r in runs],
+        "peak_rss_mb_max": round(max(r["peak_rss_mb"] for r in runs), 1)}
+  import jax
+  report = {
+      "command": "python benchmarks/personalize.py " + " ".join(sys.argv[1:]),
+      "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                  "python": platform.python_version(), "jax": jax.__version__},
+      "config": FLAGS.config, "image": FLAGS.image, "rounds": FLAGS.rounds,
+      "rows": summary,
+      "targets_seconds": {"warm": 10.0, "cold": 30.0}}
+  if "warm" in summary and "traced" in summary:
+    report["warm_speedup_over_traced"] = round(
+        summary["traced"]["wall_seconds_median"] / summary["warm"]["wall_seconds_median"], 2)
+  print(json.dumps(report, indent=2))
+  if FLAGS.out:
+    sys.path.insert(0, REPO)
+    from hdb_jax import files
+    files.write_json(os.path.join(REPO, FLAGS.out) if not os.path.isabs(FLAGS.out)
+                     else FLAGS.out, report)
+
+
+if __name__ == "__main__":
+  app.run(main)

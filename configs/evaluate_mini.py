@@ -1,0 +1,66 @@
+"""The comparison table in the mini world: methods x held-out identities x prompts x seeds.
+
+    python -m train.evaluate --config configs/evaluate_mini.py --workdir workdir/evaluate
+
+Every method personalizes each of `identities` held-out synthetic_faces identities (never
+seen by pretraining, pre-optimization or the hypernetwork) from its one reference photo;
+all methods then sample the same prompts on the same noise, scored by the recognizer
+(hdb_jax/evaluate.py). Rerunning the command resumes; `--methods a,b` runs some; the
+table (`summary.json`), a figure and a plot are rewritten from the raw results at the end.
+A smoke run: --config.identities=2 --config.seeds=1 --config.sample_steps=5.
+
+Methods (`kind`):
+  base          no personalization (the floor)
+  personalize   hdb personalize's pipeline (hdb_jax/personalize.py) with these
+                config.personalize overrides: the full method (hypernetwork s = 4 ->
+                rank-4 relaxation -> 40 steps), hypernetwork only (steps 0), k = 1
+                (iterations 1), without relaxation (rank 1), and with `from_zero` the
+                "no hypernetwork" ablation (40 steps from a zero residual)
+  lidb_dreambooth   LiDB (rank 1) DreamBooth on the one photo and its mirror image, Adam,
+                    no prior preservation, `steps` steps
+LoRA DreamBooth (rank 4, 400 steps) is the personalize kind from zero with 400 steps.
+Not here yet: DreamBooth proper (full finetune, prior preservation), its aggressive
+variants, Textual Inversion, and the learnable-aux hypernetwork.
+"""
+
+import ml_collections
+
+from hdb_jax import config_file
+from hdb_jax.mini import render
+
+
+def identifier_prompts(token: str, class_name: str) -> list[str]:
+  """Plain, every background, every style, two style + background pairs (12)."""
+  subject = f"{token} {class_name}"
+  return ([f"a {subject}"]
+          + [f"a {subject} on a {colour} background" for colour in render.BACKGROUNDS]
+          + [f"a {style} of a {subject}" for style in render.STYLES]
+          + [f"a sketch of a {subject} on a blue background",
+             f"a cartoon of a {subject} on a pink background"])
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = config_file.sibling(__file__, "mini").get_config()  # model, token, personalize
+  config.data = dict(source="synthetic_faces", config="default", split="holdout",
+                     data_dir="")
+  config.identities = 50          # spread evenly over the held-out split
+  config.prompts = tuple(identifier_prompts(config.token, config.class_name))
+  config.class_prompt = "a {class_name}"
+  config.seeds = 2                # samples per prompt (noise rows), the same for every method
+  config.chunk = 8                # identities sampled in one batch
+  config.sample_steps = 25
+  config.guidance_scale = 4.0
+  config.seed = 0
+  config.methods = {
+      "base": dict(kind="base"),
+      "hypernet_only": dict(kind="personalize", steps=0),
+      "full": dict(kind="personalize"),
+      "full_k1": dict(kind="personalize", iterations=1),
+      "full_rank1": dict(kind="personalize", rank=1),
+      "no_hypernet": dict(kind="personalize", from_zero=True),
+      "lidb_dreambooth_400": dict(kind="lidb_dreambooth", steps=400, learning_rate=5e-3,
+                                  batch_size=1, hflip=True),
+      # LoRA DreamBooth (rank 4): the fast finetuning's LoRA from a zero residual, 400 steps
+      "lora_dreambooth_400": dict(kind="personalize", from_zero=True, steps=400),
+  }
+  return config

@@ -1,0 +1,74 @@
+"""The evaluation harness (train/evaluate.py, hdb_jax/evaluate.py): 2 held-out identities
+x 2 prompts x 2 methods end to end, resumed without redoing anything; the summaries'
+statistics on known numbers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from hdb_jax import evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(workdir, cache):
+  command = [sys.executable, "-m", "train.evaluate", "--config", "configs/evaluate_mini.py",
+             "--workdir", str(workdir), "--cache_dir", str(cache),
+             "--methods", "base,hypernet_only", "--config.identities=2", "--config.seeds=2",
+             "--config.chunk=2", "--config.sample_steps=2",
+             "--config.prompts=('a {token} {class_name}', 'a sketch of a {token} {class_name}')"]
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def test_two_identities_two_prompts_two_methods_and_resume(tmp_path):
+  workdir, cache = tmp_path / "eval", tmp_path / "cache"
+  done = _run(workdir, cache)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert sorted(os.listdir(workdir / "results")) == ["base.jsonl", "hypernet_only.jsonl"]
+  with open(workdir / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["prompts"] == ["a sks face", "a sketch of a sks face"]
+  table = summary["table"]
+  assert sorted(table) == ["base", "hypernet_only"]
+  for row in table.values():
+    assert row["identities"] == 2
+    assert 0.0 <= row["identity"] <= 1.0 and 0.0 <= row["valid"] <= 1.0
+    lo, hi = row["identity_ci95"]
+    assert lo <= row["identity"] <= hi
+  assert table["base"]["seconds_median"] is None and table["hypernet_only"]["seconds_median"] > 0
+  assert table["base"]["identity_plain_gain"] == 0.0
+  line = evaluate.ResultsFile(str(workdir / "results"), "hypernet_only").read()[0]
+  assert len(line["scores"]["identity"]) == 2 * 2          # prompts x seeds
+  assert line["scores"]["background"][:2] == [None, None]  # the plain prompt names none
+  assert len(line["scores"]["class_identity"]) == 2 and len(line["scores"]["diversity"]) == 2
+  assert (workdir / "samples.png").exists()
+
+  before = (workdir / "results" / "base.jsonl").read_text()
+  again = _run(workdir, cache)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert (workdir / "results" / "base.jsonl").read_text() == before  # nothing redone
+  assert "to do" not in again.stderr
+
+
+def test_summary_statistics():
+  seeds = 2
+  lines = [{"identity": i, "seconds": float(i + 1),
+            "scores": {"identity": [v, v, 0.5, 0.5], "background": [None, None, 1.0, 0.0],
+                       "style": [None, None, None, None], "valid": [1.0] * 4,
+                       "diversity": [0.1, 0.3], "class_identity": [0.25, 0.25]}}
+           for i, v in enumerate([0.0, 1.0, 1.0, 0.0])]
+  row = evaluate.summarize(lines, seeds)
+  assert row["identities"] == 4
+  assert row["identity_plain"] == 0.5 and row["identity"] == 0.5
+  assert row["background"] == 0.5 and row["style"] is None and row["style_ci95"] is None
+  assert row["diversity"] == 0.2 and row["class_identity"] == 0.25
+  assert row["seconds_median"] == 2.5
+  lo, hi = row["identity_plain_ci95"]
+  assert 0.0 <= lo < 0.5 < hi <= 1.0
+  # bootstrap intervals shrink with more identities
+  wide = evaluate.bootstrap_ci(np.r_[np.zeros(5), np.ones(5)])
+  narrow = evaluate.bootstrap_ci(np.r_[np.zeros(500), np.ones(500)])
+  assert (narrow[1] - narrow[0]) < (wide[1] - wide[0]) / 5

@@ -1,0 +1,231 @@
+r"""The comparison table: personalize held-out identities with every method, score samples.
+
+    python -m train.evaluate --config configs/evaluate_mini.py --workdir workdir/evaluate
+
+`configs/evaluate_mini.py` documents the methods and settings. In --workdir:
+  results/<method>.jsonl   one line per identity: its seconds and every sample's scores
+  summary.json             the table: mean and 95% bootstrap CI over identities per metric
+  samples.png              per method (rows): a few identities' photo, then their samples
+Rerunning resumes (per method and chunk of identities); --methods runs a subset. Methods
+share compiled programs where they can (the personalize ones through hdb personalize's
+program store, the sampler for all).
+"""
+
+import copy
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+import jax
+import numpy as np
+import optax
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from hdb_jax import dreambooth, evaluate, files, lidb, logs, lora, models, personalize
+from hdb_jax.mini import dataset, render
+from hdb_jax.mini import recognizer as recognizer_lib
+from hdb_jax import data
+
+FLAGS = flags.FLAGS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHOWN_IDENTITIES, SHOWN_PROMPTS = 4, (0, 1, 7)  # figure: plain, a background, a style
+
+
+def define_flags():
+  config_flags.DEFINE_config_file("config", None, "Evaluation config (configs/evaluate_*.py).")
+  flags.DEFINE_string("workdir", None, "Output folder; rerunning resumes from it.")
+  flags.DEFINE_list("methods", [], "Methods to run (default: all of config.methods).")
+  flags.DEFINE_string("cache_dir", None, "Program cache of hdb personalize (default "
+                      "$HDB_CACHE or ~/.cache/hdb-jax).")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def held_out(cfg, image_size: int):
+  """-> (identities [M], photos uint8 [M, S, S, 3]): `cfg.identities` spread evenly."""
+  records = dataset.source(cfg.data.config, cfg.data.split, cfg.data.data_dir or None)
+  ranges = list(data.identity_ranges(records))
+  picks = np.linspace(0, len(ranges) - 1, min(cfg.identities, len(ranges))).round().astype(int)
+  identities = np.array([ranges[k][0] for k in picks], np.int64)
+  photos = np.stack([records[ranges[k][1]]["image"] for k in picks])  # reference photos
+  if photos.shape[1] != image_size:
+    raise ValueError(f"synthetic_faces/{cfg.data.config} photos are {photos.shape[1]}px, "
+                     f"the model makes {image_size}px images")
+  return identities, photos
+
+
+def personalize_method(config, method, cache):
+  """A trainer for kind "personalize": photo [S, S, 3] in [-1, 1] -> LoRA (numpy)."""
+  config = copy.deepcopy(config)
+  from_zero = method.get("from_zero", False)
+  for key, value in method.items():
+    if key not in ("kind", "from_zero"):
+      config.personalize[key] = value
+  prompt = config.instance_prompt.format(token=config.token, class_name=config.class_name)
+  config.personalize.per_prompt = 1  # its own sampler is not used here: keep it small
+  p = personalize.load(config, [prompt], cache)
+  return lambda photo: personalize.run(p, photo, from_zero=from_zero).lora
+
+
+def lidb_dreambooth_method(config, method, sd, frozen):
+  """A trainer for kind "lidb_dreambooth": LiDB DreamBooth on the one photo (+ mirror)."""
+  spec = lidb.make_spec(frozen, seed=config.lidb.seed, a=config.lidb.a, b=config.lidb.b,
+                        rank=config.lidb.rank, targets=dict(config.lidb.targets))
+  aux = lidb.make_aux(spec)
+  tx = optax.adam(method.learning_rate)
+  step = dreambooth.make_train_step(sd, tx, method.batch_size)
+  prompt = config.instance_prompt.format(token=config.token, class_name=config.class_name)
+  ids = sd.tokenize([prompt])
+
+  def train(photo):
+    latents = dreambooth.encode_subject(sd, frozen["vae"], photo[None], method.hflip)
+    pools = (dreambooth.make_pool(latents, ids, 1.0),)
+    weights = lidb.init(spec, jax.random.key(config.seed))
+    opt_state = tx.init(weights)
+    key = jax.random.key(config.seed)
+    for k in range(method.steps):
+      weights, opt_state, _ = step(weights, opt_state, frozen, aux, pools,
+                                   jax.random.fold_in(key, k))
+    return lora.from_lidb(weights, spec, aux)
+
+  return train
+
+
+def main(argv):
+  del argv
+  logs.quiet_libraries()
+  config, workdir = FLAGS.config, FLAGS.workdir
+  results_dir = os.path.join(workdir, "results")
+  os.makedirs(results_dir, exist_ok=True)
+  os.makedirs(os.path.join(workdir, "shown"), exist_ok=True)
+  cache = personalize.cache_dirs(FLAGS.cache_dir)
+  sd, frozen = models.load_or_build(config.model)
+  identities, photos = held_out(config, sd.image_size)
+  rec = recognizer_lib.load()
+  words = dict(token=config.token, class_name=config.class_name)
+  prompts = [p.format(**words) for p in config.prompts]
+  class_prompt = config.class_prompt.format(**words)
+  rows = (len(prompts) + 1) * config.seeds                     # samples per identity
+  shown_prompts = [p for p in SHOWN_PROMPTS if p < len(prompts)]
+  chunk = config.chunk
+  cond = np.tile(np.repeat(sd.tokenize(prompts + [class_prompt]), config.seeds, 0), (chunk, 1))
+  uncond = np.repeat(sd.tokenize([""]), len(cond), 0)
+  generate_base = dreambooth.make_generate(sd, config.sample_steps)
+  generate = dreambooth.make_generate_per_identity_lora(sd, config.sample_steps)
+  attributes = render.identity_attributes(identities)
+  names = list(FLAGS.methods) or list(config.methods)
+  unknown = [n for n in names if n not in config.methods]
+  if unknown:
+    raise app.UsageError(f"--methods: {unknown} not in config.methods "
+                         f"({sorted(config.methods)})")
+
+  for name in names:
+    method = config.methods[name]
+    store = evaluate.ResultsFile(results_dir, name)
+    todo = [k for k, i in enumerate(identities) if int(i) not in store.done()]
+    if not todo:
+      continue
+    logging.info("%s: %d of %d identities to do", name, len(todo), len(identities))
+    if method.kind == "base":
+      train = None
+    elif method.kind == "personalize":
+      train = personalize_method(config, method, cache)
+    elif method.kind == "lidb_dreambooth":
+      train = lidb_dreambooth_method(config, method, sd, frozen)
+    else:
+      raise app.UsageError(f"config.methods.{name}.kind: unknown {method.kind!r}")
+    for start in tqdm(range(0, len(todo), chunk), desc=name, unit="chunk"):
+      picked = todo[start:start + chunk]
+      seconds, loras = [], []
+      for k in picked:
+        began = time.perf_counter()
+        if train is not None:
+          loras.append(jax.tree_util.tree_map(np.asarray, train(
+              photos[k].astype(np.float32) / 127.5 - 1.0)))
+        seconds.append(time.perf_counter() - began if train is not None else None)
+      # The same noise for every method: the key follows the identities' positions.
+      key = jax.random.fold_in(jax.random.key(config.seed), picked[0])
+      if train is None:
+        images = generate_base(frozen, None, None, cond, uncond, key, config.guidance_scale)
+      else:
+        padded = loras + [loras[0]] * (chunk - len(loras))   # one compiled shape
+        stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *padded)
+        images = generate(frozen, stacked, cond, uncond, key, config.guidance_scale)
+      images = np.asarray(images)
+      lines = []
+      for j, k in enumerate(picked):
+        own = images[j * rows:(j + 1) * rows]
+        lines.append({"identity": int(identities[k]), "seconds": seconds[j],
+                      "scores": evaluate.score_identity(rec, own, prompts, class_prompt,
+                                                        attributes[k], config.seeds)})
+        if k < SHOWN_IDENTITIES:
+          files.save_grid(np.concatenate([photos[k:k + 1].astype(np.float32) / 127.5 - 1.0,
+                                          own[[p * config.seeds for p in shown_prompts]]]),
+                          os.path.join(workdir, "shown", f"{name}_{int(identities[k])}.png"),
+                          rows=1, upscale=2)
+      store.append(lines)
+
+  summary = write_summary(config, workdir, prompts)
+  write_figure(config, workdir, identities[:SHOWN_IDENTITIES],
+               [prompts[p] for p in shown_prompts])
+  print(json_table(summary))
+
+
+def write_figure(config, workdir: str, shown_identities, shown_prompts: list[str]) -> None:
+  """samples.png: a row per method, labelled; per shown identity its photo and samples of
+  the plain prompt, a background and a style (the same noise in every row)."""
+  from PIL import Image
+  rows, labels = [], []
+  for name in config.methods:
+    paths = [os.path.join(workdir, "shown", f"{name}_{int(i)}.png") for i in shown_identities]
+    if not all(os.path.exists(p) for p in paths):
+      continue
+    tiles = [np.asarray(Image.open(p).convert("RGB"), np.float32) / 127.5 - 1.0 for p in paths]
+    rows.append(np.concatenate([t.reshape(t.shape[0], -1, t.shape[0], 3).transpose(1, 0, 2, 3)
+                                for t in tiles]))
+    labels.append(name)
+  if rows:
+    grid = files.labelled_rows(rows, labels)
+    with files.atomic_path(os.path.join(workdir, "samples.png")) as tmp:
+      Image.fromarray(grid).save(tmp, format="PNG")
+    logging.info("columns: per identity its photo, then %s",
+                 ", ".join(repr(p) for p in shown_prompts))
+
+
+def write_summary(config, workdir: str, prompts: list[str]) -> dict:
+  """summary.json from every method's raw results (drops against the base's)."""
+  table = {}
+  for name in config.methods:
+    lines = evaluate.ResultsFile(os.path.join(workdir, "results"), name).read()
+    if lines:
+      table[name] = evaluate.summarize(lines, config.seeds)
+  if "base" in table:
+    for name, row in table.items():
+      for metric in ("background", "style"):
+        if row[metric] is not None and table["base"][metric] is not None:
+          row[metric + "_drop"] = table["base"][metric] - row[metric]
+      row["identity_plain_gain"] = row["identity_plain"] - table["base"]["identity_plain"]
+  summary = {"command": "python -m train.evaluate " + files.portable_command(sys.argv[1:], REPO),
+             "identities": config.identities, "prompts": prompts, "seeds": config.seeds,
+             "sample_steps": config.sample_steps, "guidance_scale": config.guidance_scale,
+             "methods": {k: config.methods[k].to_dict() for k in table}, "table": table}
+  files.write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary
+
+
+def json_table(summary: dict) -> str:
+  """The table as text: one line per method."""
+  lines = [f"{'method':22s} {'id plain':>9s} {'id all':>7s} {'bg':>6s} {'style':>6s} "
+           f"{'valid':>6s} {'class id':>8s} {'s/id':>6s}"]
+  for name, row in summary["table"].items():
+    fmt = lambda x, w=6: f"{x:{w}.3f}" if x is not None else " " * (w - 1) + "-"
+    lines.append(f"{name:22s} {fmt(row['identity_plain'], 9)} {fmt(row['identity'], 7)} "
+                 f"{fmt(row['background'])} {fmt(row['style'])} {fmt(row['valid'])} "
+                 f"{fmt(row['class_identity'], 8)} {fmt(row['seconds_median'])}")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
