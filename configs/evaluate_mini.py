@@ -18,9 +18,11 @@ Methods (`kind`):
                 "no hypernetwork" ablation (40 steps from a zero residual)
   lidb_dreambooth   LiDB (rank 1) DreamBooth on the one photo and its mirror image, Adam,
                     no prior preservation, `steps` steps
+  dreambooth    DreamBooth proper (hdb_jax/baselines.py): the whole UNet, Adam, prior
+                preservation on `prior_images` class images the base made ("a face")
+  textual_inversion   the identifier token's embedding row only
 LoRA DreamBooth (rank 4, 400 steps) is the personalize kind from zero with 400 steps.
-Not here yet: DreamBooth proper (full finetune, prior preservation), its aggressive
-variants, Textual Inversion, and the learnable-aux hypernetwork.
+Not here yet: the learnable-aux hypernetwork (no trained one is committed).
 """
 
 import ml_collections
@@ -62,5 +64,15 @@ def get_config() -> ml_collections.ConfigDict:
                                   batch_size=1, hflip=True),
       # LoRA DreamBooth (rank 4): the fast finetuning's LoRA from a zero residual, 400 steps
       "lora_dreambooth_400": dict(kind="personalize", from_zero=True, steps=400),
+      # DreamBooth proper: the whole UNet, prior preservation on 16 class images
+      "dreambooth_400": dict(kind="dreambooth", steps=400, learning_rate=1e-4, batch_size=1,
+                             hflip=True, prior_images=16, prior_weight=1.0),
+      # DreamBooth-Agg-1 / -2: a high learning rate, 400 / 40 steps
+      "dreambooth_agg1": dict(kind="dreambooth", steps=400, learning_rate=1e-3, batch_size=1,
+                              hflip=True, prior_images=16, prior_weight=1.0),
+      "dreambooth_agg2": dict(kind="dreambooth", steps=40, learning_rate=1e-3, batch_size=1,
+                              hflip=True, prior_images=16, prior_weight=1.0),
+      "textual_inversion": dict(kind="textual_inversion", steps=400, learning_rate=5e-3,
+                                batch_size=1, hflip=True),
   }
   return config

@@ -67,18 +67,23 @@ def text_conditioned_loss(sd, params, input_ids, latents, rng, weights=None):
   return (losses * weights).sum() / weights.sum()
 
 
-def generate(sd, params, cond_ids, uncond_ids, rng, guidance_scale, num_steps: int):
+def generate(sd, params, cond_ids, uncond_ids, rng, guidance_scale, num_steps: int,
+             noise=None):
   """Images [B, H, W, 3] in [-1, 1] for prompts `cond_ids` [B, L].
 
   DDIM (eta = 0) with classifier-free guidance against `uncond_ids` [B, L] (usually
   the empty prompt), as one `lax.scan`: jit it with `num_steps` static and it compiles
-  once for any params, prompts, seed and guidance scale.
+  once for any params, prompts, seed and guidance scale. The only randomness is the
+  starting noise: drawn from `rng`, or given as `noise` [B, C, h, w] (standard normal),
+  e.g. the same per sample whatever the batch it is sampled in (`noise_for`).
   """
   batch = cond_ids.shape[0]
   shape = (batch, sd.latent_channels, sd.latent_size, sd.latent_size)
   context = sd.encode_text(params["text_encoder"], jnp.concatenate([uncond_ids, cond_ids]))
   state = sd.scheduler.set_timesteps(sd.scheduler.create_state(), num_steps, shape)
-  latents = jax.random.normal(rng, shape, jnp.float32) * state.init_noise_sigma
+  if noise is None:
+    noise = jax.random.normal(rng, shape, jnp.float32)
+  latents = noise * state.init_noise_sigma
 
   def denoise(carry, t):
     latents, state = carry
@@ -91,3 +96,9 @@ def generate(sd, params, cond_ids, uncond_ids, rng, guidance_scale, num_steps: i
 
   (latents, _), _ = jax.lax.scan(denoise, (latents, state), state.timesteps)
   return sd.decode_latents(params["vae"], latents)
+
+
+def noise_for(sd, keys) -> jax.Array:
+  """Starting noise [N, C, h, w], row i drawn from keys[i] alone."""
+  shape = (sd.latent_channels, sd.latent_size, sd.latent_size)
+  return jax.vmap(lambda key: jax.random.normal(key, shape, jnp.float32))(keys)

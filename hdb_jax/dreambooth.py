@@ -73,14 +73,14 @@ def make_train_step(sd, optimizer: optax.GradientTransformation, batch_size: int
 
 
 def make_generate(sd, num_steps: int):
-  """jit(fn)(frozen, train, aux, cond_ids, uncond_ids, rng, guidance) -> images [B, H, W, 3].
-
-  With `train=None` and `aux=None` the base model samples (a separate compilation).
+  """jit(fn)(frozen, train, aux, cond_ids, uncond_ids, rng, guidance[, noise]) -> images
+  [B, H, W, 3]. With `train=None` and `aux=None` the base model samples (a separate
+  compilation); `noise`: the starting noise (`diffusion.generate`), else drawn from rng.
   """
-  def generate(frozen, train, aux, cond_ids, uncond_ids, rng, guidance_scale):
+  def generate(frozen, train, aux, cond_ids, uncond_ids, rng, guidance_scale, noise=None):
     params = frozen if train is None else lidb.merge(frozen, train, aux)
     return diffusion.generate(sd, params, cond_ids, uncond_ids, rng, guidance_scale,
-                              num_steps)
+                              num_steps, noise)
 
   return jax.jit(generate)
 
@@ -103,20 +103,20 @@ def make_generate_per_identity(sd, num_steps: int):
 
 
 def make_generate_per_identity_lora(sd, num_steps: int):
-  """jit(fn)(frozen, lora, cond_ids, uncond_ids, rng, guidance) -> images [G * n, ...]:
-  `make_generate_per_identity` for G identities' LoRAs (`lora` leaves [G, in, r] and
-  [G, r, out], any rank)."""
+  """jit(fn)(frozen, lora, cond_ids, uncond_ids, rng, guidance[, noise]) -> images
+  [G * n, ...]: `make_generate_per_identity` for G identities' LoRAs (`lora` leaves
+  [G, in, r] and [G, r, out], any rank); `noise` as in `make_generate`."""
   return jax.jit(_generate_per_identity_lora(sd, num_steps))
 
 
 def _generate_per_identity_lora(sd, num_steps: int):
   from hdb_jax import preopt  # preopt's side path; preopt does not import this module
 
-  def generate(frozen, factors, cond_ids, uncond_ids, rng, guidance_scale):
+  def generate(frozen, factors, cond_ids, uncond_ids, rng, guidance_scale, noise=None):
     # diffusion.generate runs the models on [uncond rows; cond rows]: 2G groups.
     both = jax.tree_util.tree_map(lambda f: jnp.concatenate([f, f]), factors)
     with preopt.low_rank_side_path(both):
       return diffusion.generate(sd, frozen, cond_ids, uncond_ids, rng, guidance_scale,
-                                num_steps)
+                                num_steps, noise)
 
   return generate

@@ -23,6 +23,10 @@ import numpy as np
 from PIL import Image
 
 LANDMARKS_FILE = os.path.join("models", "shape_predictor_5_face_landmarks.dat")
+RECOGNITION_FILE = os.path.join("models", "dlib_face_recognition_resnet_model_v1.dat")
+# dlib's face descriptors: two photos of one person are usually closer than this (its
+# documentation's threshold, 99.38% on LFW).
+SAME_PERSON_DISTANCE = 0.6
 # Detection runs on a copy whose longer side is at most this (HOG cost grows with the
 # pixel count; faces in a portrait are far larger than the detector's 80 px window).
 DETECT_MAX_SIDE = 800
@@ -46,18 +50,26 @@ def _dlib():
   return dlib
 
 
+def _model_file(name: str) -> str:
+  """A model file of face_recognition_models, located without importing the package (its
+  __init__ imports pkg_resources, which new setuptools no longer has)."""
+  spec = importlib.util.find_spec("face_recognition_models")
+  if spec is None or not spec.submodule_search_locations:
+    raise ImportError("the face models need face-recognition-models: "
+                      "pip install -e '.[faces]'")
+  return os.path.join(list(spec.submodule_search_locations)[0], name)
+
+
 @functools.lru_cache(maxsize=1)
 def _models():
   """(detector, 5-point landmark predictor), loaded once per process."""
   dlib = _dlib()
-  # The data folder of face_recognition_models, located without importing the package
-  # (its __init__ imports pkg_resources, which new setuptools no longer has).
-  spec = importlib.util.find_spec("face_recognition_models")
-  if spec is None or not spec.submodule_search_locations:
-    raise ImportError("the face landmarks need face-recognition-models: "
-                      "pip install -e '.[faces]'")
-  path = os.path.join(list(spec.submodule_search_locations)[0], LANDMARKS_FILE)
-  return dlib.get_frontal_face_detector(), dlib.shape_predictor(path)
+  return dlib.get_frontal_face_detector(), dlib.shape_predictor(_model_file(LANDMARKS_FILE))
+
+
+@functools.lru_cache(maxsize=1)
+def _recognizer():
+  return _dlib().face_recognition_model_v1(_model_file(RECOGNITION_FILE))
 
 
 def detect(rgb: np.ndarray) -> list[Face]:
@@ -124,3 +136,35 @@ def aligned_crop(rgb: np.ndarray, face: Face, size: int, margin: float = 0.6) ->
   square = Image.fromarray(np.asarray(rgb, np.uint8)).transform(
       (cut, cut), Image.AFFINE, coefficients, resample=Image.BICUBIC, fillcolor=fill)
   return np.asarray(square.resize((size, size), Image.LANCZOS))
+
+
+def descriptor(rgb: np.ndarray, face: Face | None = None) -> np.ndarray | None:
+  """dlib's 128-d face descriptor (a ResNet trained for face recognition) of `face` in
+  `rgb` (default: the most confident face), or None when no face is found. Two photos of
+  one person are usually within `SAME_PERSON_DISTANCE` (Euclidean) of each other."""
+  dlib = _dlib()
+  if face is None:
+    found = detect(rgb)
+    if not found:
+      return None
+    face = found[0]
+  _, landmarks = _models()
+  rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+  shape = landmarks(rgb, dlib.rectangle(*(round(v) for v in face.box)))
+  return np.asarray(_recognizer().compute_face_descriptor(rgb, shape), np.float32)
+
+
+def identity_similarity(reference: np.ndarray, samples) -> tuple[np.ndarray, np.ndarray]:
+  """The face metric for real photos (the paper's "Face Rec"): per sample, 1 - the
+  descriptor distance to the reference photo's face (higher: more alike), and whether a
+  face was found in it (samples without one score NaN). reference: uint8 [H, W, 3];
+  samples: uint8 [N, H, W, 3] -> (similarity float [N], found bool [N])."""
+  anchor = descriptor(reference)
+  if anchor is None:
+    raise ValueError("identity_similarity: no face in the reference photo")
+  similarity, found = [], []
+  for sample in samples:
+    own = descriptor(sample)
+    found.append(own is not None)
+    similarity.append(np.nan if own is None else 1.0 - float(np.linalg.norm(own - anchor)))
+  return np.asarray(similarity, np.float32), np.asarray(found)

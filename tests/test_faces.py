@@ -87,3 +87,19 @@ def test_personalize_refuses_a_cat_with_nothing_written(photos, tmp_path, capsys
   assert code == 1
   assert f"{photos['chelsea']}: no face found" in capsys.readouterr().err
   assert not out.exists() or not os.listdir(out)
+
+
+def test_the_face_metric_knows_the_same_face_from_another(photos):
+  """dlib's face descriptors: the astronaut mirrored, turned and brightened stays closer to
+  herself than Grace Hopper (matplotlib's sample photo) is; a cup has no face."""
+  import matplotlib.cbook
+  astronaut = files.read_rgb(photos["astronaut"])
+  changed = np.asarray(Image.fromarray(astronaut[:, ::-1]).rotate(10, resample=Image.BICUBIC)
+                       .point(lambda v: min(255, int(v * 1.15))))
+  hopper = files.read_rgb(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+  similarity, found = faces.identity_similarity(
+      astronaut, [changed, hopper, files.read_rgb(photos["coffee"])])
+  assert found.tolist() == [True, True, False] and np.isnan(similarity[2])
+  assert similarity[0] > 1.0 - faces.SAME_PERSON_DISTANCE > similarity[1]
+  with pytest.raises(ValueError, match="no face in the reference"):
+    faces.identity_similarity(files.read_rgb(photos["coffee"]), [astronaut])

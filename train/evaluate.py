@@ -23,7 +23,8 @@ import optax
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from hdb_jax import dreambooth, evaluate, files, lidb, logs, lora, models, personalize
+from hdb_jax import baselines, diffusion, dreambooth, evaluate, files, lidb, logs, lora
+from hdb_jax import models, personalize
 from hdb_jax.mini import dataset, render
 from hdb_jax.mini import recognizer as recognizer_lib
 from hdb_jax import data
@@ -65,7 +66,7 @@ def personalize_method(config, method, cache):
   prompt = config.instance_prompt.format(token=config.token, class_name=config.class_name)
   config.personalize.per_prompt = 1  # its own sampler is not used here: keep it small
   p = personalize.load(config, [prompt], cache)
-  return lambda photo: personalize.run(p, photo, from_zero=from_zero).lora
+  return lambda photo: ("lora", personalize.run(p, photo, from_zero=from_zero).lora)
 
 
 def lidb_dreambooth_method(config, method, sd, frozen):
@@ -87,7 +88,47 @@ def lidb_dreambooth_method(config, method, sd, frozen):
     for k in range(method.steps):
       weights, opt_state, _ = step(weights, opt_state, frozen, aux, pools,
                                    jax.random.fold_in(key, k))
-    return lora.from_lidb(weights, spec, aux)
+    return "lora", lora.from_lidb(weights, spec, aux)
+
+  return train
+
+
+def dreambooth_method(config, method, sd, frozen, generate_base):
+  """A trainer for kind "dreambooth": the whole UNet finetuned (DreamBooth proper, or its
+  aggressive variants), with prior preservation when `prior_images` > 0."""
+  tx = optax.adam(method.learning_rate)
+  step = baselines.make_finetune_step(sd, tx, method.batch_size)
+  words = dict(token=config.token, class_name=config.class_name)
+  ids = sd.tokenize([config.instance_prompt.format(**words)])
+  prior = []
+  if method.prior_images:
+    class_ids = sd.tokenize([config.class_prompt.format(**words)])
+    prior = [baselines.class_pool(sd, frozen, generate_base, class_ids, method.prior_images,
+                                  jax.random.key(config.seed + 1), config.guidance_scale,
+                                  method.prior_weight)]
+
+  def train(photo):
+    latents = dreambooth.encode_subject(sd, frozen["vae"], photo[None], method.hflip)
+    pools = [dreambooth.make_pool(latents, ids, 1.0)] + prior
+    return "params", baselines.dreambooth_finetune(step, tx, frozen, pools,
+                                                   steps=method.steps, seed=config.seed)
+
+  return train
+
+
+def inversion_method(config, method, sd, frozen):
+  """A trainer for kind "textual_inversion": the identifier token's embedding only."""
+  tx = optax.adam(method.learning_rate)
+  token_id = int(sd.tokenize([config.token])[0][1])  # after the start token
+  step = baselines.make_inversion_step(sd, tx, method.batch_size, token_id)
+  ids = sd.tokenize([config.instance_prompt.format(token=config.token,
+                                                   class_name=config.class_name)])
+
+  def train(photo):
+    latents = dreambooth.encode_subject(sd, frozen["vae"], photo[None], method.hflip)
+    pools = [dreambooth.make_pool(latents, ids, 1.0)]
+    return "params", baselines.textual_inversion(step, tx, frozen, pools, token_id,
+                                                 steps=method.steps, seed=config.seed)
 
   return train
 
@@ -109,10 +150,17 @@ def main(argv):
   rows = (len(prompts) + 1) * config.seeds                     # samples per identity
   shown_prompts = [p for p in SHOWN_PROMPTS if p < len(prompts)]
   chunk = config.chunk
-  cond = np.tile(np.repeat(sd.tokenize(prompts + [class_prompt]), config.seeds, 0), (chunk, 1))
-  uncond = np.repeat(sd.tokenize([""]), len(cond), 0)
+  cond_one = np.repeat(sd.tokenize(prompts + [class_prompt]), config.seeds, 0)  # [rows, L]
+  uncond_one = np.repeat(sd.tokenize([""]), rows, 0)
+  cond, uncond = np.tile(cond_one, (chunk, 1)), np.tile(uncond_one, (chunk, 1))
   generate_base = dreambooth.make_generate(sd, config.sample_steps)
   generate = dreambooth.make_generate_per_identity_lora(sd, config.sample_steps)
+  # Every sample's starting noise follows (seed, identity position, row) alone: the same
+  # for every method, however its samples are batched or resumed.
+  seed_key = jax.random.key(config.seed)
+  noise_of = jax.jit(lambda position: diffusion.noise_for(sd, jax.vmap(
+      lambda row: jax.random.fold_in(jax.random.fold_in(seed_key, position), row))(
+          np.arange(rows))))
   attributes = render.identity_attributes(identities)
   names = list(FLAGS.methods) or list(config.methods)
   unknown = [n for n in names if n not in config.methods]
@@ -133,25 +181,38 @@ def main(argv):
       train = personalize_method(config, method, cache)
     elif method.kind == "lidb_dreambooth":
       train = lidb_dreambooth_method(config, method, sd, frozen)
+    elif method.kind == "dreambooth":
+      train = dreambooth_method(config, method, sd, frozen, generate_base)
+    elif method.kind == "textual_inversion":
+      train = inversion_method(config, method, sd, frozen)
     else:
       raise app.UsageError(f"config.methods.{name}.kind: unknown {method.kind!r}")
     for start in tqdm(range(0, len(todo), chunk), desc=name, unit="chunk"):
       picked = todo[start:start + chunk]
-      seconds, loras = [], []
+      seconds, trained = [], []
       for k in picked:
         began = time.perf_counter()
         if train is not None:
-          loras.append(jax.tree_util.tree_map(np.asarray, train(
-              photos[k].astype(np.float32) / 127.5 - 1.0)))
+          kind, tree = train(photos[k].astype(np.float32) / 127.5 - 1.0)
+          trained.append((kind, jax.tree_util.tree_map(np.asarray, tree)))
         seconds.append(time.perf_counter() - began if train is not None else None)
-      # The same noise for every method: the key follows the identities' positions.
-      key = jax.random.fold_in(jax.random.key(config.seed), picked[0])
+      noise = [noise_of(k) for k in picked]
+      key = jax.random.key(config.seed)  # unused: the noise is given
       if train is None:
-        images = generate_base(frozen, None, None, cond, uncond, key, config.guidance_scale)
-      else:
+        padded = noise + [noise[0]] * (chunk - len(noise))
+        images = generate_base(frozen, None, None, cond, uncond, key, config.guidance_scale,
+                               np.concatenate(padded))
+      elif trained[0][0] == "lora":  # all identities in one batch, through the side path
+        loras = [tree for _, tree in trained]
         padded = loras + [loras[0]] * (chunk - len(loras))   # one compiled shape
         stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *padded)
-        images = generate(frozen, stacked, cond, uncond, key, config.guidance_scale)
+        images = generate(frozen, stacked, cond, uncond, key, config.guidance_scale,
+                          np.concatenate(noise + [noise[0]] * (chunk - len(noise))))
+      else:  # whole components changed: one identity at a time
+        images = np.concatenate([
+            generate_base({**frozen, **tree}, None, None, cond_one, uncond_one, key,
+                          config.guidance_scale, noise[j])
+            for j, (_, tree) in enumerate(trained)])
       images = np.asarray(images)
       lines = []
       for j, k in enumerate(picked):
@@ -169,6 +230,7 @@ def main(argv):
   summary = write_summary(config, workdir, prompts)
   write_figure(config, workdir, identities[:SHOWN_IDENTITIES],
                [prompts[p] for p in shown_prompts])
+  write_plot(summary, os.path.join(workdir, "plot.png"))
   print(json_table(summary))
 
 
@@ -212,6 +274,42 @@ def write_summary(config, workdir: str, prompts: list[str]) -> dict:
              "methods": {k: config.methods[k].to_dict() for k in table}, "table": table}
   files.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
+
+
+def write_plot(summary: dict, path: str) -> None:
+  """plot.png: identity accuracy (plain prompt) against context accuracy (background and
+  style on the identifier prompts), one point per method with its 95% intervals; and the
+  seconds per personalization. Needs matplotlib (the [test] extra has it)."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    logging.warning("matplotlib is not installed: no %s", path)
+    return
+  table = summary["table"]
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+  for name, row in table.items():
+    context = np.nanmean([np.nan if row[m] is None else row[m] for m in ("background", "style")])
+    lo, hi = row["identity_plain_ci95"] or (row["identity_plain"],) * 2
+    left.errorbar(context, row["identity_plain"],
+                  yerr=[[row["identity_plain"] - lo], [hi - row["identity_plain"]]],
+                  fmt="o", capsize=3)
+    left.annotate(name, (context, row["identity_plain"]), textcoords="offset points",
+                  xytext=(5, 4), fontsize=8)
+  left.set_xlabel("context accuracy (background, style; identifier prompts)")
+  left.set_ylabel("identity accuracy (plain prompt)")
+  left.set_title(f"{summary['identities']} held-out identities, 95% CI")
+  timed = [(name, row["seconds_median"]) for name, row in table.items()
+           if row["seconds_median"] is not None]
+  if timed:
+    right.barh([n for n, _ in timed], [t for _, t in timed])
+    right.set_xscale("log")
+    right.set_xlabel("seconds per personalization (median; training + prediction)")
+  fig.tight_layout()
+  with files.atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=100)
+  plt.close(fig)
 
 
 def json_table(summary: dict) -> str:
