@@ -31,22 +31,12 @@ from hdb_jax import config_file
 from hdb_jax.mini import render
 
 
-def identifier_prompts(token: str, class_name: str) -> list[str]:
-  """Plain, every background, every style, two style + background pairs (12)."""
-  subject = f"{token} {class_name}"
-  return ([f"a {subject}"]
-          + [f"a {subject} on a {colour} background" for colour in render.BACKGROUNDS]
-          + [f"a {style} of a {subject}" for style in render.STYLES]
-          + [f"a sketch of a {subject} on a blue background",
-             f"a cartoon of a {subject} on a pink background"])
-
-
 def get_config() -> ml_collections.ConfigDict:
   config = config_file.sibling(__file__, "mini").get_config()  # model, token, personalize
   config.data = dict(source="synthetic_faces", config="default", split="holdout",
                      data_dir="")
   config.identities = 50          # spread evenly over the held-out split
-  config.prompts = tuple(identifier_prompts(config.token, config.class_name))
+  config.prompts = tuple(render.identifier_prompts(config.token, config.class_name))
   config.class_prompt = "a {class_name}"
   config.seeds = 2                # samples per prompt (noise rows), the same for every method
   config.chunk = 8                # identities sampled in one batch

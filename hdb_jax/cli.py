@@ -257,7 +257,7 @@ def main(argv=None) -> int:
       print(json.dumps(info(args), indent=2))
     else:
       print(json.dumps(file_commands[args.command](args), indent=2))
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, FloatingPointError) as e:
     print(f"hdb {args.command}: error: {e}", file=sys.stderr)
     return 1
   return 0

@@ -17,6 +17,7 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from hdb_jax import dreambooth, lidb, lora, relax
@@ -69,7 +70,12 @@ def train(step_fn, trained, opt_state, fixed, frozen, pools, *, steps: int, seed
     trained, opt_state, loss = step_fn(trained, opt_state, fixed, frozen, tuple(pools),
                                        jax.random.fold_in(key, step))
     losses.append(loss)
-  return {**trained, **fixed}, [float(x) for x in losses]
+  losses = [float(x) for x in losses]
+  bad = [k for k, x in enumerate(losses) if not np.isfinite(x)]
+  if bad:
+    raise FloatingPointError(f"fast finetuning: the loss is {losses[bad[0]]} at step "
+                             f"{bad[0] + 1} of {steps} (learning rate too high?); nothing kept")
+  return {**trained, **fixed}, losses
 
 
 def finetune(sd, frozen, lora_init: Mapping, pools, *, steps: int, learning_rate: float,

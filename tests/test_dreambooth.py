@@ -89,3 +89,11 @@ def test_missing_images_are_a_clear_error(tmp_path):
   broken.write_bytes(b"not a png")
   with pytest.raises(ValueError, match="broken.png: cannot read image"):
     files.read_image(str(broken), 32)
+
+
+def test_a_loss_that_is_not_finite_stops_before_checkpointing(run_config, tmp_path):
+  config = run_config.copy_and_resolve_references()
+  config.train.learning_rate = 1e30  # the first update sends the weights to ~1e30
+  with pytest.raises(FloatingPointError, match=r"step \d: loss is (nan|inf)"):
+    lidb_dreambooth.run(config, str(tmp_path / "nan"))
+  assert not (tmp_path / "nan" / "lidb.safetensors").exists()

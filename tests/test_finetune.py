@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from hdb_jax import dreambooth, finetune, lidb, lora
 from train import lidb_dreambooth
@@ -42,3 +43,10 @@ def test_fast_finetune_from_a_relaxed_prediction(tiny_model, tiny_lidb):
                                  start["unet"])
   assert max(jax.tree_util.tree_leaves(moved)) > 1e-3
   lora.check(jax.tree_util.tree_map(np.asarray, tuned))  # a valid LoRA for lora.save/export
+
+
+def test_a_loss_that_is_not_finite_stops_the_finetuning():
+  def exploding_step(trained, opt_state, fixed, frozen, pools, rng):
+    return trained, opt_state, np.float32(np.nan)
+  with pytest.raises(FloatingPointError, match="loss is nan at step 1 of 3"):
+    finetune.train(exploding_step, {"w": np.zeros(2)}, (), {}, {}, (), steps=3, seed=0)

@@ -375,3 +375,13 @@ def test_face_mask_needs_records_with_masks(tmp_path):
                     "preopt.face_background_weight": 0.1})
   with pytest.raises(ValueError, match="no face_mask"):
     entry.run(config, str(tmp_path))
+
+
+def test_a_loss_that_is_not_finite_stops_before_writing(tmp_path):
+  import train.preoptimize as entry
+  config = _config({**RUN, "data.source": "random", "data.random_identities": 2,
+                    "preopt.learning_rate": 1e30})
+  with pytest.raises(FloatingPointError, match=r"identities \[\d+, \d+\] is not finite"):
+    entry.run(config, str(tmp_path))
+  weights = tmp_path / "weights"
+  assert not weights.exists() or not [n for n in os.listdir(weights) if "shard" in n]

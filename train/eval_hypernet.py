@@ -58,12 +58,7 @@ def define_flags():
 
 def prompts(token: str, class_name: str) -> list[str]:
   """The identifier prompts: plain, every background, every style, two pairs (12)."""
-  subject = f"{token} {class_name}"
-  return ([f"a {subject}"]
-          + [f"a {subject} on a {colour} background" for colour in render.BACKGROUNDS]
-          + [f"a {style} of a {subject}" for style in render.STYLES]
-          + [f"a sketch of a {subject} on a blue background",
-             f"a cartoon of a {subject} on a pink background"])
+  return render.identifier_prompts(token, class_name)
 
 
 def scores(rec, images, prompt_list, identities, per_prompt: int) -> dict:

@@ -102,12 +102,19 @@ def run(config, workdir: str) -> dict:
     train, opt_state, loss = step_fn(train, opt_state, frozen, aux, tuple(pools),
                                      jax.random.fold_in(train_key, step))
     done = step + 1
-    if done % config.train.log_every == 0 or done == config.train.steps:
+    logging_now = done % config.train.log_every == 0 or done == config.train.steps
+    saving = done % config.train.checkpoint_every == 0 or done == config.train.steps
+    if logging_now or saving:  # never checkpoint a state that is not finite
       loss = float(loss)
+      if not np.isfinite(loss):
+        ckpt.wait_until_finished()
+        raise FloatingPointError(f"step {done}: loss is {loss}; stopped, the last good "
+                                 f"checkpoint is in {workdir}/checkpoints")
+    if logging_now:
       bar.set_postfix(loss=f"{loss:.4f}")
       with open(log_path, "a") as f:
         f.write(json.dumps({"step": done, "loss": loss}) + "\n")
-    if done % config.train.checkpoint_every == 0 or done == config.train.steps:
+    if saving:
       checkpoint.save(ckpt, done, {"train": train, "opt_state": opt_state})
   ckpt.wait_until_finished()
 

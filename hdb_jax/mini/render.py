@@ -90,6 +90,17 @@ def caption(background: int, style: int, name_background: bool, name_style: bool
   return text
 
 
+def identifier_prompts(token: str, class_name: str) -> list[str]:
+  """The evaluation prompts with the identifier: plain, every background, every style,
+  two style + background pairs (12)."""
+  subject = f"{token} {class_name}"
+  return ([f"a {subject}"]
+          + [f"a {subject} on a {colour} background" for colour in BACKGROUNDS]
+          + [f"a {style} of a {subject}" for style in STYLES]
+          + [f"a sketch of a {subject} on a blue background",
+             f"a cartoon of a {subject} on a pink background"])
+
+
 def parse_caption(text: str) -> tuple[int, int]:
   """Caption/prompt -> (background, style); -1 where the text leaves it open.
 
