@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import types
@@ -27,7 +28,8 @@ def sibling(config_path: str, name: str) -> types.ModuleType:
 
 def load(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
   """`get_config()` of the file at `path` ("file.py:arg" calls `get_config("arg")`, as
-  absl's --config flag does), with dotted-key overrides applied."""
+  absl's --config flag does), with dotted-key overrides applied. An override of a key the
+  config does not have, or with a value of another type, is a ValueError naming it."""
   argument = None
   if not os.path.isfile(path) and ":" in path:
     path, argument = path.rsplit(":", 1)
@@ -37,8 +39,17 @@ def load(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
   config = loaded.get_config() if argument is None else loaded.get_config(argument)
   for key, value in (overrides or {}).items():
     node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        close = difflib.get_close_matches(part, known, n=1)
+        hint = f" (did you mean {'.'.join(parts[:depth] + close)!r}?)" if close else ""
+        raise ValueError(f"{path}: unknown config key {key!r}{hint}")
+      if depth < len(parts) - 1:
+        node = node[part]
+    try:
+      node[parts[-1]] = value
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{path}: config key {key!r} cannot take {value!r} ({e})") from None
   return config

@@ -100,3 +100,15 @@ def test_photos_are_read_upright_and_bombs_refused(tmp_path, monkeypatch):
   monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
   with pytest.raises(ValueError, match="phone.jpg: refused, too many pixels"):
     files.read_image(str(path), 8)
+
+
+def test_unknown_config_keys_and_wrong_types_are_refused(tmp_path, capsys):
+  out = tmp_path / "out"
+  for override, expected in (("personalize.rnak=8", "unknown config key 'personalize.rnak' "
+                                                    "(did you mean 'personalize.rank'?)"),
+                             ("personalise.rank=8", "unknown config key 'personalise.rank'"),
+                             ("personalize.rank=abc", "'personalize.rank' cannot take 'abc'")):
+    assert cli.main(["personalize", "--config", MINI, "--image", PHOTO, "--out", str(out),
+                     "--set", override]) == 1
+    assert expected in capsys.readouterr().err
+    assert not out.exists()
