@@ -49,6 +49,16 @@ def flax_to_torch_state(torch_state_shapes: dict, flax_params, component: str) -
   return out
 
 
+def _torch_config(model_class, folder: str) -> dict:
+  """The Flax model's config without the keys only the Flax class takes (e.g. the UNet's
+  `split_head_dim`, `use_memory_efficient_attention`): diffusers would warn about them
+  every time the exported folder is loaded."""
+  import inspect
+  config = model_class.load_config(folder)
+  accepted = inspect.signature(model_class.__init__).parameters
+  return {k: v for k, v in config.items() if k.startswith("_") or k in accepted}
+
+
 def export_base(sd: models.StableDiffusion, params, out_dir: str) -> str:
   """Write `out_dir` (atomically): unet/vae/text_encoder as PyTorch safetensors."""
   import torch
@@ -62,9 +72,9 @@ def export_base(sd: models.StableDiffusion, params, out_dir: str) -> str:
     with files.atomic_dir(out_dir) as tmp:
       for name, model in (
           ("unet", UNet2DConditionModel.from_config(
-              UNet2DConditionModel.load_config(os.path.join(flax_dir, "unet")))),
+              _torch_config(UNet2DConditionModel, os.path.join(flax_dir, "unet")))),
           ("vae", AutoencoderKL.from_config(
-              AutoencoderKL.load_config(os.path.join(flax_dir, "vae")))),
+              _torch_config(AutoencoderKL, os.path.join(flax_dir, "vae")))),
           ("text_encoder", CLIPTextModel(CLIPTextModel.config_class.from_pretrained(
               os.path.join(flax_dir, "text_encoder"))))):
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -103,6 +103,10 @@ def pt_dir(work):
   """The tiny base as a diffusers PyTorch folder, written by `hdb export-base`."""
   out = str(work / "pt_base")
   assert cli.main(["export-base", "--config", TINY, "--out", out]) == 0
+  with open(os.path.join(out, "unet", "config.json")) as f:
+    unet_config = json.load(f)
+  # Flax-only keys would make diffusers warn on every load of the exported folder
+  assert not {"split_head_dim", "use_memory_efficient_attention"} & set(unet_config)
   return out
 
 
