@@ -123,6 +123,10 @@ def read_rgb(path: str, min_side: int = 1) -> np.ndarray:
       if min(im.size) < min_side:
         raise _TooSmall(f"{path}: image is {im.width}x{im.height}; at least {min_side} "
                         "pixels on each side are needed")
+      if im.mode == "I" or im.mode.startswith("I;16"):
+        # 16-bit (or 32-bit) grayscale: PIL's convert("RGB") clips at 255, so scale
+        wide = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8))
       return np.asarray(im.convert("RGB"), dtype=np.uint8)
   except _TooSmall as e:
     raise ValueError(str(e)) from None

@@ -112,3 +112,27 @@ def test_unknown_config_keys_and_wrong_types_are_refused(tmp_path, capsys):
                      "--set", override]) == 1
     assert expected in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "I;16", "GIF"])
+def test_image_modes_are_read_as_rgb(tmp_path, mode):
+  """Grayscale, RGBA, CMYK, palette, 16-bit and animated GIF photos come out as RGB."""
+  rgb = np.zeros((12, 10, 3), np.uint8)
+  rgb[:6] = (200, 40, 40)  # red top half
+  image = Image.fromarray(rgb)
+  if mode == "GIF":
+    path = tmp_path / "anim.gif"
+    frames = [image, Image.fromarray(rgb[::-1])]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+  else:
+    path = tmp_path / f"photo_{mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}"
+    if mode == "I;16":  # a real 16-bit grayscale PNG: values up to 65535
+      converted = Image.fromarray((np.asarray(image.convert("L"), np.uint16) * 257))
+      assert converted.mode == "I;16"
+    else:
+      converted = image.convert(mode)
+    converted.save(path)
+  out = files.read_rgb(str(path))
+  assert out.shape == (12, 10, 3) and out.dtype == np.uint8
+  top, bottom = out[:6].astype(int).mean((0, 1)), out[6:].astype(int).mean((0, 1))
+  assert top.sum() > bottom.sum() + 60, (mode, top, bottom)  # the first frame, upright

@@ -228,6 +228,8 @@ def main(argv):
       store.append(lines)
 
   summary = write_summary(config, workdir, prompts)
+  with files.atomic_path(os.path.join(workdir, "table.md")) as tmp, open(tmp, "w") as f:
+    f.write(markdown_table(summary) + "\n")
   write_figure(config, workdir, identities[:SHOWN_IDENTITIES],
                [prompts[p] for p in shown_prompts])
   write_plot(summary, os.path.join(workdir, "plot.png"))
@@ -310,6 +312,28 @@ def write_plot(summary: dict, path: str) -> None:
   with files.atomic_path(path) as tmp:
     fig.savefig(tmp, format="png", dpi=100)
   plt.close(fig)
+
+
+def markdown_table(summary: dict) -> str:
+  """The table for docs: mean [95% CI] over identities; drops against the base."""
+  def cell(row, name, ci=True):
+    value = row.get(name)
+    if value is None:
+      return "-"
+    interval = row.get(name + "_ci95") if ci else None
+    return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else f"{value:.3f}"
+  header = ("| method | identity, plain prompt | identity, all identifier prompts | background "
+            "| style | face validity | class prompt looks like the subject | diversity "
+            "| seconds per personalization (median) |")
+  lines = [header, "|" + "---|" * (header.count("|") - 1)]
+  for name, row in summary["table"].items():
+    seconds = row.get("seconds_median")
+    lines.append(" | ".join([
+        f"| {name}", cell(row, "identity_plain"), cell(row, "identity"),
+        cell(row, "background"), cell(row, "style"), cell(row, "valid", ci=False),
+        cell(row, "class_identity"), cell(row, "diversity", ci=False),
+        "-" if seconds is None else f"{seconds:.2f}"]) + " |")
+  return "\n".join(lines)
 
 
 def json_table(summary: dict) -> str:
