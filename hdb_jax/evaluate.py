@@ -85,6 +85,21 @@ def summarize(lines: list[dict], seeds: int) -> dict:
   return out
 
 
+def paired_difference(lines: list[dict], reference: list[dict], seeds: int,
+                      metric: str) -> dict | None:
+  """Mean over identities of (this method - the reference method) on `metric`, with its
+  95% bootstrap interval, on the identities both have: the same identities and noise,
+  so the interval is far tighter than the two rows' own."""
+  mine = {line["identity"]: identity_means(line, seeds)[metric] for line in lines}
+  theirs = {line["identity"]: identity_means(line, seeds)[metric] for line in reference}
+  shared = [i for i in mine if i in theirs and mine[i] is not None and theirs[i] is not None]
+  if not shared:
+    return None
+  differences = [mine[i] - theirs[i] for i in shared]
+  return {"mean": float(np.mean(differences)), "ci95": bootstrap_ci(differences),
+          "identities": len(shared)}
+
+
 class ResultsFile:
   """One method's results: a JSON-lines file, one line per identity, extended per chunk
   by rewriting it to a temporary file renamed into place (a kill leaves the old file)."""

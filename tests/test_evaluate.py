@@ -72,3 +72,17 @@ def test_summary_statistics():
   wide = evaluate.bootstrap_ci(np.r_[np.zeros(5), np.ones(5)])
   narrow = evaluate.bootstrap_ci(np.r_[np.zeros(500), np.ones(500)])
   assert (narrow[1] - narrow[0]) < (wide[1] - wide[0]) / 5
+
+
+def test_paired_difference_uses_the_shared_identities():
+  def line(identity, value):
+    return {"identity": identity, "seconds": 1.0,
+            "scores": {"identity": [value] * 2, "background": [None, None],
+                       "style": [None, None], "valid": [1.0, 1.0], "diversity": [0.0],
+                       "class_identity": [0.0, 0.0]}}
+  mine = [line(i, 0.5 + 0.01 * i) for i in range(20)]
+  reference = [line(i, 0.4 + 0.01 * i) for i in range(1, 21)]  # identity 0 missing, 20 extra
+  diff = evaluate.paired_difference(mine, reference, 2, "identity")
+  assert diff["identities"] == 19
+  assert abs(diff["mean"] - 0.1) < 1e-9 and diff["ci95"][1] - diff["ci95"][0] < 1e-9
+  assert evaluate.paired_difference(mine, reference, 2, "style") is None

@@ -259,11 +259,19 @@ def write_figure(config, workdir: str, shown_identities, shown_prompts: list[str
 
 def write_summary(config, workdir: str, prompts: list[str]) -> dict:
   """summary.json from every method's raw results (drops against the base's)."""
-  table = {}
+  table, raw = {}, {}
   for name in config.methods:
     lines = evaluate.ResultsFile(os.path.join(workdir, "results"), name).read()
     if lines:
       table[name] = evaluate.summarize(lines, config.seeds)
+      raw[name] = lines
+  reference = config.get("reference_method", "full")
+  if reference in raw:  # paired: the same identities and noise
+    for name, row in table.items():
+      if name != reference:
+        row["minus_" + reference] = {
+            metric: evaluate.paired_difference(raw[name], raw[reference], config.seeds, metric)
+            for metric in ("identity_plain", "identity", "background", "style")}
   if "base" in table:
     for name, row in table.items():
       for metric in ("background", "style"):
@@ -333,6 +341,20 @@ def markdown_table(summary: dict) -> str:
         cell(row, "background"), cell(row, "style"), cell(row, "valid", ci=False),
         cell(row, "class_identity"), cell(row, "diversity", ci=False),
         "-" if seconds is None else f"{seconds:.2f}"]) + " |")
+  paired = [(name, row) for name, row in summary["table"].items()
+            if any(k.startswith("minus_") for k in row)]
+  if paired:
+    reference = next(k for k in paired[0][1] if k.startswith("minus_"))[len("minus_"):]
+    lines += ["", f"Paired against {reference} (the same identities and noise; mean "
+              f"difference [95% CI], negative: {reference} is higher):", "",
+              "| method | identity, plain prompt | identity, all identifier prompts | "
+              "background | style |", "|---|---|---|---|---|"]
+    for name, row in paired:
+      diff = row["minus_" + reference]
+      fmt = lambda d: "-" if d is None or d["ci95"] is None else (
+          f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
+      lines.append(f"| {name} | {fmt(diff['identity_plain'])} | {fmt(diff['identity'])} | "
+                   f"{fmt(diff['background'])} | {fmt(diff['style'])} |")
   return "\n".join(lines)
 
 
