@@ -158,8 +158,13 @@ def personalize(args) -> dict:
     raise ValueError(f"{args.out}: exists and is not empty (--overwrite replaces it)")
   cache = personalize_lib.cache_dirs(args.cache_dir)
 
+  face_probability = None
+  if cfg.face_check == "mini_recognizer":
+    from hdb_jax.mini import recognizer  # the mini world's face check, picked by config
+    face_probability = lambda photo: recognizer.load()(photo[None])["face_prob"][0]
   photo, seconds = personalize_lib.read_photo(args.image, cfg, personalize_lib.photo_size(cfg),
-                                              crop=not args.no_crop)
+                                              crop=not args.no_crop,
+                                              face_probability=face_probability)
   with open(args.image, "rb") as f:
     photo_hash = hashlib.sha256(f.read()).hexdigest()
 

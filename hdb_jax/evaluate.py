@@ -1,11 +1,11 @@
-"""Scoring personalizations: per-sample scores, per-identity results on disk, the table.
+"""Summarizing personalizations: per-identity results on disk, the table's statistics.
 
 `train/evaluate.py` personalizes M held-out identities with every method of the config,
 samples P prompts x S seeds of each (all methods on the same noise) and scores every
 sample here. Results go to one JSON-lines file per method, one line per identity, so a
 run resumes per (method, identity) and the table can be recomputed from the raw scores.
 
-Scores (the mini world's recognizer, `hdb_jax/mini/recognizer.py`), per sample:
+Scores (in the mini world its recognizer's, `train/evaluate.py: score_identity`), per sample:
   identity     fraction of the subject's attributes the recognizer sees (our Face Rec)
   background   the named background is there (1/0; NaN where the prompt names none)
   style        the named style is there (1/0; NaN where none is named)
@@ -19,34 +19,12 @@ method that leaks the subject into its class raises it).
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import numpy as np
 
 METRICS = ("identity_plain", "identity", "background", "style", "valid", "diversity",
            "class_identity")
-
-
-def score_identity(rec, images, prompts: list[str], class_prompt: str, attributes,
-                   seeds: int) -> dict:
-  """Scores of one identity's samples images [(P + 1) * S, H, W, 3] (prompt-major: the P
-  identifier prompts, then the class prompt; S seeds each) -> one result line."""
-  from hdb_jax.mini import recognizer  # the mini world's scorer
-  predictions = rec(images)
-  chosen = [p for p in list(prompts) + [class_prompt] for _ in range(seeds)]
-  identity = recognizer.identity_accuracy(predictions, attributes)
-  context = recognizer.context_accuracy(predictions, **recognizer.context_targets(chosen))
-  valid = recognizer.face_validity(predictions).astype(np.float32)
-  grouped = np.asarray(images, np.float32).reshape((len(prompts) + 1, seeds, -1))
-  diversity = (np.abs(grouped[:, :, None] - grouped[:, None, :]).mean(-1).sum((1, 2))
-               / max(seeds * (seeds - 1), 1))[:-1]               # [P], pairs of seeds
-  n = len(prompts) * seeds
-  return {"identity": identity[:n].tolist(),
-          "background": [None if math.isnan(x) else float(x) for x in context["background"][:n]],
-          "style": [None if math.isnan(x) else float(x) for x in context["style"][:n]],
-          "valid": valid[:n].tolist(), "diversity": diversity.tolist(),
-          "class_identity": identity[n:].tolist()}
 
 
 def identity_means(line: dict, seeds: int) -> dict:

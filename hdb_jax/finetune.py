@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hdb_jax import dreambooth, lidb, lora, relax
+from hdb_jax import dreambooth, lora, relax
 
 
 def initial_lora(train: Mapping, aux: Mapping, rank: int) -> dict:

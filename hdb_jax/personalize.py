@@ -55,7 +55,6 @@ def cache_dirs(path: str | None = None) -> dict[str, str]:
 
 def photo_size(cfg) -> int:
   """The photo size the configured hypernetwork reads (from its hypernet.json)."""
-  import json
   if not cfg.hypernet:
     raise ValueError("config.personalize.hypernet is empty: set it to a hypernetwork folder "
                      "(train.train_hypernet's output), e.g. --set personalize.hypernet=DIR")
@@ -70,13 +69,14 @@ def photo_size(cfg) -> int:
     raise ValueError(f"{path}: unreadable hypernetwork info ({e})") from e
 
 
-def read_photo(path: str, cfg, size: int, crop: bool = True):
+def read_photo(path: str, cfg, size: int, crop: bool = True, face_probability=None):
   """The face photo at `path` -> (float32 [size, size, 3] in [-1, 1], seconds per stage).
 
   Read upright (EXIF); with face_check "dlib" the most confident face is found and, with
   `crop`, an aligned square around it is cut (else the centre square is used); with
-  "mini_recognizer" the mini world's recognizer must see a face. ValueError naming the
-  file for an unreadable or too small image or one without a face."""
+  "mini_recognizer", `face_probability(photo)` (the mini world's recognizer, passed in by
+  the entry point) must see a face. ValueError naming the file for an unreadable or too
+  small image or one without a face."""
   if cfg.face_check not in FACE_CHECKS:
     raise ValueError(f"config.personalize.face_check must be one of {FACE_CHECKS}, "
                      f"got {cfg.face_check!r}")
@@ -91,8 +91,9 @@ def read_photo(path: str, cfg, size: int, crop: bool = True):
       rgb = faces.aligned_crop(rgb, face, size, cfg.crop_margin)
   photo = files.square_resize(rgb, size)
   if cfg.face_check == "mini_recognizer":
-    from hdb_jax.mini import recognizer  # the mini world's face check, picked by config
-    face_prob = float(recognizer.load()(photo[None])["face_prob"][0])
+    if face_probability is None:
+      raise ValueError("face_check 'mini_recognizer' needs the recognizer's face_probability")
+    face_prob = float(face_probability(photo))
     if face_prob <= 0.5:
       raise ValueError(f"{path}: no face found (the mini world's recognizer gives "
                        f"face probability {face_prob:.2f})")

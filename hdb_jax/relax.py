@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import jax
 import jax.numpy as jnp
 
 

@@ -86,3 +86,23 @@ def test_paired_difference_uses_the_shared_identities():
   assert diff["identities"] == 19
   assert abs(diff["mean"] - 0.1) < 1e-9 and diff["ci95"][1] - diff["ci95"][0] < 1e-9
   assert evaluate.paired_difference(mine, reference, 2, "style") is None
+
+
+def test_committed_table_supports_what_docs_results_md_says():
+  with open(os.path.join(REPO, "docs", "mini_results.json")) as f:
+    summary = json.load(f)
+  table = summary["table"]
+  assert summary["identities"] >= 50 and summary["seeds"] == 2 and len(summary["prompts"]) == 12
+  for name in ("base", "hypernet_only", "full", "full_k1", "full_rank1", "no_hypernet",
+               "lidb_dreambooth_400"):
+    assert table[name]["identities"] == 50, name
+  full, base = table["full"], table["base"]
+  assert full["identity_plain"] > base["identity_plain"] + 0.15
+  assert full["background_drop"] < 0.05 and full["style_drop"] < 0.05  # context kept
+  for ablation in ("no_hypernet", "full_k1", "full_rank1", "hypernet_only"):
+    hi = table[ablation]["minus_full"]["identity"]["ci95"][1]
+    assert hi < 0, ablation  # full is higher on the identifier prompts, paired
+  # 40 steps of the full method against 400 of LiDB DreamBooth: as good, ~10x faster
+  tie = table["lidb_dreambooth_400"]["minus_full"]["identity"]["ci95"]
+  assert tie[0] < 0 < tie[1]
+  assert table["lidb_dreambooth_400"]["seconds_median"] > 5 * full["seconds_median"]

@@ -12,6 +12,7 @@ program store, the sampler for all).
 """
 
 import copy
+import math
 import os
 import sys
 import time
@@ -41,6 +42,26 @@ def define_flags():
   flags.DEFINE_string("cache_dir", None, "Program cache of hdb personalize (default "
                       "$HDB_CACHE or ~/.cache/hdb-jax).")
   flags.mark_flags_as_required(["config", "workdir"])
+
+
+def score_identity(rec, images, prompts: list[str], class_prompt: str, attributes,
+                   seeds: int) -> dict:
+  """Scores of one identity's samples images [(P + 1) * S, H, W, 3] (prompt-major: the P
+  identifier prompts, then the class prompt; S seeds each) -> one result line."""
+  predictions = rec(images)
+  chosen = [p for p in list(prompts) + [class_prompt] for _ in range(seeds)]
+  identity = recognizer_lib.identity_accuracy(predictions, attributes)
+  context = recognizer_lib.context_accuracy(predictions, **recognizer_lib.context_targets(chosen))
+  valid = recognizer_lib.face_validity(predictions).astype(np.float32)
+  grouped = np.asarray(images, np.float32).reshape((len(prompts) + 1, seeds, -1))
+  diversity = (np.abs(grouped[:, :, None] - grouped[:, None, :]).mean(-1).sum((1, 2))
+               / max(seeds * (seeds - 1), 1))[:-1]               # [P], pairs of seeds
+  n = len(prompts) * seeds
+  return {"identity": identity[:n].tolist(),
+          "background": [None if math.isnan(x) else float(x) for x in context["background"][:n]],
+          "style": [None if math.isnan(x) else float(x) for x in context["style"][:n]],
+          "valid": valid[:n].tolist(), "diversity": diversity.tolist(),
+          "class_identity": identity[n:].tolist()}
 
 
 def held_out(cfg, image_size: int):
@@ -218,7 +239,7 @@ def main(argv):
       for j, k in enumerate(picked):
         own = images[j * rows:(j + 1) * rows]
         lines.append({"identity": int(identities[k]), "seconds": seconds[j],
-                      "scores": evaluate.score_identity(rec, own, prompts, class_prompt,
+                      "scores": score_identity(rec, own, prompts, class_prompt,
                                                         attributes[k], config.seeds)})
         if k < SHOWN_IDENTITIES:
           files.save_grid(np.concatenate([photos[k:k + 1].astype(np.float32) / 127.5 - 1.0,
