@@ -351,14 +351,14 @@ def markdown_table(summary: dict) -> str:
       return "-"
     interval = row.get(name + "_ci95") if ci else None
     return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else f"{value:.3f}"
-  header = ("| method | identity, plain prompt | identity, all identifier prompts | background "
+  header = ("| method | identities | identity, plain prompt | identity, all identifier prompts | background "
             "| style | face validity | class prompt looks like the subject | diversity "
             "| seconds per personalization (median) |")
   lines = [header, "|" + "---|" * (header.count("|") - 1)]
   for name, row in summary["table"].items():
     seconds = row.get("seconds_median")
     lines.append(" | ".join([
-        f"| {name}", cell(row, "identity_plain"), cell(row, "identity"),
+        f"| {name}", str(row["identities"]), cell(row, "identity_plain"), cell(row, "identity"),
         cell(row, "background"), cell(row, "style"), cell(row, "valid", ci=False),
         cell(row, "class_identity"), cell(row, "diversity", ci=False),
         "-" if seconds is None else f"{seconds:.2f}"]) + " |")
