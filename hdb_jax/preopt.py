@@ -298,6 +298,16 @@ class Layout:
     return np.arange(first + self.local_start, first + self.local_stop)
 
 
+def check_finite(losses: np.ndarray, identities: np.ndarray, where: str, workdir: str) -> None:
+  """Raise FloatingPointError naming the identities whose loss [G] is not finite."""
+  bad = np.asarray(identities)[~np.isfinite(np.asarray(losses))]
+  if len(bad):
+    raise FloatingPointError(
+        f"{where}: the loss of identities {bad[:5].tolist()} is not finite; stopped, the "
+        f"last checkpoint in {workdir} is kept (the same command resumes from it, e.g. "
+        "with a lower learning rate)")
+
+
 def make_layout(num_identities: int, per_device_block: int,
                 sharding: NamedSharding) -> Layout:
   """The layout for an identity-axis `sharding`; this process's rows must be contiguous."""

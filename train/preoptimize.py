@@ -287,12 +287,9 @@ def _run(config, workdir, stop) -> bool:
         return False
     # Train loss: mean over the last `loss_window` steps of this run (fewer after a resume).
     stats = [np.mean([preopt.local_rows(l) for l in recent_losses], axis=0)]
-    if not np.all(np.isfinite(stats[0][valid])):  # never write weights that are not finite
-      bad = identities[positions[valid]][~np.isfinite(stats[0][valid])]
-      raise FloatingPointError(
-          f"block at position {block_start}, step {run.steps}: the loss of identities "
-          f"{bad[:5].tolist()} is not finite; stopped, the last checkpoint in {workdir} is "
-          "kept (the same command resumes from it, e.g. with a lower learning rate)")
+    # never write weights that are not finite
+    preopt.check_finite(stats[0][valid], identities[positions[valid]],
+                        f"block at position {block_start}, step {run.steps}", workdir)
     if run.eval_batch_size:
       base_train, _ = fns.init(ids_global)  # dW = 0 at init: the base model's loss
       stats += [preopt.local_rows(fns.evaluate(t, frozen, aux, pool, ids_global))
