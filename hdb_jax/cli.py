@@ -4,7 +4,8 @@
     hdb export --weights lidb.safetensors --format peft|kohya --out lora.safetensors
                                             a LiDB / hdb-lora file as a PyTorch LoRA
     hdb import --lora lora.safetensors --config configs/sd15.py --out hdb_lora.safetensors
-                                            a PyTorch LoRA (PEFT or kohya) as an hdb-lora file
+               [--skip-unsupported]         a PyTorch LoRA (PEFT, diffusers, kohya) as an
+                                            hdb-lora file
     hdb export-base --config configs/tiny.py --out DIR   (or --model DIR)
                                             the base model as a diffusers PyTorch folder
     hdb predict --hypernet DIR --image face.png --out lidb.safetensors [--iterations 4]
@@ -92,20 +93,27 @@ def _abstract_base(model_cfg) -> dict:
 
 
 def import_lora(args) -> dict:
-  """A PyTorch LoRA file (PEFT/diffusers or kohya) -> an hdb-lora file, checked against the
-  base model of --config (its model.path folder's config files, else the config's own
-  architecture; shapes via jax.eval_shape, no weights read)."""
+  """A PyTorch LoRA file (PEFT, diffusers, diffusers' old attention-processor format, or
+  kohya) -> an hdb-lora file, checked against the base model of --config (its model.path
+  folder's config files, else the config's own architecture; shapes via jax.eval_shape,
+  no weights read). LoRAs on layers hdb-jax cannot apply (convolutions: LoCon / LyCORIS)
+  are refused, listed, or with --skip-unsupported left out (their number is printed)."""
   import os
-  from hdb_jax import config_file, convert, lora
+  from hdb_jax import config_file, convert_import, lora
   from hdb_jax import params as params_lib
   config = config_file.load(args.config, _parse_overrides(args.set))
   abstract = _abstract_base(config.model)
-  weights, fmt = convert.load(args.lora, abstract)
+  weights, fmt, skipped = convert_import.load(args.lora, abstract, args.skip_unsupported)
+  if skipped:
+    print(f"hdb import: skipped {len(skipped)} LoRA module(s) on layers hdb-jax cannot apply: "
+          + ", ".join(skipped), file=sys.stderr)
   lora.save(args.out, weights, {"source": os.path.basename(args.lora), "source_format": fmt,
-                                "base_fingerprint": params_lib.fingerprint(abstract)})
+                                "base_fingerprint": params_lib.fingerprint(abstract),
+                                "skipped_unsupported": len(skipped)})
   return {"out": args.out, "source_format": fmt,
           "layers": {c: len(v) for c, v in weights.items()},
-          "ranks": sorted({r for c in lora.ranks(weights).values() for r in c.values()})}
+          "ranks": sorted({r for c in lora.ranks(weights).values() for r in c.values()}),
+          "skipped_unsupported": list(skipped)}
 
 
 def export_base(args) -> dict:
@@ -215,10 +223,15 @@ def main(argv=None) -> int:
   p.add_argument("--out", required=True, help="output .safetensors file")
   p = commands.add_parser("import", help="a PyTorch LoRA file as an hdb-lora file",
                           description=import_lora.__doc__)
-  p.add_argument("--lora", required=True, help="PEFT/diffusers or kohya .safetensors file")
+  p.add_argument("--lora", required=True,
+                 help="PEFT, diffusers (also the old attention-processor format) or kohya "
+                 ".safetensors file")
   p.add_argument("--config", required=True, help="config of the base model, e.g. configs/sd15.py")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value (repeatable)")
+  p.add_argument("--skip-unsupported", action="store_true",
+                 help="leave out LoRAs on layers hdb-jax cannot apply (convolutions of "
+                 "LoCon / LyCORIS files) instead of refusing the file; prints how many")
   p.add_argument("--out", required=True, help="output hdb-lora .safetensors file")
   p = commands.add_parser("export-base", help="the base model as a diffusers PyTorch folder",
                           description=export_base.__doc__)

@@ -1,6 +1,10 @@
-"""PyTorch LoRA files <-> hdb-jax LoRA pytrees (hdb_jax/lora.py).
+"""PyTorch LoRA files <-> hdb-jax LoRA pytrees (hdb_jax/lora.py): names and export.
 
-Two PyTorch formats, both safetensors with float32 weights and `format: pt`:
+Imports (these two formats, diffusers' own and its older attention-processor format, and
+LoRAs on layers hdb-jax cannot apply) are in hdb_jax/convert_import.py; `load` here
+calls it.
+
+Exports write two PyTorch formats, both safetensors with float32 weights and `format: pt`:
 
 - PEFT / diffusers (`pipe.load_lora_weights(file)`):
       unet.<module>.lora_A.weight [r, in]    unet.<module>.lora_B.weight [out, r]
@@ -31,13 +35,13 @@ from __future__ import annotations
 
 import collections
 import json
-import math
+import logging
 import re
 from typing import Mapping
 
 import numpy as np
 
-from hdb_jax import files, lidb
+from hdb_jax import files
 from hdb_jax import lora as lora_lib
 from hdb_jax import params as params_lib
 
@@ -51,9 +55,6 @@ ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base's 
 UNET_MODULE_LISTS = ("down_blocks", "up_blocks", "attentions", "resnets", "transformer_blocks",
                      "to_out", "net", "downsamplers", "upsamplers")
 
-_PEFT_KEY = re.compile(r"^(?P<prefix>[^.]+)\.(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
-_KOHYA_KEY = re.compile(
-    r"^(?P<name>lora_[a-z0-9]+_.+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 
 
 # ------------------------------------------------------------------------------------
@@ -187,155 +188,16 @@ def export(lora: Mapping, path: str, fmt: str,
 
 
 # ------------------------------------------------------------------------------------
-# Import
+# Import (hdb_jax/convert_import.py)
 
-def detect_format(tensors: Mapping, metadata: Mapping[str, str]) -> str:
-  """"peft", "kohya", "hdb-lora" or "hdb-lidb"; ValueError for anything else."""
-  if metadata.get("format") in (lora_lib.FILE_FORMAT, lidb.FILE_FORMAT):
-    return metadata["format"]
-  if tensors and all(k.startswith("lora_") for k in tensors):
-    return "kohya"
-  if any(".lora_A." in k or ".lora_B." in k for k in tensors):
-    return "peft"
-  raise ValueError("not a PEFT/diffusers (…lora_A.weight) or kohya (lora_unet_…, lora_te_…) "
-                   f"LoRA file (first keys: {sorted(tensors)[:3]})")
-
-
-def _fit(where: str, key: str, value: np.ndarray, shape: tuple[int, int],
-         what: str) -> np.ndarray:
-  """Check a [out, in]-style PyTorch factor against the base layer; -> float32."""
-  if value.ndim != 2:
-    raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}; only 2-D (dense layer) "
-                     "LoRA factors are supported")
-  if (what == "down" and value.shape[1] != shape[0]) or (what == "up" and value.shape[0] != shape[1]):
-    raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}, which does not fit the "
-                     f"base model's layer ([out, in] = {[shape[1], shape[0]]})")
-  value = np.asarray(value, np.float32)
-  if not np.all(np.isfinite(value)):
-    raise ValueError(f"{where}: {key} has NaN or Inf values")
-  return value
-
-
-def _pair(where: str, module_key: str, down_t: np.ndarray, up_t: np.ndarray,
-          scale: float) -> dict:
-  """PyTorch A [r, in], B [out, r], scale -> {"down": [in, r], "up": [r, out]}."""
-  if down_t.shape[0] != up_t.shape[1]:
-    raise ValueError(f"{where}: {module_key}: ranks of the two factors differ "
-                     f"({down_t.shape[0]} vs {up_t.shape[1]})")
-  if not math.isfinite(scale):
-    raise ValueError(f"{where}: {module_key}: alpha / rank is not finite")
-  up = up_t.T if scale == 1.0 else up_t.T * np.float32(scale)
-  return {"down": np.ascontiguousarray(down_t.T), "up": np.ascontiguousarray(up)}
-
-
-def _peft_scale(config: Mapping, module: str, rank: int) -> float:
-  """alpha / r of one module under a PEFT LoraConfig dict (PEFT's pattern rules)."""
-  def lookup(patterns, default):
-    for pattern, value in (patterns or {}).items():
-      # As peft.utils.other.get_pattern_key; peft is a test dependency only.
-      if re.match(rf"(.*\.)?({pattern})$", module):
-        return value
-    return default
-  alpha = float(lookup(config.get("alpha_pattern"), config.get("lora_alpha", rank)))
-  return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-
-
-def from_peft(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str],
-              base: Mapping[str, Mapping], where: str = "") -> dict:
-  """PEFT/diffusers tensors (+ metadata) -> LoRA pytree, checked against `base`.
-
-  Without `lora_adapter_metadata`, lora_alpha = r (scale 1), as diffusers assumes.
-  """
-  names = torch_names(base)
-  prefixes = {prefix: component for component, prefix in PEFT_PREFIX.items()}
-  adapter = {}
-  if metadata.get(ADAPTER_METADATA_KEY):
-    try:
-      adapter = json.loads(metadata[ADAPTER_METADATA_KEY])
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{where}: metadata {ADAPTER_METADATA_KEY} is not JSON ({e})") from e
-  grouped = {}
-  for key, value in tensors.items():
-    match = _PEFT_KEY.match(key)
-    component = prefixes.get(match.group("prefix")) if match else None
-    if component is None:
-      raise ValueError(f"{where}: unknown key {key!r} (expected unet.<module>.lora_A.weight, "
-                       "…lora_B.weight, or the same under text_encoder.)")
-    if component not in names or match.group("module") not in names[component]:
-      raise ValueError(f"{where}: key {key!r}: the base model has no dense layer "
-                       f"{match.group('module')!r} in its {component}")
-    grouped.setdefault((component, match.group("module")), {})[match.group("factor")] = (key, value)
-  lora = {}
-  for (component, module), factors in sorted(grouped.items()):
-    prefix = PEFT_PREFIX[component]
-    config = {k[len(prefix) + 1:]: v for k, v in adapter.items() if k.startswith(prefix + ".")}
-    if config.get("use_dora"):
-      raise ValueError(f"{where}: DoRA adapters are not supported")
-    missing = {"lora_A", "lora_B"} - set(factors)
-    if missing:
-      raise ValueError(f"{where}: {prefix}.{module}: {sorted(missing)[0]}.weight is missing")
-    layer, shape = names[component][module]
-    down_t = _fit(where, factors["lora_A"][0], factors["lora_A"][1], shape, "down")
-    up_t = _fit(where, factors["lora_B"][0], factors["lora_B"][1], shape, "up")
-    scale = _peft_scale(config, module, down_t.shape[0])
-    lora.setdefault(component, {})[layer] = _pair(where, f"{prefix}.{module}", down_t, up_t, scale)
-  return lora
-
-
-def from_kohya(tensors: Mapping[str, np.ndarray], base: Mapping[str, Mapping],
-               where: str = "") -> dict:
-  """kohya tensors -> LoRA pytree, checked against `base`. A missing alpha means alpha = r."""
-  names = {kohya_name(component, layer): (component, layer, shape)
-           for component, modules in torch_names(base).items()
-           for layer, shape in modules.values()}
-  grouped = {}
-  for key, value in tensors.items():
-    match = _KOHYA_KEY.match(key)
-    if match is None:
-      raise ValueError(f"{where}: unknown key {key!r} (expected lora_unet_<module>."
-                       "lora_down.weight, .lora_up.weight, .alpha, or the same with lora_te_)")
-    if match.group("name") not in names:
-      raise ValueError(f"{where}: key {key!r}: the base model has no dense layer named "
-                       f"{match.group('name')!r}")
-    grouped.setdefault(match.group("name"), {})[match.group("part")] = (key, value)
-  lora = {}
-  for name, parts in sorted(grouped.items()):
-    component, layer, shape = names[name]
-    for part in ("lora_down.weight", "lora_up.weight"):
-      if part not in parts:
-        raise ValueError(f"{where}: {name}.{part} is missing")
-    down_t = _fit(where, *parts["lora_down.weight"], shape, "down")
-    up_t = _fit(where, *parts["lora_up.weight"], shape, "up")
-    rank = down_t.shape[0]
-    alpha = float(rank)
-    if "alpha" in parts:
-      key, value = parts["alpha"]
-      if np.size(value) != 1:
-        raise ValueError(f"{where}: {key} has shape {tuple(np.shape(value))}, expected a scalar")
-      alpha = float(np.asarray(value, np.float64).reshape(()))
-    lora.setdefault(component, {})[layer] = _pair(where, name, down_t, up_t, alpha / rank)
-  return lora
-
-
-def load(path: str, base: Mapping[str, Mapping]) -> tuple[dict, str]:
-  """Read a PyTorch LoRA file (PEFT or kohya; hdb-jax files too) -> (LoRA pytree, format).
-
-  Every layer must be a dense layer of `base` (abstract params suffice) with a fitting
-  shape, and every value finite; otherwise ValueError naming the file and the problem.
-  """
-  tensors, metadata = lora_lib.read_safetensors(path)
-  if not tensors:
-    raise ValueError(f"{path}: the file holds no tensors")
-  try:
-    fmt = detect_format(tensors, metadata)
-  except ValueError as e:
-    raise ValueError(f"{path}: {e}") from e
-  if fmt == "peft":
-    lora = from_peft(tensors, metadata, base, path)
-  elif fmt == "kohya":
-    lora = from_kohya(tensors, base, path)
-  else:
-    lora, _ = lora_lib.read(path)
-  lora_lib.check(lora, path)
-  lora_lib.check_base(lora, base, path)
-  return lora, fmt
+def load(path: str, base: Mapping[str, Mapping],
+         skip_unsupported: bool = False) -> tuple[dict, str]:
+  """Read a PyTorch LoRA file (PEFT, diffusers, diffusers-old, kohya; hdb-jax files too)
+  -> (LoRA pytree, format). See `convert_import.load`, which also returns the modules
+  `skip_unsupported` left out; here their number is logged as a warning."""
+  from hdb_jax import convert_import
+  imported = convert_import.load(path, base, skip_unsupported)
+  if imported.skipped:
+    logging.warning("%s: skipped %d LoRA module(s) on layers hdb-jax cannot apply: %s", path,
+                    len(imported.skipped), ", ".join(imported.skipped))
+  return imported.lora, imported.format

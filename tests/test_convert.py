@@ -9,6 +9,7 @@ Run with `-s` to see the measured max abs differences.
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ import pytest
 import safetensors.numpy
 import torch
 
-from hdb_jax import cli, convert, lidb, models
+from hdb_jax import cli, convert, convert_import, lidb, models
 from hdb_jax import lora as lora_lib
 from hdb_jax import params as params_lib
 
@@ -121,16 +122,22 @@ def inputs(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def jax_outputs(tiny_model, sources, inputs):
-  """{"base" | case: (text encoder out [B, L, D], UNet out [B, C, h, w])} in hdb-jax."""
-  sd, params = tiny_model
+def forward(tiny_model, inputs):
+  """params -> (text encoder out [B, L, D], UNet out [B, C, h, w]) in hdb-jax (jitted once)."""
+  sd, _ = tiny_model
   encode, predict = jax.jit(sd.encode_text), jax.jit(sd.predict)
 
-  def forward(p):
+  def run(p):
     return (np.asarray(encode(p["text_encoder"], jnp.asarray(inputs["ids"]))),
             np.asarray(predict(p["unet"], jnp.asarray(inputs["latents"]),
                                jnp.asarray(inputs["timesteps"]), jnp.asarray(inputs["context"]))))
+  return run
 
+
+@pytest.fixture(scope="module")
+def jax_outputs(tiny_model, sources, forward):
+  """{"base" | case: (text encoder out [B, L, D], UNet out [B, C, h, w])} in hdb-jax."""
+  _, params = tiny_model
   outputs = {"base": forward(params)}
   for case, (_, lora) in sources.items():
     outputs[case] = forward(lora_lib.merge(params, lora))
@@ -200,6 +207,198 @@ def test_unet_load_lora_adapter_matches_jax(pt_dir, exported, jax_outputs, input
   diff = float(np.abs(eps - jax_outputs["mixed"][1]).max())
   print(f"\nmixed/peft via unet.load_lora_adapter: max |PyTorch - JAX| UNet {diff:.2e}")
   assert diff < ATOL
+
+
+# ------------------------------------------------------------------------------------
+# Files that users have: diffusers' training-script format, its old attention-processor
+# format, and LoRAs on layers hdb-jax cannot apply (LoCon). Each file is made the way its
+# users make it, loaded with diffusers, and compared with the hdb-jax import merged in JAX.
+
+# diffusers' UNet / CLIP attention projections under their old attention-processor names.
+_OLD_NAMES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out",
+              "q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}
+_DIFFUSERS_ATTENTION_KEY = re.compile(
+    r"^(?P<prefix>unet\.|text_encoder\.|)(?P<parent>.+)\.(?P<projection>to_q|to_k|to_v|to_out\.0|"
+    r"q_proj|k_proj|v_proj|out_proj)\.(?:lora|lora_linear_layer)\.(?P<factor>down|up)\.weight$")
+
+
+def _randomize_lora_(model, seed):
+  """PEFT initializes B = 0; give every LoRA factor random values instead (in place)."""
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if ".lora_A." in name:
+        p.copy_(torch.randn(p.shape, generator=generator) / np.sqrt(p[0].numel()))
+      elif ".lora_B." in name:
+        p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+
+
+def _old_format(tensors, prefixed=True):
+  """diffusers-format attention LoRAs -> the old attention-processor keys (UNet:
+  `<attention>.processor.to_q_lora.down.weight`, text encoder: `<self_attn>.to_q_lora…`);
+  other layers are dropped (that format had none). Unprefixed: the UNet alone, as
+  `unet.save_attn_procs` wrote it."""
+  old = {}
+  for key, value in tensors.items():
+    match = _DIFFUSERS_ATTENTION_KEY.match(key)
+    if match is None or (not prefixed and match.group("prefix") != "unet."):
+      continue
+    processor = ".processor" if match.group("prefix") == "unet." else ""
+    prefix = match.group("prefix") if prefixed else ""
+    old[f"{prefix}{match.group('parent')}{processor}.{_OLD_NAMES[match.group('projection')]}"
+        f"_lora.{match.group('factor')}.weight"] = value
+  return old
+
+
+@pytest.fixture(scope="module")
+def user_files(pt_dir, work):
+  """{name: PyTorch LoRA file} as users have them (each loads in diffusers):
+
+  "diffusers": a PEFT LoRA on the tiny pipeline's UNet (attention + ff.net.2, r 2,
+  lora_alpha 4 and 1 for ff.net.2) and text encoder (attention + fc1, r 4, lora_alpha 6,
+  rsLoRA), saved like diffusers' training scripts: `convert_state_dict_to_diffusers(
+  get_peft_model_state_dict(model))`, `save_lora_weights`, no adapter metadata (diffusers
+  then takes lora_alpha = r). "diffusers_alpha": the same with the adapters' configs as
+  metadata (`<model>_lora_adapter_metadata`), so diffusers scales by lora_alpha / r (UNet,
+  ff.net.2 by its alpha_pattern) and lora_alpha / sqrt(r) (text encoder).
+  "diffusers-old": the attention LoRAs written by hand with the old attention-processor
+  keys; "diffusers-old-unet": the UNet part without prefix (`unet.save_attn_procs`).
+  """
+  from diffusers.utils import convert_state_dict_to_diffusers
+  from peft import LoraConfig, get_peft_model_state_dict
+  pipe = _pipeline(pt_dir)
+  pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, alpha_pattern={"ff.net.2": 1},
+                                   target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"]))
+  pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=6, use_rslora=True, target_modules=[
+      "q_proj", "k_proj", "v_proj", "out_proj", "fc1"]))
+  _randomize_lora_(pipe.unet, 0)
+  _randomize_lora_(pipe.text_encoder, 1)
+  layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            for name, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))}
+  configs = {f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict()
+             for name, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))}
+  pipe.save_lora_weights(str(work), weight_name="diffusers.safetensors", **layers)
+  pipe.save_lora_weights(str(work), weight_name="diffusers_alpha.safetensors", **layers, **configs)
+  files = {name: str(work / f"{name}.safetensors") for name in ("diffusers", "diffusers_alpha")}
+  tensors = safetensors.numpy.load_file(files["diffusers"])
+  for name, prefixed in (("diffusers-old", True), ("diffusers-old-unet", False)):
+    files[name] = str(work / f"{name}.safetensors")
+    safetensors.numpy.save_file(_old_format(tensors, prefixed), files[name])
+  return files
+
+
+def _compare(name, got, want, base):
+  """max |PyTorch - JAX| per output (and the LoRA's effect), printed and checked."""
+  diffs = [float(np.abs(g - w).max()) for g, w in zip(got, want)]
+  effects = [float(np.abs(w - b).max()) for w, b in zip(want, base)]
+  print(f"\n{name}: max |PyTorch - JAX| " + ", ".join(
+      f"{part} {d:.2e} (LoRA changes it by {e:.2f})"
+      for part, d, e in zip(("text encoder", "UNet"), diffs, effects)))
+  assert min(effects) > MIN_EFFECT
+  assert max(diffs) < ATOL
+
+
+@pytest.mark.parametrize("name", ["diffusers", "diffusers_alpha", "diffusers-old"])
+def test_import_of_diffusers_files_matches_load_lora_weights(name, user_files, pt_dir, abstract,
+                                                             tiny_model, forward, jax_outputs,
+                                                             inputs):
+  tensors = safetensors.numpy.load_file(user_files[name])
+  if name != "diffusers-old":   # both spellings of diffusers
+    assert any(k.endswith(".lora.down.weight") for k in tensors)
+    assert any(".lora_linear_layer." in k for k in tensors)
+  imported = convert_import.load(user_files[name], abstract)
+  assert imported.format == name.partition("_")[0] and imported.skipped == ()
+  assert sum(len(layers) for layers in imported.lora.values()) == len(tensors) // 2
+
+  pipe = _pipeline(pt_dir)
+  pipe.load_lora_weights(user_files[name])
+  got = _torch_outputs(pipe.text_encoder, pipe.unet, inputs)
+  want = forward(lora_lib.merge(tiny_model[1], imported.lora))
+  _compare(name, got, want, jax_outputs["base"])
+
+
+def test_import_of_attention_processor_files_matches_load_attn_procs(
+    user_files, pt_dir, abstract, tiny_model, forward, jax_outputs, inputs):
+  """The unprefixed UNet file of `unet.save_attn_procs`, read back by `unet.load_attn_procs`."""
+  from diffusers import UNet2DConditionModel
+  imported = convert_import.load(user_files["diffusers-old-unet"], abstract)
+  assert imported.format == "diffusers-old" and set(imported.lora) == {"unet"}
+  unet = UNet2DConditionModel.from_pretrained(os.path.join(pt_dir, "unet"))
+  unet.load_attn_procs(user_files["diffusers-old-unet"])
+  _, eps = _torch_outputs(_pipeline(pt_dir).text_encoder, unet, inputs)
+  _, want = forward(lora_lib.merge(tiny_model[1], imported.lora))
+  diff = float(np.abs(eps - want).max())
+  print(f"\ndiffusers-old, UNet only, via unet.load_attn_procs: max |PyTorch - JAX| UNet "
+        f"{diff:.2e}")
+  assert float(np.abs(want - jax_outputs["base"][1]).max()) > MIN_EFFECT
+  assert diff < ATOL
+
+
+def _with_convolutions(tensors, fmt):
+  """`tensors` plus rank-2 LoRAs on a 3x3 and a 1x1 convolution of the tiny UNet, in the
+  file's format (kohya: LoCon keys, with alpha) -> (tensors, names of the modules)."""
+  rng = np.random.default_rng(5)
+  tensors = dict(tensors)
+  names = []
+  for module, kernel in (("down_blocks.0.resnets.0.conv1", 3),
+                         ("down_blocks.0.attentions.0.proj_in", 1)):
+    down = rng.standard_normal((2, 32, kernel, kernel)).astype(np.float32)   # [r, in, kh, kw]
+    up = rng.standard_normal((32, 2, 1, 1)).astype(np.float32)               # [out, r, 1, 1]
+    if fmt == "kohya":
+      name = "lora_unet_" + module.replace(".", "_")
+      tensors.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                      f"{name}.alpha": np.asarray(1.0, np.float32)})
+    else:
+      name = "unet." + module
+      tensors.update({f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up})
+    names.append(f"{name} ({kernel}x{kernel} convolution)")
+  return tensors, names
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_loras_on_convolutions_are_refused_by_name_or_skipped(fmt, exported, user_files, abstract,
+                                                              work, capsys, caplog):
+  source = exported[("lidb", "kohya")] if fmt == "kohya" else user_files["diffusers"]
+  tensors, names = _with_convolutions(safetensors.numpy.load_file(source), fmt)
+  path = str(work / f"locon_{fmt}.safetensors")
+  safetensors.numpy.save_file(tensors, path)
+
+  with pytest.raises(ValueError) as info:
+    convert_import.load(path, abstract)
+  message = str(info.value)
+  assert path in message and "2 LoRA module(s) on layers hdb-jax cannot apply" in message
+  assert all(name in message for name in names) and "--skip-unsupported" in message
+
+  # Skipped: the rest is exactly the file without them.
+  imported = convert_import.load(path, abstract, skip_unsupported=True)
+  assert imported.skipped == tuple(sorted(names)) and imported.format == fmt
+  _assert_lora_equal(imported.lora, convert_import.load(source, abstract).lora)
+  with caplog.at_level("WARNING"):
+    lora, _ = convert.load(path, abstract, skip_unsupported=True)
+  assert f"{path}: skipped 2 LoRA module(s)" in caplog.text
+  _assert_lora_equal(lora, imported.lora)
+
+  out = str(work / f"locon_{fmt}_hdb.safetensors")
+  code, _, err = _run(capsys, "import", "--lora", path, "--config", TINY, "--out", out)
+  assert code == 1 and path in err and names[0] in err and not os.path.exists(out)
+  code, stdout, err = _run(capsys, "import", "--lora", path, "--config", TINY, "--out", out,
+                           "--skip-unsupported")
+  assert code == 0, err
+  assert "hdb import: skipped 2 LoRA module(s)" in err and names[1] in err
+  assert json.loads(stdout)["skipped_unsupported"] == sorted(names)
+  assert lora_lib.load(out)[1]["skipped_unsupported"] == "2"
+
+
+def test_detect_format():
+  detect = convert_import.detect_format
+  assert detect({"unet.a.to_q.lora_A.weight": 0}, {}) == "peft"
+  assert detect({"unet.a.to_q.lora.down.weight": 0, "unet.b.lora_A.weight": 0}, {}) == "diffusers"
+  assert detect({"text_encoder.a.q_proj.lora_linear_layer.up.weight": 0}, {}) == "diffusers"
+  assert detect({"a.attn1.processor.to_out_lora.up.weight": 0}, {}) == "diffusers-old"
+  assert detect({"lora_unet_a.lora_down.weight": 0, "lora_te_b.alpha": 0}, {}) == "kohya"
+  assert detect({"x": 0}, {"format": "hdb-lora"}) == "hdb-lora"
+  with pytest.raises(ValueError, match="not a LoRA file of a known format"):
+    detect({"model.diffusion_model.input_blocks.0.0.weight": 0}, {})
 
 
 # ------------------------------------------------------------------------------------
@@ -282,7 +481,8 @@ def test_torch_names():
 @pytest.mark.parametrize("config", ["tiny.py", "sd15.py"])
 def test_torch_names_are_the_pytorch_linear_layers(config):
   """Every dense layer's name is a torch.nn.Linear of the PyTorch model and back (SD1.5: 184
-  UNet + 72 CLIP layers; architecture only, PyTorch modules on the meta device)."""
+  UNet + 72 CLIP layers), every other layer's a Conv2d (architecture only, PyTorch modules
+  on the meta device)."""
   from diffusers import UNet2DConditionModel
   from transformers import CLIPTextConfig, CLIPTextModel
   from hdb_jax import config_file
@@ -296,6 +496,10 @@ def test_torch_names_are_the_pytorch_linear_layers(config):
     linear = {n: tuple(m.weight.shape) for n, m in model.named_modules()
               if isinstance(m, torch.nn.Linear)}
     assert {n: (out_dim, in_dim) for n, (_, (in_dim, out_dim)) in names[component].items()} == linear
+    # The layers imports refuse (or skip) are exactly the convolutions.
+    conv = {n: f"{m.kernel_size[0]}x{m.kernel_size[1]} convolution"
+            for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert convert_import.unsupported_layers(abstract_params)[component] == conv
 
 
 def test_lora_merge_concat_and_file(tiny_model, tiny_lidb, sources, work):
@@ -350,14 +554,18 @@ def _poke(key, value):
 BAD = {
     "peft_unknown_key": ("peft", _put("vae.encoder.conv_in.lora_A.weight", 1, 3),
                          "unknown key 'vae.encoder.conv_in.lora_A.weight'"),
-    "peft_unknown_layer": ("peft", _put("unet.foo.lora_A.weight", 1, 3), "no dense layer 'foo'"),
+    "peft_unknown_layer": ("peft", _put("unet.foo.lora_A.weight", 1, 3), "no layer 'foo'"),
     "peft_wrong_shape": ("peft", _put(_Q + ".lora_A.weight", 1, 33),
                          r"shape \(1, 33\), which does not fit"),
     "peft_nan": ("peft", _poke(_Q + ".lora_B.weight", np.nan), "NaN or Inf"),
-    "peft_missing_b": ("peft", lambda t: t.pop(_Q + ".lora_B.weight"), "lora_B.weight is missing"),
+    "peft_missing_b": ("peft", lambda t: t.pop(_Q + ".lora_B.weight"),
+                       r"up factor \(lora_B / lora.up / lora_up\) is missing"),
+    "peft_two_spellings": ("peft", _put(_Q + ".lora_linear_layer.up.weight", 32, 1),
+                           "are the same factor"),
     "kohya_unknown_key": ("kohya", _put(_K + ".dora_scale", 1), "unknown key"),
-    "kohya_unknown_layer": ("kohya", _put("lora_unet_conv_in.lora_down.weight", 1, 4, 3, 3),
-                            "no dense layer named 'lora_unet_conv_in'"),
+    "kohya_unknown_layer": ("kohya", _put("lora_unet_foo_conv.lora_down.weight", 1, 4, 3, 3),
+                            "no layer named 'lora_unet_foo_conv'"),
+    "kohya_loha": ("kohya", _put(_K + ".hada_w1_a", 32, 1), "LoHa"),
     "kohya_wrong_shape": ("kohya", _put(_K + ".lora_up.weight", 64, 1),
                           r"shape \(64, 1\), which does not fit"),
     "kohya_conv": ("kohya", _put(_K + ".lora_down.weight", 1, 32, 1, 1), "only 2-D"),
