@@ -22,6 +22,19 @@ def default_data_dir() -> str:
                                                       "tensorflow_datasets")
 
 
+def prepare(builder):
+  """`builder.download_and_prepare()` under a lock file in its data dir: two processes that
+  need the same dataset (an evaluation beside a training run, test workers) build it once;
+  the second waits and then reads it (unlocked, the second build fails renaming into the
+  first's finished folder)."""
+  import filelock
+  os.makedirs(builder.data_dir_root, exist_ok=True)
+  lock_path = os.path.join(builder.data_dir_root, f".{builder.name}.lock")
+  with filelock.FileLock(lock_path):
+    builder.download_and_prepare()
+  return builder
+
+
 def build_folder(folder: str, data_dir: str | None = None, image_size: int = 32):
   """The `face_folder` builder for your photos in `folder`, built if missing/changed.
 
@@ -30,8 +43,7 @@ def build_folder(folder: str, data_dir: str | None = None, image_size: int = 32)
   builder = face_folder.FaceFolder(config=face_folder.config_for(folder, image_size),
                                    data_dir=data_dir or default_data_dir(),
                                    file_format=FILE_FORMAT)
-  builder.download_and_prepare()
-  return builder
+  return prepare(builder)
 
 
 class Source:

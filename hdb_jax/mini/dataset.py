@@ -26,8 +26,7 @@ def build(config_name: str = "default", data_dir: str | None = None):
   builder = synthetic_faces.SyntheticFaces(config=config_name,
                                            data_dir=data_dir or data.default_data_dir(),
                                            file_format=data.FILE_FORMAT)
-  builder.download_and_prepare()
-  return builder
+  return data.prepare(builder)
 
 
 def source(config_name: str = "default", split: str = "train",
