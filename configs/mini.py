@@ -25,6 +25,8 @@ def mini_model() -> ml_collections.ConfigDict:
   model.path = BASE  # the committed pretrained base; "" builds the architecture below
   model.dtype = "float32"
   model.init_seed = 0
+  # PyTorch .bin weights are pickles, which can run code when read: off unless you trust them
+  model.allow_pickle = False
   model.tokenizer_path = os.path.join(REPO, "assets", "mini_tokenizer")
   model.unet = dict(
       sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,

@@ -27,6 +27,8 @@ def sd15_model() -> ml_collections.ConfigDict:
   model.path = ""  # set to the local SD1.5 folder; the architecture below is then read from it
   model.dtype = "float32"
   model.init_seed = 0
+  # PyTorch .bin weights are pickles, which can run code when read: off unless you trust them
+  model.allow_pickle = False
   model.tokenizer_path = ""
   model.unet = dict(
       sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,

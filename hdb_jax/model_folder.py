@@ -14,6 +14,14 @@ FLAX_WEIGHTS = {"unet": "diffusion_flax_model.msgpack", "vae": "diffusion_flax_m
 TORCH_WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors",
                  "vae": "diffusion_pytorch_model.safetensors",
                  "text_encoder": "model.safetensors"}
+# diffusers' fp16 "variant" files (`variant="fp16"` downloads): the same names with ".fp16"
+# before the extension; read and cast to the requested dtype when no full-precision file is there.
+FP16_TORCH_WEIGHTS = {c: name.replace(".safetensors", ".fp16.safetensors")
+                      for c, name in TORCH_WEIGHTS.items()}
+# PyTorch pickles: unpickling can run arbitrary code, so they are read only when allowed.
+PICKLE_WEIGHTS = {"unet": ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+                  "vae": ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+                  "text_encoder": ("pytorch_model.bin", "pytorch_model.fp16.bin")}
 CONFIG_FILES = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
                 "scheduler": "scheduler_config.json"}
 

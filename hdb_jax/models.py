@@ -1,8 +1,9 @@
 """Stable Diffusion components: build from a config, load from a local folder, save.
 
-This is the only module that imports the Flax model classes of diffusers (<= 0.39) and
-transformers (< 5). Everything else works with `StableDiffusion` (stateless modules and
-the tokenizer/scheduler) and a params dict `{"unet": ..., "vae": ..., "text_encoder": ...}`.
+This module (and `models_eval.py`, the evaluation's CLIP and DINO encoders) alone imports
+the Flax model classes of diffusers (<= 0.39) and transformers (< 5). Everything else
+works with `StableDiffusion` (stateless modules and the tokenizer/scheduler) and a params
+dict `{"unet": ..., "vae": ..., "text_encoder": ...}`.
 
 Folder layout (diffusers): `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`.
 Weights are read as Flax msgpack (`diffusion_flax_model.msgpack`, `flax_model.msgpack`)
@@ -25,6 +26,7 @@ import numpy as np
 
 from hdb_jax import params as params_lib
 from hdb_jax.model_folder import COMPONENTS, FLAX_WEIGHTS, SUBFOLDERS, TORCH_WEIGHTS  # noqa: F401
+from hdb_jax.model_folder import FP16_TORCH_WEIGHTS, PICKLE_WEIGHTS
 
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
@@ -243,8 +245,36 @@ def _load_tokenizer(folder: str) -> CLIPTokenizer:
     raise ModelLoadError(f"{folder}: cannot load the CLIP tokenizer ({e})") from e
 
 
-def _read_weights(component: str, folder: str, expected) -> dict:
-  """Weights of one component from `folder`: Flax msgpack, else PyTorch safetensors."""
+def _read_safetensors(path: str) -> dict:
+  import safetensors.numpy
+  try:
+    return safetensors.numpy.load_file(path)
+  except Exception as e:
+    raise ModelLoadError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _read_pickle(path: str, allow_pickle: bool) -> dict:
+  """A PyTorch pickle (`.bin`) state dict as numpy arrays, only when `allow_pickle`:
+  unpickling a file can run any code it carries. Read with torch's weights_only loader."""
+  if not allow_pickle:
+    raise ModelLoadError(
+        f"{path}: a PyTorch pickle, not read by default: loading a pickle can run code "
+        "hidden in the file. Convert it to safetensors, or, if you trust where it came "
+        "from, allow it with model.allow_pickle=True")
+  try:
+    import torch
+  except ImportError as e:
+    raise ModelLoadError(f"{path}: reading a PyTorch pickle needs torch installed") from e
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:
+    raise ModelLoadError(f"{path}: not a readable PyTorch state dict ({e})") from e
+  return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
+
+
+def _read_weights(component: str, folder: str, expected, allow_pickle: bool = False) -> dict:
+  """Weights of one component from `folder`, the first found of: Flax msgpack, PyTorch
+  safetensors, its fp16 variant (cast on load), a PyTorch pickle (only if allowed)."""
   flax_name = FLAX_WEIGHTS.get(component, VISION_WEIGHTS["flax"])
   torch_name = TORCH_WEIGHTS.get(component, VISION_WEIGHTS["torch"])
   flax_file, torch_file = os.path.join(folder, flax_name), os.path.join(folder, torch_name)
@@ -254,20 +284,23 @@ def _read_weights(component: str, folder: str, expected) -> dict:
         return flax.serialization.msgpack_restore(f.read())
     except Exception as e:
       raise ModelLoadError(f"{flax_file}: not a readable Flax msgpack file ({e})") from e
-  if os.path.exists(torch_file):
-    import safetensors.numpy
-    try:
-      torch_state = safetensors.numpy.load_file(torch_file)
-    except Exception as e:
-      raise ModelLoadError(f"{torch_file}: not a readable safetensors file ({e})") from e
+  candidates = [(torch_file, _read_safetensors)]
+  if component in FP16_TORCH_WEIGHTS:
+    candidates.append((os.path.join(folder, FP16_TORCH_WEIGHTS[component]), _read_safetensors))
+  candidates += [(os.path.join(folder, name), lambda p: _read_pickle(p, allow_pickle))
+                 for name in PICKLE_WEIGHTS.get(component, ())]
+  for path, read in candidates:
+    if not os.path.exists(path):
+      continue
+    torch_state = read(path)
     try:
       return _torch_to_flax(component, torch_state, expected)
     except ModelLoadError:
       raise
     except Exception as e:
-      raise ModelLoadError(f"{torch_file}: cannot convert PyTorch weights ({e})") from e
+      raise ModelLoadError(f"{path}: cannot convert PyTorch weights ({e})") from e
   raise ModelLoadError(
-      f"{folder}: no weights ({flax_name} or {torch_name})")
+      f"{folder}: no weights ({flax_name}, {torch_name} or its .fp16 variant)")
 
 
 def torch_key_to_flax(torch_key: str, shape, expected_flat: Mapping,
@@ -325,8 +358,10 @@ def _check_fits(component: str, folder: str, loaded: dict, expected: dict) -> di
       {k: jnp.asarray(v, dtype=want[k].dtype) for k, v in got.items()})
 
 
-def load(path: str, dtype: str = "float32"):
-  """Load `(StableDiffusion, params)` from a local diffusers-format folder."""
+def load(path: str, dtype: str = "float32", allow_pickle: bool = False):
+  """Load `(StableDiffusion, params)` from a local diffusers-format folder. Weights in
+  half precision (fp16 variant files) are cast to `dtype`; PyTorch pickles (`.bin`) are
+  read only with `allow_pickle` (unpickling can run code)."""
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
     raise ModelLoadError(f"{path}: not a folder (expected a local diffusers-format "
@@ -350,7 +385,7 @@ def load(path: str, dtype: str = "float32"):
   params = {}
   for component in COMPONENTS:
     folder = os.path.join(path, component)
-    loaded = _read_weights(component, folder, expected[component])
+    loaded = _read_weights(component, folder, expected[component], allow_pickle)
     params[component] = _check_fits(component, folder, loaded, expected[component])
   return sd, params
 
@@ -358,7 +393,8 @@ def load(path: str, dtype: str = "float32"):
 def load_or_build(model_cfg):
   """`model_cfg.path` set: load that folder. Else build from the config, random init."""
   if model_cfg.get("path"):
-    return load(model_cfg.path, model_cfg.get("dtype", "float32"))
+    return load(model_cfg.path, model_cfg.get("dtype", "float32"),
+                model_cfg.get("allow_pickle", False))
   sd, _ = from_config(model_cfg)
   if sd.tokenizer is None:
     raise ModelLoadError("model.tokenizer_path is empty: a model built from a config "

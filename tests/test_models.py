@@ -113,3 +113,53 @@ def test_bad_config_file(tmp_path, saved_folders):
     f.write("{not json")
   with pytest.raises(models.ModelLoadError, match=r"text_encoder/config.json: not a readable JSON"):
     models.load(folder)
+
+
+def _folder_with(tmp_path, torch_dir, name, rewrite):
+  """A copy of the PyTorch folder whose weight files are replaced by `rewrite(state,
+  path_without_extension)` outputs (fp16 variants, pickles)."""
+  import safetensors.numpy
+  folder = str(tmp_path / name)
+  shutil.copytree(torch_dir, folder)
+  for component, file in models.TORCH_WEIGHTS.items():
+    path = os.path.join(folder, component, file)
+    state = safetensors.numpy.load_file(path)
+    os.remove(path)
+    rewrite(component, state, path[:-len(".safetensors")])
+  return folder
+
+
+def test_fp16_variant_files_only_are_read_and_cast(tiny_model, tmp_path, saved_folders):
+  """A folder downloaded with variant="fp16" has only *.fp16.safetensors: read, cast to
+  float32; the weights are the fp16-rounded originals."""
+  import safetensors.numpy
+  sd, params = tiny_model
+  folder = _folder_with(tmp_path, saved_folders[1], "fp16", lambda component, state, stem:
+                        safetensors.numpy.save_file(
+                            {k: v.astype(np.float16) for k, v in state.items()},
+                            stem + ".fp16.safetensors"))
+  _, loaded = models.load(folder)
+  flat, flat_loaded = params_lib.flatten(params), params_lib.flatten(loaded)
+  for key in flat:
+    assert flat_loaded[key].dtype == jnp.float32, key
+    np.testing.assert_array_equal(np.asarray(flat[key]).astype(np.float16).astype(np.float32),
+                                  flat_loaded[key], err_msg=str(key))
+
+
+def test_pytorch_pickles_are_read_only_when_allowed(tiny_model, tmp_path, saved_folders):
+  """.bin pickles can run code when unpickled: refused by name, with the reason and the
+  switch; with allow_pickle they load (torch's weights_only reader) to the same weights."""
+  import torch
+  sd, params = tiny_model
+  names = {"unet": "diffusion_pytorch_model.bin", "vae": "diffusion_pytorch_model.bin",
+           "text_encoder": "pytorch_model.bin"}
+  folder = _folder_with(tmp_path, saved_folders[1], "pickles", lambda component, state, stem:
+                        torch.save({k: torch.from_numpy(v) for k, v in state.items()},
+                                   os.path.join(os.path.dirname(stem), names[component])))
+  with pytest.raises(models.ModelLoadError, match=r"pytorch_model\.bin: a PyTorch pickle.*"
+                     r"can run code.*allow_pickle"):
+    models.load(folder)
+  _, loaded = models.load(folder, allow_pickle=True)
+  flat, flat_loaded = params_lib.flatten(params), params_lib.flatten(loaded)
+  for key in flat:
+    np.testing.assert_array_equal(flat[key], flat_loaded[key], err_msg=str(key))
