@@ -17,11 +17,15 @@ Methods (`kind`):
                 (iterations 1), without relaxation (rank 1), and with `from_zero` the
                 "no hypernetwork" ablation (40 steps from a zero residual)
   lidb_dreambooth   LiDB (rank 1) DreamBooth on the one photo and its mirror image, Adam,
-                    no prior preservation, `steps` steps
+                    `steps` steps; prior preservation when `prior_images` > 0
+  lora_dreambooth   LoRA (rank 4) DreamBooth: the fast finetuning's LoRA and optimizer
+                    (config.personalize) from a zero residual, `steps` steps; prior
+                    preservation when `prior_images` > 0
   dreambooth    DreamBooth proper (hdb_jax/baselines.py): the whole UNet, Adam, prior
                 preservation on `prior_images` class images the base made ("a face")
   textual_inversion   the identifier token's embedding row only
-LoRA DreamBooth (rank 4, 400 steps) is the personalize kind from zero with 400 steps.
+LoRA DreamBooth without prior preservation (rank 4, 400 steps) is the personalize kind
+from zero with 400 steps (the same training as kind lora_dreambooth with no prior).
 Not here yet: the learnable-aux hypernetwork (no trained one is committed).
 """
 
@@ -53,8 +57,13 @@ def get_config() -> ml_collections.ConfigDict:
       "no_hypernet": dict(kind="personalize", from_zero=True),
       "lidb_dreambooth_400": dict(kind="lidb_dreambooth", steps=400, learning_rate=5e-3,
                                   batch_size=1, hflip=True),
+      "lidb_dreambooth_400_prior": dict(kind="lidb_dreambooth", steps=400, learning_rate=5e-3,
+                                        batch_size=1, hflip=True, prior_images=16,
+                                        prior_weight=1.0),
       # LoRA DreamBooth (rank 4): the fast finetuning's LoRA from a zero residual, 400 steps
       "lora_dreambooth_400": dict(kind="personalize", from_zero=True, steps=400),
+      "lora_dreambooth_400_prior": dict(kind="lora_dreambooth", steps=400, prior_images=16,
+                                        prior_weight=1.0),
       # DreamBooth proper: the whole UNet, prior preservation on 16 class images
       "dreambooth_400": dict(kind="dreambooth", steps=400, learning_rate=1e-4, batch_size=1,
                              hflip=True, prior_images=16, prior_weight=1.0),

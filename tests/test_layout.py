@@ -39,3 +39,17 @@ def test_mini_world_modules_live_in_the_subpackage():
                "base_eval", "tokenizer", "dataset"):
     assert os.path.exists(os.path.join(PACKAGE, "mini", f"{name}.py")), name
     assert not os.path.exists(os.path.join(PACKAGE, f"{name}.py")), name
+
+
+def test_only_the_model_modules_import_upstream_flax_classes():
+  """The Flax classes diffusers 0.40 and transformers 5 dropped stay in two files
+  (README, "Why these pins")."""
+  allowed = {os.path.join(PACKAGE, "models.py"), os.path.join(PACKAGE, "models_eval.py")}
+  for folder, _, names in os.walk(PACKAGE):
+    for name in names:
+      path = os.path.join(folder, name)
+      if not name.endswith(".py") or path in allowed:
+        continue
+      bad = [m for m in _imports(path) if m.split(".")[0] in ("diffusers", "transformers")
+             and ("flax" in m.lower())]
+      assert not bad, f"{os.path.relpath(path, REPO)} imports {bad}"

@@ -2,9 +2,12 @@ r"""The comparison table: personalize held-out identities with every method, sco
 
     python -m train.evaluate --config configs/evaluate_mini.py --workdir workdir/evaluate
 
-`configs/evaluate_mini.py` documents the methods and settings. In --workdir:
+`configs/evaluate_mini.py` documents the methods and settings; `configs/evaluate_sd15.py`
+runs SD1.5 on your photos, scored by Face Rec, CLIP-I, CLIP-T and DINO (`config.scoring`,
+`make_scorer`). In --workdir:
   results/<method>.jsonl   one line per identity: its seconds and every sample's scores
   summary.json             the table: mean and 95% bootstrap CI over identities per metric
+  table.md                 the same for docs (columns by scoring: hdb_jax/evaluate.py SCORINGS)
   samples.png              per method (rows): a few identities' photo, then their samples
 Rerunning resumes (per method and chunk of identities); --methods runs a subset. Methods
 share compiled programs where they can (the personalize ones through hdb personalize's
@@ -24,7 +27,8 @@ import optax
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from hdb_jax import baselines, diffusion, dreambooth, evaluate, files, lidb, logs, lora
+from hdb_jax import baselines, diffusion, dreambooth, evaluate, files, finetune, lidb, logs
+from hdb_jax import lora
 from hdb_jax import models, personalize
 from hdb_jax.mini import dataset, render
 from hdb_jax.mini import recognizer as recognizer_lib
@@ -65,16 +69,50 @@ def score_identity(rec, images, prompts: list[str], class_prompt: str, attribute
 
 
 def held_out(cfg, image_size: int):
-  """-> (identities [M], photos uint8 [M, S, S, 3]): `cfg.identities` spread evenly."""
-  records = dataset.source(cfg.data.config, cfg.data.split, cfg.data.data_dir or None)
+  """-> (identities [M], photos uint8 [M, S, S, 3]): `cfg.identities` spread evenly, each
+  its first photo. `cfg.data.source`: synthetic_faces (the mini world's held-out split) or
+  face_folder (your photos in `cfg.data.folder`: one subfolder or photo per identity,
+  center-cropped and resized to the model's size)."""
+  if cfg.data.source == "face_folder":
+    records = data.folder_source(cfg.data.folder, cfg.data.data_dir or None, image_size)
+    where = cfg.data.folder
+  elif cfg.data.source == "synthetic_faces":
+    records = dataset.source(cfg.data.config, cfg.data.split, cfg.data.data_dir or None)
+    where = f"synthetic_faces/{cfg.data.config}"
+  else:
+    raise app.UsageError(f"config.data.source must be 'synthetic_faces' or 'face_folder', "
+                         f"got {cfg.data.source!r}")
   ranges = list(data.identity_ranges(records))
   picks = np.linspace(0, len(ranges) - 1, min(cfg.identities, len(ranges))).round().astype(int)
   identities = np.array([ranges[k][0] for k in picks], np.int64)
   photos = np.stack([records[ranges[k][1]]["image"] for k in picks])  # reference photos
   if photos.shape[1] != image_size:
-    raise ValueError(f"synthetic_faces/{cfg.data.config} photos are {photos.shape[1]}px, "
+    raise ValueError(f"{where} photos are {photos.shape[1]}px, "
                      f"the model makes {image_size}px images")
   return identities, photos
+
+
+def make_scorer(config, identities, photos, prompts: list[str], class_prompt: str):
+  """score(position, images [(P + 1) * S, H, W, 3] in [-1, 1]) -> that identity's scores,
+  by `config.scoring`: "recognizer" (the mini world: its recognizer reads the synthetic
+  faces' attributes) or "reference" (real photos: Face Rec, CLIP-I, CLIP-T and DINO
+  against the identity's photo; encoders from `config.metrics`)."""
+  scoring = config.get("scoring", "recognizer")
+  if scoring == "recognizer":
+    rec = recognizer_lib.load()
+    attributes = render.identity_attributes(identities)
+    return lambda k, images: score_identity(rec, images, prompts, class_prompt,
+                                            attributes[k], config.seeds)
+  if scoring == "reference":
+    from hdb_jax import metrics
+    cfg = config.metrics
+    if not cfg.clip_path or not cfg.dino_path:
+      raise app.UsageError("scoring 'reference' needs --config.metrics.clip_path and "
+                           "--config.metrics.dino_path (local CLIP and DINO folders)")
+    encoders = metrics.load_encoders(cfg.clip_path, cfg.dino_path, cfg.batch_size)
+    return lambda k, images: evaluate.reference_scores(encoders, photos[k], images, prompts,
+                                                       config.seeds, config.token)
+  raise app.UsageError(f"config.scoring must be 'recognizer' or 'reference', got {scoring!r}")
 
 
 def personalize_method(config, method, cache):
@@ -90,8 +128,22 @@ def personalize_method(config, method, cache):
   return lambda photo: ("lora", personalize.run(p, photo, from_zero=from_zero).lora)
 
 
-def lidb_dreambooth_method(config, method, sd, frozen):
-  """A trainer for kind "lidb_dreambooth": LiDB DreamBooth on the one photo (+ mirror)."""
+def prior_pools(config, method, sd, frozen, generate_base) -> list:
+  """Class-specific prior preservation: [a pool of `method.prior_images` images the frozen
+  base made of the class prompt], or [] when `prior_images` is 0. Made once per method,
+  shared by all identities."""
+  if not method.get("prior_images", 0):
+    return []
+  words = dict(token=config.token, class_name=config.class_name)
+  class_ids = sd.tokenize([config.class_prompt.format(**words)])
+  return [baselines.class_pool(sd, frozen, generate_base, class_ids, method.prior_images,
+                               jax.random.key(config.seed + 1), config.guidance_scale,
+                               method.get("prior_weight", 1.0))]
+
+
+def lidb_dreambooth_method(config, method, sd, frozen, generate_base):
+  """A trainer for kind "lidb_dreambooth": LiDB DreamBooth on the one photo (+ mirror),
+  with prior preservation when `prior_images` > 0."""
   spec = lidb.make_spec(frozen, seed=config.lidb.seed, a=config.lidb.a, b=config.lidb.b,
                         rank=config.lidb.rank, targets=dict(config.lidb.targets))
   aux = lidb.make_aux(spec)
@@ -99,10 +151,11 @@ def lidb_dreambooth_method(config, method, sd, frozen):
   step = dreambooth.make_train_step(sd, tx, method.batch_size)
   prompt = config.instance_prompt.format(token=config.token, class_name=config.class_name)
   ids = sd.tokenize([prompt])
+  prior = prior_pools(config, method, sd, frozen, generate_base)
 
   def train(photo):
     latents = dreambooth.encode_subject(sd, frozen["vae"], photo[None], method.hflip)
-    pools = (dreambooth.make_pool(latents, ids, 1.0),)
+    pools = tuple([dreambooth.make_pool(latents, ids, 1.0)] + prior)
     weights = lidb.init(spec, jax.random.key(config.seed))
     opt_state = tx.init(weights)
     key = jax.random.key(config.seed)
@@ -114,19 +167,43 @@ def lidb_dreambooth_method(config, method, sd, frozen):
   return train
 
 
+def lora_dreambooth_method(config, method, sd, frozen, generate_base):
+  """A trainer for kind "lora_dreambooth": the fast finetuning's LoRA (config.personalize:
+  rank, optimizer, batch, text encoder) from a zero residual, `steps` steps, with prior
+  preservation when `prior_images` > 0. Without it, the same as kind "personalize" with
+  `from_zero`."""
+  cfg = config.personalize
+  spec = lidb.make_spec(frozen, seed=config.lidb.seed, a=config.lidb.a, b=config.lidb.b,
+                        rank=config.lidb.rank, targets=dict(config.lidb.targets))
+  aux = lidb.make_aux(spec)
+  zero = jax.tree_util.tree_map(np.zeros_like, lidb.init(spec, jax.random.key(0)))
+  start = finetune.initial_lora(zero, aux, method.get("rank", cfg.rank))
+  learning_rate = method.get("learning_rate", cfg.learning_rate)
+  step = finetune.make_step(sd, finetune.optimizer(learning_rate), cfg.batch_size)
+  ids = sd.tokenize([config.instance_prompt.format(token=config.token,
+                                                   class_name=config.class_name)])
+  prior = prior_pools(config, method, sd, frozen, generate_base)
+
+  def train(photo):
+    latents = dreambooth.encode_subject(sd, frozen["vae"], photo[None], cfg.hflip)
+    pools = [dreambooth.make_pool(latents, ids, 1.0)] + prior
+    tuned, _ = finetune.finetune(sd, frozen, start, pools, steps=method.steps,
+                                 learning_rate=learning_rate, batch_size=cfg.batch_size,
+                                 seed=cfg.seed, train_text_encoder=cfg.train_text_encoder,
+                                 step_fn=step)
+    return "lora", tuned
+
+  return train
+
+
 def dreambooth_method(config, method, sd, frozen, generate_base):
   """A trainer for kind "dreambooth": the whole UNet finetuned (DreamBooth proper, or its
   aggressive variants), with prior preservation when `prior_images` > 0."""
   tx = optax.adam(method.learning_rate)
   step = baselines.make_finetune_step(sd, tx, method.batch_size)
-  words = dict(token=config.token, class_name=config.class_name)
-  ids = sd.tokenize([config.instance_prompt.format(**words)])
-  prior = []
-  if method.prior_images:
-    class_ids = sd.tokenize([config.class_prompt.format(**words)])
-    prior = [baselines.class_pool(sd, frozen, generate_base, class_ids, method.prior_images,
-                                  jax.random.key(config.seed + 1), config.guidance_scale,
-                                  method.prior_weight)]
+  ids = sd.tokenize([config.instance_prompt.format(token=config.token,
+                                                   class_name=config.class_name)])
+  prior = prior_pools(config, method, sd, frozen, generate_base)
 
   def train(photo):
     latents = dreambooth.encode_subject(sd, frozen["vae"], photo[None], method.hflip)
@@ -164,7 +241,6 @@ def main(argv):
   cache = personalize.cache_dirs(FLAGS.cache_dir)
   sd, frozen = models.load_or_build(config.model)
   identities, photos = held_out(config, sd.image_size)
-  rec = recognizer_lib.load()
   words = dict(token=config.token, class_name=config.class_name)
   prompts = [p.format(**words) for p in config.prompts]
   class_prompt = config.class_prompt.format(**words)
@@ -182,7 +258,7 @@ def main(argv):
   noise_of = jax.jit(lambda position: diffusion.noise_for(sd, jax.vmap(
       lambda row: jax.random.fold_in(jax.random.fold_in(seed_key, position), row))(
           np.arange(rows))))
-  attributes = render.identity_attributes(identities)
+  score = make_scorer(config, identities, photos, prompts, class_prompt)
   names = list(FLAGS.methods) or list(config.methods)
   unknown = [n for n in names if n not in config.methods]
   if unknown:
@@ -201,7 +277,9 @@ def main(argv):
     elif method.kind == "personalize":
       train = personalize_method(config, method, cache)
     elif method.kind == "lidb_dreambooth":
-      train = lidb_dreambooth_method(config, method, sd, frozen)
+      train = lidb_dreambooth_method(config, method, sd, frozen, generate_base)
+    elif method.kind == "lora_dreambooth":
+      train = lora_dreambooth_method(config, method, sd, frozen, generate_base)
     elif method.kind == "dreambooth":
       train = dreambooth_method(config, method, sd, frozen, generate_base)
     elif method.kind == "textual_inversion":
@@ -239,8 +317,7 @@ def main(argv):
       for j, k in enumerate(picked):
         own = images[j * rows:(j + 1) * rows]
         lines.append({"identity": int(identities[k]), "seconds": seconds[j],
-                      "scores": score_identity(rec, own, prompts, class_prompt,
-                                                        attributes[k], config.seeds)})
+                      "scores": score(k, own)})
         if k < SHOWN_IDENTITIES:
           files.save_grid(np.concatenate([photos[k:k + 1].astype(np.float32) / 127.5 - 1.0,
                                           own[[p * config.seeds for p in shown_prompts]]]),
@@ -287,19 +364,24 @@ def write_summary(config, workdir: str, prompts: list[str]) -> dict:
       table[name] = evaluate.summarize(lines, config.seeds)
       raw[name] = lines
   reference = config.get("reference_method", "full")
+  scoring = config.get("scoring", "recognizer")
+  spec = evaluate.SCORINGS[scoring]
   if reference in raw:  # paired: the same identities and noise
     for name, row in table.items():
       if name != reference:
         row["minus_" + reference] = {
             metric: evaluate.paired_difference(raw[name], raw[reference], config.seeds, metric)
-            for metric in ("identity_plain", "identity", "background", "style")}
+            for metric in spec["paired"]}
   if "base" in table:
+    base = table["base"]
     for name, row in table.items():
-      for metric in ("background", "style"):
-        if row[metric] is not None and table["base"][metric] is not None:
-          row[metric + "_drop"] = table["base"][metric] - row[metric]
-      row["identity_plain_gain"] = row["identity_plain"] - table["base"]["identity_plain"]
+      for metric in spec["context"]:
+        if row.get(metric) is not None and base.get(metric) is not None:
+          row[metric + "_drop"] = base[metric] - row[metric]
+      if row.get(spec["gain"]) is not None and base.get(spec["gain"]) is not None:
+        row[spec["gain"] + "_gain"] = row[spec["gain"]] - base[spec["gain"]]
   summary = {"command": "python -m train.evaluate " + files.portable_command(sys.argv[1:], REPO),
+             "scoring": scoring,
              "identities": config.identities, "prompts": prompts, "seeds": config.seeds,
              "sample_steps": config.sample_steps, "guidance_scale": config.guidance_scale,
              "methods": {k: config.methods[k].to_dict() for k in table}, "table": table}
@@ -320,16 +402,24 @@ def write_plot(summary: dict, path: str) -> None:
     return
   table = summary["table"]
   fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+  scoring = summary.get("scoring", "recognizer")
+  spec = evaluate.SCORINGS[scoring]
+  y_name = spec["gain"]
   for name, row in table.items():
-    context = np.nanmean([np.nan if row[m] is None else row[m] for m in ("background", "style")])
-    lo, hi = row["identity_plain_ci95"] or (row["identity_plain"],) * 2
-    left.errorbar(context, row["identity_plain"],
-                  yerr=[[row["identity_plain"] - lo], [hi - row["identity_plain"]]],
+    context = np.nanmean([np.nan if row.get(m) is None else row[m] for m in spec["context"]])
+    if row.get(y_name) is None or np.isnan(context):
+      continue
+    lo, hi = row[y_name + "_ci95"] or (row[y_name],) * 2
+    left.errorbar(context, row[y_name], yerr=[[row[y_name] - lo], [hi - row[y_name]]],
                   fmt="o", capsize=3)
-    left.annotate(name, (context, row["identity_plain"]), textcoords="offset points",
+    left.annotate(name, (context, row[y_name]), textcoords="offset points",
                   xytext=(5, 4), fontsize=8)
-  left.set_xlabel("context accuracy (background, style; identifier prompts)")
-  left.set_ylabel("identity accuracy (plain prompt)")
+  if scoring == "recognizer":
+    left.set_xlabel("context accuracy (background, style; identifier prompts)")
+    left.set_ylabel("identity accuracy (plain prompt)")
+  else:
+    left.set_xlabel("CLIP-T (identifier prompts, identifier removed)")
+    left.set_ylabel("Face Rec (plain prompt; 1 - dlib descriptor distance)")
   left.set_title(f"{summary['identities']} held-out identities, 95% CI")
   timed = [(name, row["seconds_median"]) for name, row in table.items()
            if row["seconds_median"] is not None]
@@ -344,50 +434,57 @@ def write_plot(summary: dict, path: str) -> None:
 
 
 def markdown_table(summary: dict) -> str:
-  """The table for docs: mean [95% CI] over identities; drops against the base."""
+  """The table for docs: mean [95% CI] over identities; paired differences against the
+  reference method. One table per scoring present (its columns: evaluate.SCORINGS)."""
   def cell(row, name, ci=True):
     value = row.get(name)
     if value is None:
       return "-"
     interval = row.get(name + "_ci95") if ci else None
     return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else f"{value:.3f}"
-  header = ("| method | identities | identity, plain prompt | identity, all identifier prompts | background "
-            "| style | face validity | class prompt looks like the subject | diversity "
-            "| seconds per personalization (median) |")
-  lines = [header, "|" + "---|" * (header.count("|") - 1)]
-  for name, row in summary["table"].items():
-    seconds = row.get("seconds_median")
-    lines.append(" | ".join([
-        f"| {name}", str(row["identities"]), cell(row, "identity_plain"), cell(row, "identity"),
-        cell(row, "background"), cell(row, "style"), cell(row, "valid", ci=False),
-        cell(row, "class_identity"), cell(row, "diversity", ci=False),
-        "-" if seconds is None else f"{seconds:.2f}"]) + " |")
-  paired = [(name, row) for name, row in summary["table"].items()
-            if any(k.startswith("minus_") for k in row)]
-  if paired:
-    reference = next(k for k in paired[0][1] if k.startswith("minus_"))[len("minus_"):]
-    lines += ["", f"Paired against {reference} (the same identities and noise; mean "
-              f"difference [95% CI], negative: {reference} is higher):", "",
-              "| method | identity, plain prompt | identity, all identifier prompts | "
-              "background | style |", "|---|---|---|---|---|"]
-    for name, row in paired:
-      diff = row["minus_" + reference]
-      fmt = lambda d: "-" if d is None or d["ci95"] is None else (
-          f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
-      lines.append(f"| {name} | {fmt(diff['identity_plain'])} | {fmt(diff['identity'])} | "
-                   f"{fmt(diff['background'])} | {fmt(diff['style'])} |")
+  fmt = lambda d: "-" if d is None or d["ci95"] is None else (
+      f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
+  lines = []
+  for scoring, spec in evaluate.SCORINGS.items():
+    rows = [(n, r) for n, r in summary["table"].items() if evaluate.scoring_of(r) == scoring]
+    if not rows:
+      continue
+    header = ("| method | identities | " + " | ".join(h for _, h, _ in spec["columns"])
+              + " | seconds per personalization (median) |")
+    lines += ([""] if lines else []) + [header, "|" + "---|" * (header.count("|") - 1)]
+    for name, row in rows:
+      seconds = row.get("seconds_median")
+      lines.append(" | ".join(
+          [f"| {name}", str(row["identities"])]
+          + [cell(row, key, ci) for key, _, ci in spec["columns"]]
+          + ["-" if seconds is None else f"{seconds:.2f}"]) + " |")
+    paired = [(name, row) for name, row in rows if any(k.startswith("minus_") for k in row)]
+    if paired:
+      reference = next(k for k in paired[0][1] if k.startswith("minus_"))[len("minus_"):]
+      headers = dict((key, h) for key, h, _ in spec["columns"])
+      lines += ["", f"Paired against {reference} (the same identities and noise; mean "
+                f"difference [95% CI], negative: {reference} is higher):", "",
+                "| method | " + " | ".join(headers[m] for m in spec["paired"]) + " |",
+                "|---|" + "---|" * len(spec["paired"])]
+      for name, row in paired:
+        diff = row["minus_" + reference]
+        lines.append(f"| {name} | " + " | ".join(fmt(diff.get(m)) for m in spec["paired"])
+                     + " |")
   return "\n".join(lines)
 
 
 def json_table(summary: dict) -> str:
-  """The table as text: one line per method."""
-  lines = [f"{'method':22s} {'id plain':>9s} {'id all':>7s} {'bg':>6s} {'style':>6s} "
-           f"{'valid':>6s} {'class id':>8s} {'s/id':>6s}"]
-  for name, row in summary["table"].items():
-    fmt = lambda x, w=6: f"{x:{w}.3f}" if x is not None else " " * (w - 1) + "-"
-    lines.append(f"{name:22s} {fmt(row['identity_plain'], 9)} {fmt(row['identity'], 7)} "
-                 f"{fmt(row['background'])} {fmt(row['style'])} {fmt(row['valid'])} "
-                 f"{fmt(row['class_identity'], 8)} {fmt(row['seconds_median'])}")
+  """The table as text: one line per method (a header per scoring present)."""
+  fmt = lambda x, w=6: f"{x:{w}.3f}" if x is not None else " " * (w - 1) + "-"
+  lines = []
+  for scoring, spec in evaluate.SCORINGS.items():
+    rows = [(n, r) for n, r in summary["table"].items() if evaluate.scoring_of(r) == scoring]
+    if not rows:
+      continue
+    columns = spec["text"] + (("seconds_median", "s/id", 6),)
+    lines.append(f"{'method':22s}" + "".join(f" {label:>{w}s}" for _, label, w in columns))
+    for name, row in rows:
+      lines.append(f"{name:22s}" + "".join(f" {fmt(row.get(key), w)}" for key, _, w in columns))
   return "\n".join(lines)
 
 
