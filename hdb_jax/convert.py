@@ -22,6 +22,12 @@ Both give `dW_torch [out, in] = scale * B @ A` with `scale = alpha / r`; hdb-jax
 `B = scale^-1 * up.T`. Exports set alpha = r wherever they can (scale 1, factors stored
 unchanged), so import(export(x)) == x exactly.
 
+1x1 convolutions (`proj_in` / `proj_out` of SD1.x's transformer blocks, `conv_shortcut`;
+only imports make LoRAs on them, hdb_jax/lora.py) are written as PyTorch's convolution
+LoRAs: `A [r, in, 1, 1]` (a 1x1 convolution in -> r) and `B [out, r, 1, 1]`, the same keys
+and names as dense layers. hdb-jax's factors `down [1, 1, in, r]`, `up [1, 1, r, out]` are
+in Flax kernel layout; `torch_layout` / `flax_layout` convert between the two.
+
 Module names. Flax flattens PyTorch ModuleLists into `<list>_<i>` segments
 (`down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_out_0` is
 `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0`), while names such
@@ -80,8 +86,10 @@ def kohya_name(component: str, layer: str) -> str:
   return KOHYA_PREFIX[component] + torch_module(component, layer).replace(".", "_")
 
 
-def torch_names(base: Mapping[str, Mapping]) -> dict[str, dict[str, tuple[str, tuple[int, int]]]]:
-  """{component: {PyTorch module: (Flax layer, (in, out))}} for every dense layer of `base`.
+def torch_kernel_names(base: Mapping[str, Mapping]
+                       ) -> dict[str, dict[str, tuple[str, tuple[int, ...]]]]:
+  """{component: {PyTorch module: (Flax layer, Flax kernel shape)}} for every layer of
+  `base` with a kernel: dense [in, out] and convolutions [kh, kw, in, out].
 
   `base` may be abstract params. Each name is checked against the PyTorch->Flax rule of
   `models.load` (diffusers' for the UNet, transformers' for CLIP).
@@ -94,15 +102,42 @@ def torch_names(base: Mapping[str, Mapping]) -> dict[str, dict[str, tuple[str, t
       continue
     expected_flat = flax.traverse_util.flatten_dict(base[component])
     table[component] = {}
-    for layer, (in_dim, out_dim) in params_lib.find_kernels(base[component], ".*").items():
+    for path, leaf in params_lib.flatten(base[component]).items():
+      if not path.endswith(params_lib.SEP + "kernel"):
+        continue
+      layer = path[: -len(params_lib.SEP + "kernel")]
       module = torch_module(component, layer)
-      flax_key = models.torch_key_to_flax(module + ".weight", (out_dim, in_dim), expected_flat,
+      shape = tuple(int(d) for d in leaf.shape)
+      torch_shape = (shape[-1], shape[-2], *shape[:-2])  # [out, in(, kh, kw)]
+      flax_key = models.torch_key_to_flax(module + ".weight", torch_shape, expected_flat,
                                           component)
-      if params_lib.SEP.join(flax_key) != layer + params_lib.SEP + "kernel":
+      if params_lib.SEP.join(flax_key) != path:
         raise RuntimeError(f"hdb-jax names {component}/{layer} {module!r} in PyTorch, but "
                            f"PyTorch loading maps that back to {'/'.join(flax_key)}")
-      table[component][module] = (layer, (in_dim, out_dim))
+      table[component][module] = (layer, shape)
   return table
+
+
+def torch_names(base: Mapping[str, Mapping]) -> dict[str, dict[str, tuple[str, tuple[int, int]]]]:
+  """{component: {PyTorch module: (Flax layer, (in, out))}} for every dense layer of `base`
+  (the `torch.nn.Linear` modules). Names checked as in `torch_kernel_names`."""
+  return {component: {module: (layer, shape) for module, (layer, shape) in modules.items()
+                      if len(shape) == 2}
+          for component, modules in torch_kernel_names(base).items()}
+
+
+def torch_layout(factor: np.ndarray) -> np.ndarray:
+  """A LoRA factor in Flax kernel layout [..., a, b] -> PyTorch's [b, a, ...] (float32):
+  down [in, r] -> A [r, in]; down [1, 1, in, r] -> A [r, in, 1, 1] (likewise up -> B)."""
+  factor = np.asarray(factor, np.float32)
+  return np.ascontiguousarray(np.transpose(factor, (factor.ndim - 1, factor.ndim - 2,
+                                                    *range(factor.ndim - 2))))
+
+
+def flax_layout(factor: np.ndarray) -> np.ndarray:
+  """Inverse of `torch_layout`: PyTorch [b, a, ...] -> Flax [..., a, b] (float32)."""
+  factor = np.asarray(factor, np.float32)
+  return np.ascontiguousarray(np.transpose(factor, (*range(2, factor.ndim), 1, 0)))
 
 
 # ------------------------------------------------------------------------------------
@@ -127,9 +162,9 @@ def to_peft(lora: Mapping) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     layer_ranks = {}
     for layer, f in sorted(layers.items()):
       module = torch_module(component, layer)
-      tensors[f"{prefix}.{module}.lora_A.weight"] = np.ascontiguousarray(f["down"].T, np.float32)
-      tensors[f"{prefix}.{module}.lora_B.weight"] = np.ascontiguousarray(f["up"].T, np.float32)
-      layer_ranks[module] = int(f["down"].shape[1])
+      tensors[f"{prefix}.{module}.lora_A.weight"] = torch_layout(f["down"])  # [r, in(, 1, 1)]
+      tensors[f"{prefix}.{module}.lora_B.weight"] = torch_layout(f["up"])    # [out, r(, 1, 1)]
+      layer_ranks[module] = int(np.shape(f["down"])[-1])
     rank = _common_rank(layer_ranks)
     # PEFT matches pattern keys as regexes against the end of module names.
     pattern = {re.escape(module): r for module, r in layer_ranks.items() if r != rank}
@@ -147,8 +182,8 @@ def to_kohya(lora: Mapping) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   `up` multiplied by r / alpha, so that `alpha / r * down @ up` is still `dW`.
   """
   lora_lib.check(lora, "export")
-  layer_ranks = {(c, layer): int(f["down"].shape[1])
-                 for c, layers in lora.items() for layer, f in layers.items()}
+  layer_ranks = {(c, layer): r for c, layers in lora_lib.ranks(lora).items()
+                 for layer, r in layers.items()}
   if not layer_ranks:
     raise ValueError("export: the LoRA has no layers")
   alpha = _common_rank(layer_ranks)
@@ -162,8 +197,8 @@ def to_kohya(lora: Mapping) -> tuple[dict[str, np.ndarray], dict[str, str]]:
       up = np.asarray(f["up"], np.float32)
       if rank != alpha:
         up = up * np.float32(rank / alpha)
-      tensors[f"{name}.lora_down.weight"] = np.ascontiguousarray(f["down"].T, np.float32)  # [r, in]
-      tensors[f"{name}.lora_up.weight"] = np.ascontiguousarray(up.T)                      # [out, r]
+      tensors[f"{name}.lora_down.weight"] = torch_layout(f["down"])  # [r, in(, 1, 1)]
+      tensors[f"{name}.lora_up.weight"] = torch_layout(up)           # [out, r(, 1, 1)]
       tensors[f"{name}.alpha"] = np.asarray(alpha, np.float32)
   metadata = {"format": "pt", "ss_network_module": "networks.lora",
               "ss_network_dim": str(alpha), "ss_network_alpha": str(alpha),

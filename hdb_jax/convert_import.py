@@ -23,9 +23,13 @@ per module from `.alpha` (missing: alpha = r). PEFT-style files: `lora_alpha`,
 `alpha_pattern`, `use_rslora` (alpha / sqrt(r)) from `lora_adapter_metadata`; without
 metadata alpha = r (scale 1). The scale is folded into `up`.
 
-Unsupported layers. hdb-jax applies LoRAs to dense layers only. A LoRA on a layer the
-base has but hdb-jax cannot apply it to (convolutions, 1x1 included: LoCon / LyCORIS
-files, PEFT convolution targets) is refused with a list of all such modules, or, with
+Layers. hdb-jax applies LoRAs to dense layers (`A [r, in]`, `B [out, r]`) and to 1x1
+convolutions, which are dense layers on the channels: `proj_in` / `proj_out` of SD1.x's
+transformer blocks (kohya's default LoRA trains them) and the resnets' `conv_shortcut`,
+with PyTorch's convolution factors `A [r, in, 1, 1]`, `B [out, r, 1, 1]` (imported as
+`down [1, 1, in, r]`, `up [1, 1, r, out]`, hdb_jax/lora.py). A LoRA on a layer the base
+has but hdb-jax cannot apply it to (larger convolutions: 3x3 LoCon / LyCORIS, PEFT
+`conv1`-style targets) is refused with a list of all such modules, or, with
 `skip_unsupported=True`, left out and returned in `Imported.skipped`. A module the base
 does not have at all is always an error (the file is for another base).
 """
@@ -41,7 +45,6 @@ import numpy as np
 
 from hdb_jax import convert, lidb
 from hdb_jax import lora as lora_lib
-from hdb_jax import params as params_lib
 
 FORMATS = ("peft", "diffusers", "diffusers-old", "kohya")
 # Factor spellings of PEFT-style keys: "<module>.<spelling>.weight" -> factor.
@@ -154,48 +157,60 @@ def _kohya_modules(tensors: Mapping[str, np.ndarray], names: Mapping[str, tuple[
 # ------------------------------------------------------------------------------------
 # Layers and factors
 
+def _kind(kernel_shape: tuple[int, ...]) -> str:
+  """'dense layer', '1x1 convolution', '3x3 convolution', ... of a Flax kernel shape."""
+  if len(kernel_shape) == 2:
+    return "dense layer"
+  if len(kernel_shape) == 4:
+    return "x".join(str(d) for d in kernel_shape[:2]) + " convolution"
+  return "not dense"
+
+
+def _split_layers(base: Mapping[str, Mapping]) -> tuple[dict, dict]:
+  """`convert.torch_kernel_names(base)` split into the layers a LoRA can be applied to
+  (`lora.changeable_kernels`: dense and 1x1 convolutions) and the others."""
+  applicable, other = {}, {}
+  for component, modules in convert.torch_kernel_names(base).items():
+    changeable = lora_lib.changeable_kernels(base[component])
+    applicable[component], other[component] = {}, {}
+    for module, (layer, shape) in modules.items():
+      (applicable if layer in changeable else other)[component][module] = (layer, shape)
+  return applicable, other
+
+
+def lora_layers(base: Mapping[str, Mapping]) -> dict[str, dict[str, tuple[str, tuple[int, ...]]]]:
+  """{component: {PyTorch module: (Flax layer, Flax kernel shape)}} of the base's layers a
+  LoRA can be applied to: dense layers [in, out] and 1x1 convolutions [1, 1, in, out].
+  Names are checked against the PyTorch->Flax rule of `models.load`
+  (`convert.torch_kernel_names`)."""
+  return _split_layers(base)[0]
+
+
 def unsupported_layers(base: Mapping[str, Mapping]) -> dict[str, dict[str, str]]:
-  """{component: {PyTorch module: what it is}} of the base's layers with a kernel that is
-  not dense (convolutions, e.g. "3x3 convolution"): LoRAs on them cannot be applied.
-  Names are checked against the PyTorch->Flax rule of `models.load`, like `torch_names`."""
-  from hdb_jax import models
-  import flax
-  table = {}
-  for component in convert.PEFT_PREFIX:
-    if component not in base:
-      continue
-    expected_flat = flax.traverse_util.flatten_dict(base[component])
-    table[component] = {}
-    for path, leaf in params_lib.flatten(base[component]).items():
-      if not path.endswith(params_lib.SEP + "kernel") or len(leaf.shape) == 2:
-        continue
-      layer = path[: -len(params_lib.SEP + "kernel")]
-      module = convert.torch_module(component, layer)
-      torch_shape = (leaf.shape[-1], leaf.shape[-2], *leaf.shape[:-2])  # [out, in, kh, kw]
-      flax_key = models.torch_key_to_flax(module + ".weight", torch_shape, expected_flat,
-                                          component)
-      if params_lib.SEP.join(flax_key) != path:
-        raise RuntimeError(f"hdb-jax names {component}/{layer} {module!r} in PyTorch, but "
-                           f"PyTorch loading maps that back to {'/'.join(flax_key)}")
-      size = "x".join(str(d) for d in leaf.shape[:-2])
-      table[component][module] = f"{size} convolution" if len(leaf.shape) == 4 else "not dense"
-  return table
+  """{component: {PyTorch module: what it is}} of the base's layers with a kernel that a
+  LoRA cannot be applied to (convolutions larger than 1x1, e.g. "3x3 convolution")."""
+  return {component: {module: _kind(shape) for module, (_, shape) in modules.items()}
+          for component, modules in _split_layers(base)[1].items()}
 
 
-def _fit(where: str, key: str, value: np.ndarray, shape: tuple[int, int],
+def _fit(where: str, key: str, value: np.ndarray, kernel_shape: tuple[int, ...],
          what: str) -> np.ndarray:
-  """Check a [out, in]-style PyTorch factor against the base layer (in, out); -> float32."""
-  if value.ndim != 2:
-    raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}; only 2-D (dense layer) "
-                     "LoRA factors are supported")
-  in_dim, out_dim = shape
+  """Check a PyTorch factor (down `A [r, in]`, up `B [out, r]`; for a 1x1 convolution
+  `[r, in, 1, 1]`, `[out, r, 1, 1]`) against the base layer's Flax kernel shape
+  ([in, out] or [1, 1, in, out]) -> the factor in Flax layout (`convert.flax_layout`,
+  float32): down [(1, 1,) in, r], up [(1, 1,) r, out]."""
+  *spatial, in_dim, out_dim = kernel_shape
+  if value.ndim != len(kernel_shape) or tuple(value.shape[2:]) != tuple(spatial):
+    expected = ("only 2-D LoRA factors fit it" if not spatial else
+                "only [r, in, 1, 1] / [out, r, 1, 1] LoRA factors fit it")
+    raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}; the base model's layer "
+                     f"is a {_kind(kernel_shape)}: {expected}")
   if (what == "down" and value.shape[1] != in_dim) or (what == "up" and value.shape[0] != out_dim):
     raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}, which does not fit the "
                      f"base model's layer ([out, in] = {[out_dim, in_dim]})")
-  value = np.asarray(value, np.float32)
   if not np.all(np.isfinite(value)):
     raise ValueError(f"{where}: {key} has NaN or Inf values")
-  return value
+  return convert.flax_layout(value)
 
 
 def _peft_scale(config: Mapping, module: str, rank: int) -> float:
@@ -235,12 +250,13 @@ def _kohya_alpha(where: str, factors: Mapping, rank: int) -> float:
   return float(np.asarray(value, np.float64).reshape(()))
 
 
-def _to_lora(modules: Mapping, labels: Mapping, dense: Mapping, other: Mapping, where: str,
+def _to_lora(modules: Mapping, labels: Mapping, layers: Mapping, other: Mapping, where: str,
              scale: Callable[[str, str, Mapping, int], float],
              skip_unsupported: bool) -> tuple[dict, tuple[str, ...]]:
-  """Grouped PyTorch factors -> (LoRA pytree {"down": [in, r], "up": [r, out]}, skipped).
+  """Grouped PyTorch factors -> (LoRA pytree {"down": [in, r], "up": [r, out]}; 1x1
+  convolutions [1, 1, in, r], [1, 1, r, out]; skipped).
 
-  `dense`: `convert.torch_names(base)`; `other`: `unsupported_layers(base)`;
+  `layers`: `lora_layers(base)`; `other`: `unsupported_layers(base)`;
   `scale(component, module, factors, r)`: alpha / r of a module."""
   lora, unsupported = {}, []
   for (component, module), factors in sorted(modules.items()):
@@ -248,29 +264,30 @@ def _to_lora(modules: Mapping, labels: Mapping, dense: Mapping, other: Mapping, 
     if module in other.get(component, {}):
       unsupported.append(f"{label} ({other[component][module]})")
       continue
-    if module not in dense.get(component, {}):
+    if module not in layers.get(component, {}):
       raise ValueError(f"{where}: {label}: the base model has no layer {module!r} in its "
                        f"{component}")
     for factor in ("down", "up"):
       if factor not in factors:
         raise ValueError(f"{where}: {label}: the {factor} factor ({FACTOR_NAMES[factor]}) "
                          "is missing")
-    layer, shape = dense[component][module]
-    down_t = _fit(where, *factors["down"], shape, "down")  # [r, in]
-    up_t = _fit(where, *factors["up"], shape, "up")        # [out, r]
-    if down_t.shape[0] != up_t.shape[1]:
+    layer, kernel_shape = layers[component][module]
+    down = _fit(where, *factors["down"], kernel_shape, "down")  # [(1, 1,) in, r]
+    up = _fit(where, *factors["up"], kernel_shape, "up")        # [(1, 1,) r, out]
+    rank = down.shape[-1]
+    if rank != up.shape[-2]:
       raise ValueError(f"{where}: {label}: ranks of the two factors differ "
-                       f"({down_t.shape[0]} vs {up_t.shape[1]})")
-    module_scale = scale(component, module, factors, down_t.shape[0])
+                       f"({rank} vs {up.shape[-2]})")
+    module_scale = scale(component, module, factors, rank)
     if not math.isfinite(module_scale):
       raise ValueError(f"{where}: {label}: alpha / rank is not finite")
-    up = up_t.T if module_scale == 1.0 else up_t.T * np.float32(module_scale)
-    lora.setdefault(component, {})[layer] = {"down": np.ascontiguousarray(down_t.T),
-                                             "up": np.ascontiguousarray(up)}
+    if module_scale != 1.0:
+      up = up * np.float32(module_scale)
+    lora.setdefault(component, {})[layer] = {"down": down, "up": up}
   if unsupported and not skip_unsupported:
     raise ValueError(
         f"{where}: {len(unsupported)} LoRA module(s) on layers hdb-jax cannot apply (it "
-        "applies LoRAs to dense layers only): " + ", ".join(unsupported)
+        "applies LoRAs to dense layers and 1x1 convolutions only): " + ", ".join(unsupported)
         + ". Leave them out with `hdb import --skip-unsupported` (library: "
         "skip_unsupported=True); the imported LoRA then differs from the file's.")
   if not lora:
@@ -284,7 +301,7 @@ def from_peft_style(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, st
   """PEFT, diffusers or diffusers-old tensors (+ metadata) -> (LoRA pytree, skipped)."""
   configs = _adapter_configs(metadata, where)
   modules, labels = _peft_style_modules(tensors, where)
-  return _to_lora(modules, labels, convert.torch_names(base), unsupported_layers(base), where,
+  return _to_lora(modules, labels, lora_layers(base), unsupported_layers(base), where,
                   lambda component, module, _, rank: _peft_scale(configs[component], module, rank),
                   skip_unsupported)
 
@@ -292,14 +309,14 @@ def from_peft_style(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, st
 def from_kohya(tensors: Mapping[str, np.ndarray], base: Mapping[str, Mapping],
                where: str = "", skip_unsupported: bool = False) -> tuple[dict, tuple[str, ...]]:
   """kohya tensors -> (LoRA pytree, skipped). A module without `.alpha` has alpha = r."""
-  dense, other = convert.torch_names(base), unsupported_layers(base)
+  layers, other = lora_layers(base), unsupported_layers(base)
   names = {}
-  for table in (dense, other):
+  for table in (layers, other):
     for component, modules in table.items():
       names.update({convert.KOHYA_PREFIX[component] + module.replace(".", "_"): (component, module)
                     for module in modules})
   modules, labels = _kohya_modules(tensors, names, where)
-  return _to_lora(modules, labels, dense, other, where,
+  return _to_lora(modules, labels, layers, other, where,
                   lambda _, __, factors, rank: _kohya_alpha(where, factors, rank) / rank,
                   skip_unsupported)
 
@@ -307,9 +324,10 @@ def from_kohya(tensors: Mapping[str, np.ndarray], base: Mapping[str, Mapping],
 def load(path: str, base: Mapping[str, Mapping], skip_unsupported: bool = False) -> Imported:
   """Read a PyTorch LoRA file (any of FORMATS; hdb-jax files too) -> Imported.
 
-  Every module must be a dense layer of `base` (abstract params suffice) with fitting
-  shapes and finite values, or (`skip_unsupported`) a layer hdb-jax cannot apply a LoRA
-  to, which is left out; otherwise ValueError naming the file and the problem.
+  Every module must be a dense layer or 1x1 convolution of `base` (abstract params
+  suffice) with fitting shapes and finite values, or (`skip_unsupported`) a layer hdb-jax
+  cannot apply a LoRA to, which is left out; otherwise ValueError naming the file and the
+  problem.
   """
   tensors, metadata = lora_lib.read_safetensors(path)
   if not tensors:

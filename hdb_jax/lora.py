@@ -1,4 +1,4 @@
-"""Generic LoRA residuals: plain `down @ up` factors per dense layer, and their file.
+"""Generic LoRA residuals: plain `down @ up` factors per layer, and their file.
 
 The common currency between LiDB files, rank-relaxed finetuning and PyTorch LoRA files
 (hdb_jax/convert.py). For a dense layer with Flax kernel `K [in, out]` (`y = x @ K`):
@@ -7,6 +7,18 @@ The common currency between LiDB files, rank-relaxed finetuning and PyTorch LoRA
 
 exactly: any alpha / rank scale of other formats is folded into the factors. Ranks may
 differ between layers.
+
+A 1x1 convolution (stride 1, as every 1x1 convolution of the SD UNet: `proj_in` /
+`proj_out` of its transformer blocks, `conv_shortcut` of its resnets) is a dense layer on
+the channels. Its LoRA is two 1x1 convolutions, in the orientation of its Flax kernel
+`K [1, 1, in, out]`:
+
+    dW = down @ up        down [1, 1, in, r]   up [1, 1, r, out]   dW [1, 1, in, out]
+
+(`@` batched over the two 1x1 axes), so that merging, files and exports need no base
+model to tell the two kinds apart. Only imports of PyTorch LoRA files make such layers:
+everything hdb-jax trains (LiDB, rank-relaxed finetuning) has dense layers only, and the
+low-rank side path of training (hdb_jax/preopt.py) refuses convolutions.
 
 Pytree (component -> Flax layer path without '/kernel' -> factors):
     {"unet": {"down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q":
@@ -45,27 +57,53 @@ def from_lidb(train: Mapping, spec: lidb.LiDBSpec, aux: Mapping | None = None) -
   return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), factors)
 
 
+CONV_1X1 = (1, 1)  # leading axes of the kernel and factors of a 1x1 convolution
+
+
+def kernel_shape(factors: Mapping) -> tuple[int, ...]:
+  """Shape of the kernel that `down @ up` changes: (in, out), or (1, 1, in, out) for a
+  1x1 convolution."""
+  down, up = np.shape(factors["down"]), np.shape(factors["up"])
+  return tuple(int(d) for d in down[:-1]) + (int(up[-1]),)
+
+
 def layer_shapes(lora: Mapping) -> dict:
-  """{component: {layer: (in, out)}} of the kernels the LoRA changes."""
-  return {component: {layer: (int(f["down"].shape[0]), int(f["up"].shape[1]))
-                      for layer, f in layers.items()}
+  """{component: {layer: kernel_shape}}: (in, out) of each dense layer the LoRA changes,
+  (1, 1, in, out) of each 1x1 convolution."""
+  return {component: {layer: kernel_shape(f) for layer, f in layers.items()}
           for component, layers in lora.items()}
 
 
 def ranks(lora: Mapping) -> dict:
   """{component: {layer: r}}."""
-  return {component: {layer: int(f["down"].shape[1]) for layer, f in layers.items()}
+  return {component: {layer: int(np.shape(f["down"])[-1]) for layer, f in layers.items()}
           for component, layers in lora.items()}
 
 
+def changeable_kernels(component_params: Mapping) -> dict[str, tuple[int, ...]]:
+  """{layer path (without '/kernel'): kernel shape} of the layers a LoRA can change: dense
+  layers (in, out) and 1x1 convolutions (1, 1, in, out). `component_params` may be abstract."""
+  found = {}
+  for path, leaf in params_lib.flatten(component_params).items():
+    shape = tuple(int(d) for d in leaf.shape)
+    if path.endswith(params_lib.SEP + "kernel") and (
+        len(shape) == 2 or (len(shape) == 4 and shape[:2] == CONV_1X1)):
+      found[path[: -len(params_lib.SEP + "kernel")]] = shape
+  return dict(sorted(found.items()))
+
+
 def deltas(lora: Mapping) -> dict:
-  """Dense residuals {component: {layer: dW = down @ up [in, out]}}."""
+  """Residuals {component: {layer: dW = down @ up}}: [in, out] for dense layers,
+  [1, 1, in, out] for 1x1 convolutions (the shape of the kernel)."""
   return {component: {layer: f["down"] @ f["up"] for layer, f in layers.items()}
           for component, layers in lora.items()}
 
 
 def merge(frozen: Mapping[str, Mapping], lora: Mapping, scale: float = 1.0) -> dict:
   """Params with every changed kernel replaced by `K + scale * down @ up`. Pure, jittable.
+
+  Dense kernels [in, out] and 1x1 convolution kernels [1, 1, in, out] alike: `down @ up`
+  has the kernel's shape (`check_base` checks that a LoRA fits its base).
 
   Components without residuals are passed through unchanged (not copied).
   """
@@ -93,31 +131,38 @@ def concat(loras: list[Mapping], scales: list[float] | None = None) -> dict:
       for layer, f in layers.items():
         parts.setdefault(component, {}).setdefault(layer, []).append(
             (np.asarray(f["down"], np.float32), np.float32(scale) * np.asarray(f["up"], np.float32)))
-  return {component: {layer: {"down": np.concatenate([d for d, _ in pairs], axis=1),  # [in, sum r]
-                              "up": np.concatenate([u for _, u in pairs], axis=0)}    # [sum r, out]
+  # The rank axis: the last of `down` ([..., in, r]), the one before last of `up` ([..., r, out]).
+  return {component: {layer: {"down": np.concatenate([d for d, _ in pairs], axis=-1),  # [.., in, sum r]
+                              "up": np.concatenate([u for _, u in pairs], axis=-2)}    # [.., sum r, out]
                       for layer, pairs in layers.items()}
           for component, layers in parts.items()}
 
 
 def check(lora: Mapping, where: str = "") -> None:
-  """Raise ValueError unless every layer has finite factors down [in, r], up [r, out]."""
+  """Raise ValueError unless every layer has finite factors down [in, r], up [r, out], or
+  (a 1x1 convolution) down [1, 1, in, r], up [1, 1, r, out]."""
   for component, layers in lora.items():
     for layer, f in layers.items():
       name = f"{component}/{layer}"
       if set(f) != set(FACTORS):
         raise ValueError(f"{where}: LoRA layer {name} has factors {sorted(f)}, expected "
                          f"{list(FACTORS)}")
-      down, up = f["down"], f["up"]
-      if np.ndim(down) != 2 or np.ndim(up) != 2 or np.shape(down)[1] != np.shape(up)[0]:
-        raise ValueError(f"{where}: LoRA layer {name} has factors down {np.shape(down)} and "
-                         f"up {np.shape(up)}; expected [in, r] and [r, out]")
+      down, up = np.shape(f["down"]), np.shape(f["up"])
+      dense = len(down) == len(up) == 2
+      conv_1x1 = len(down) == len(up) == 4 and down[:2] == up[:2] == CONV_1X1
+      if not (dense or conv_1x1) or down[-1] != up[-2]:
+        raise ValueError(f"{where}: LoRA layer {name} has factors down {down} and up {up}; "
+                         "expected [in, r] and [r, out] (or [1, 1, in, r] and [1, 1, r, out] "
+                         "for a 1x1 convolution)")
       for factor_name, value in f.items():
         if not np.all(np.isfinite(np.asarray(value))):
           raise ValueError(f"{where}: LoRA layer {name} ({factor_name}) has NaN or Inf values")
 
 
 def check_base(lora: Mapping, params: Mapping[str, Mapping], where: str = "") -> None:
-  """Raise ValueError if a changed layer is not a dense kernel of `params` with its shape.
+  """Raise ValueError unless every changed layer is a dense layer or 1x1 convolution of
+  `params` whose kernel has the shape of `down @ up` (so dense factors never land on a
+  convolution, nor the other way round).
 
   `params` may be abstract (jax.eval_shape): only paths and shapes are read.
   """
@@ -125,14 +170,15 @@ def check_base(lora: Mapping, params: Mapping[str, Mapping], where: str = "") ->
     if component not in params:
       raise ValueError(f"{where}: LoRA component {component!r} not in the base model "
                        f"({sorted(params)})")
-    kernels = params_lib.find_kernels(params[component], ".*")
+    kernels = changeable_kernels(params[component])
     for layer, shape in shapes.items():
       if layer not in kernels:
-        raise ValueError(f"{where}: LoRA layer {component}/{layer} is not a dense layer of "
-                         "the base model")
+        raise ValueError(f"{where}: LoRA layer {component}/{layer} is not a dense layer or "
+                         "1x1 convolution of the base model")
       if kernels[layer] != shape:
-        raise ValueError(f"{where}: LoRA layer {component}/{layer} changes a [in, out] = "
-                         f"{list(shape)} kernel; the base model's is {list(kernels[layer])}")
+        raise ValueError(f"{where}: LoRA layer {component}/{layer} changes a "
+                         f"{list(shape)} kernel; the base model's is {list(kernels[layer])} "
+                         "(dense: [in, out], 1x1 convolution: [1, 1, in, out])")
 
 
 # ------------------------------------------------------------------------------------

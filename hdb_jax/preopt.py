@@ -59,7 +59,9 @@ def low_rank_side_path(factors: Mapping[str, Mapping[str, Mapping[str, jax.Array
   N / G, group g with residual g. Layers are found by module path, which equals the param
   path in the diffusers/transformers Flax models (unet paths never start with
   "text_model/"). On exit, raises if a target layer was never called: a model whose
-  projections are not `nn.Dense` would otherwise train nothing silently.
+  projections are not `nn.Dense` would otherwise train nothing silently. A target layer
+  that is not an `nn.Dense` (e.g. the `nn.Conv` of a LoRA imported with 1x1 convolutions,
+  hdb_jax/lora.py) raises when it is called: such residuals are applied by `lora.merge`.
   """
   by_path = {}
   for component, layers in factors.items():
@@ -72,12 +74,18 @@ def low_rank_side_path(factors: Mapping[str, Mapping[str, Mapping[str, jax.Array
 
   def interceptor(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
-    if context.method_name != "__call__" or not isinstance(context.module, nn.Dense):
+    if context.method_name != "__call__":
       return out
     layer = "/".join(context.module.path)
     layer_factors = by_path.get(layer)
     if layer_factors is None:
       return out
+    if not isinstance(context.module, nn.Dense):
+      # E.g. an imported LoRA on a 1x1 convolution (hdb_jax/lora.py): never left out silently.
+      raise ValueError(
+          f"low-rank side path: layer {layer!r} is a {type(context.module).__name__}, not an "
+          "nn.Dense; the side path applies residuals to dense layers only. Merge LoRAs on "
+          "convolutions (e.g. imported proj_in / proj_out) with `lora.merge` instead.")
     called.add(layer)
     x = args[0]                                            # [N, ..., in]
     down = layer_factors["down"].astype(x.dtype)           # [in, r] or [G, in, r]

@@ -336,10 +336,10 @@ def test_import_of_attention_processor_files_matches_load_attn_procs(
 
 def _with_convolutions(tensors, fmt):
   """`tensors` plus rank-2 LoRAs on a 3x3 and a 1x1 convolution of the tiny UNet, in the
-  file's format (kohya: LoCon keys, with alpha) -> (tensors, names of the modules)."""
+  file's format (kohya: LoCon keys, with alpha 1) -> (tensors, name of the 3x3 module as
+  the refusal lists it, the 1x1 module's (Flax layer, down [r, in, 1, 1], up [out, r, 1, 1]))."""
   rng = np.random.default_rng(5)
   tensors = dict(tensors)
-  names = []
   for module, kernel in (("down_blocks.0.resnets.0.conv1", 3),
                          ("down_blocks.0.attentions.0.proj_in", 1)):
     down = rng.standard_normal((2, 32, kernel, kernel)).astype(np.float32)   # [r, in, kh, kw]
@@ -351,42 +351,233 @@ def _with_convolutions(tensors, fmt):
     else:
       name = "unet." + module
       tensors.update({f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up})
-    names.append(f"{name} ({kernel}x{kernel} convolution)")
-  return tensors, names
+    if kernel == 3:
+      refused = f"{name} (3x3 convolution)"
+    else:
+      conv_1x1 = ("down_blocks_0/attentions_0/proj_in", down, up)
+  return tensors, refused, conv_1x1
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
-def test_loras_on_convolutions_are_refused_by_name_or_skipped(fmt, exported, user_files, abstract,
-                                                              work, capsys, caplog):
+def test_3x3_convolution_loras_are_refused_by_name_or_skipped(fmt, exported, user_files,
+                                                              abstract, work, capsys, caplog):
+  """A LoCon file: its 3x3 convolution is refused (or skipped), its 1x1 one imported."""
   source = exported[("lidb", "kohya")] if fmt == "kohya" else user_files["diffusers"]
-  tensors, names = _with_convolutions(safetensors.numpy.load_file(source), fmt)
+  tensors, refused, (conv_layer, down, up) = _with_convolutions(
+      safetensors.numpy.load_file(source), fmt)
   path = str(work / f"locon_{fmt}.safetensors")
   safetensors.numpy.save_file(tensors, path)
 
   with pytest.raises(ValueError) as info:
     convert_import.load(path, abstract)
   message = str(info.value)
-  assert path in message and "2 LoRA module(s) on layers hdb-jax cannot apply" in message
-  assert all(name in message for name in names) and "--skip-unsupported" in message
+  assert path in message and "1 LoRA module(s) on layers hdb-jax cannot apply" in message
+  assert refused in message and "--skip-unsupported" in message and "proj_in" not in message
 
-  # Skipped: the rest is exactly the file without them.
+  # Skipped: the rest is exactly the file without the 3x3 LoRA (the 1x1 one imported,
+  # kohya's alpha 1 / r 2 folded into `up`).
   imported = convert_import.load(path, abstract, skip_unsupported=True)
-  assert imported.skipped == tuple(sorted(names)) and imported.format == fmt
-  _assert_lora_equal(imported.lora, convert_import.load(source, abstract).lora)
+  assert imported.skipped == (refused,) and imported.format == fmt
+  want = convert_import.load(source, abstract).lora
+  scale = 0.5 if fmt == "kohya" else 1.0
+  want["unet"][conv_layer] = {"down": down.transpose(2, 3, 1, 0),             # [1, 1, in, r]
+                              "up": scale * up.transpose(2, 3, 1, 0)}         # [1, 1, r, out]
+  _assert_lora_equal(imported.lora, want)
   with caplog.at_level("WARNING"):
     lora, _ = convert.load(path, abstract, skip_unsupported=True)
-  assert f"{path}: skipped 2 LoRA module(s)" in caplog.text
+  assert f"{path}: skipped 1 LoRA module(s)" in caplog.text
   _assert_lora_equal(lora, imported.lora)
 
   out = str(work / f"locon_{fmt}_hdb.safetensors")
   code, _, err = _run(capsys, "import", "--lora", path, "--config", TINY, "--out", out)
-  assert code == 1 and path in err and names[0] in err and not os.path.exists(out)
+  assert code == 1 and path in err and refused in err and not os.path.exists(out)
   code, stdout, err = _run(capsys, "import", "--lora", path, "--config", TINY, "--out", out,
                            "--skip-unsupported")
   assert code == 0, err
-  assert "hdb import: skipped 2 LoRA module(s)" in err and names[1] in err
-  assert json.loads(stdout)["skipped_unsupported"] == sorted(names)
-  assert lora_lib.load(out)[1]["skipped_unsupported"] == "2"
+  assert "hdb import: skipped 1 LoRA module(s)" in err and refused in err
+  assert json.loads(stdout)["skipped_unsupported"] == [refused]
+  assert lora_lib.load(out)[1]["skipped_unsupported"] == "1"
+  _assert_lora_equal(lora_lib.load(out)[0], imported.lora)
+
+
+# kohya's default SD1.x LoRA also trains the 1x1 convolutions proj_in / proj_out of every
+# transformer block (LoCon adds the resnets' 1x1 conv_shortcut): dense layers on the channels.
+_CONV_1X1 = ("proj_in", "proj_out", "conv_shortcut")
+
+
+def _kohya_from_peft(state, prefix, alpha_of):
+  """A PEFT state dict ({"<module>.lora_A.weight": [r, in(, 1, 1)], ...}, torch) -> kohya
+  tensors as kohya sd-scripts names them (`lora_unet_<module, dots as _>.lora_down.weight`,
+  `.lora_up.weight`, `.alpha` = `alpha_of(module)`)."""
+  tensors = {}
+  for key, value in state.items():
+    module, _, factor = key.rpartition(".lora_")
+    name = prefix + module.replace(".", "_")
+    part = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[factor]
+    tensors[f"{name}.{part}"] = value.detach().numpy().astype(np.float32)
+    tensors[f"{name}.alpha"] = np.asarray(alpha_of(module), np.float32)
+  return tensors
+
+
+@pytest.fixture(scope="module")
+def conv_files(pt_dir, work):
+  """{"kohya" | "peft": file} of one LoRA with 1x1 convolutions, as users have them.
+
+  PEFT adapters on the tiny pipeline with random factors: UNet attention at r 2 and its
+  1x1 convolutions (every proj_in / proj_out at r 3 by rank_pattern, conv_shortcut at r 2),
+  text encoder attention at r 2; so the convolution factors are [r, in, 1, 1] and
+  [out, r, 1, 1]. "kohya": saved in kohya's names with per-module alphas (1 for the
+  attention, kohya's default network_alpha; 2 for the convolutions). "peft": saved with
+  `save_lora_weights` and the adapters' configs as metadata (UNet lora_alpha 4).
+  """
+  from peft import LoraConfig, get_peft_model_state_dict
+  pipe = _pipeline(pt_dir)
+  pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, rank_pattern={"proj_in": 3, "proj_out": 3},
+                                   target_modules=["to_q", "to_k", "to_v", "to_out.0",
+                                                   *_CONV_1X1]))
+  pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=[
+      "q_proj", "k_proj", "v_proj", "out_proj"]))
+  _randomize_lora_(pipe.unet, 6)
+  _randomize_lora_(pipe.text_encoder, 7)
+  states = {name: get_peft_model_state_dict(model)
+            for name, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))}
+  assert states["unet"]["down_blocks.0.attentions.0.proj_in.lora_A.weight"].shape == (3, 32, 1, 1)
+  files = {fmt: str(work / f"conv_{fmt}.safetensors") for fmt in ("kohya", "peft")}
+  kohya = {}
+  for name, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te_")):
+    kohya.update(_kohya_from_peft(states[name], prefix,
+                                  lambda module: 2.0 if module.endswith(_CONV_1X1) else 1.0))
+  safetensors.numpy.save_file(kohya, files["kohya"])
+  pipe.save_lora_weights(str(work), weight_name=os.path.basename(files["peft"]),
+                         unet_lora_layers=states["unet"],
+                         text_encoder_lora_layers=states["text_encoder"],
+                         unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
+                         text_encoder_lora_adapter_metadata=(
+                             pipe.text_encoder.peft_config["default"].to_dict()))
+  return files
+
+
+def _dense_part(lora):
+  """The LoRA without its 1x1 convolutions."""
+  return {component: {layer: f for layer, f in layers.items() if np.ndim(f["down"]) == 2}
+          for component, layers in lora.items()}
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+def test_import_of_1x1_convolution_loras_matches_load_lora_weights(
+    fmt, conv_files, pt_dir, abstract, tiny_model, forward, jax_outputs, inputs):
+  imported = convert_import.load(conv_files[fmt], abstract)
+  assert imported.format == fmt and imported.skipped == ()
+  conv_layers = {layer: shape for layer, shape in lora_lib.layer_shapes(imported.lora)["unet"].items()
+                 if len(shape) == 4}
+  # Every 1x1 convolution of the tiny UNet (4 transformer blocks' proj_in / proj_out and
+  # 5 conv_shortcut), with its kernel's shape.
+  assert conv_layers == {layer: shape for layer, shape in
+                         lora_lib.changeable_kernels(abstract["unet"]).items() if len(shape) == 4}
+  assert len(conv_layers) == 13 and all(layer.endswith(_CONV_1X1) for layer in conv_layers)
+  proj_in = imported.lora["unet"]["down_blocks_0/attentions_0/proj_in"]
+  assert proj_in["down"].shape == (1, 1, 32, 3) and proj_in["up"].shape == (1, 1, 3, 32)
+
+  pipe = _pipeline(pt_dir)
+  pipe.load_lora_weights(conv_files[fmt])
+  got = _torch_outputs(pipe.text_encoder, pipe.unet, inputs)
+  want = forward(lora_lib.merge(tiny_model[1], imported.lora))
+  _compare(f"{fmt} with 1x1 convolution LoRAs", got, want, jax_outputs["base"])
+  # The convolutions' part matters: without it the UNet's output is far from diffusers'.
+  _, without = forward(lora_lib.merge(tiny_model[1], _dense_part(imported.lora)))
+  conv_effect = float(np.abs(want[1] - without).max())
+  print(f"{fmt}: the 1x1 convolution LoRAs alone change the UNet output by {conv_effect:.2f}")
+  assert conv_effect > MIN_EFFECT
+
+
+def test_1x1_convolution_loras_round_trip_through_hdb_import_and_export(
+    conv_files, pt_dir, abstract, tiny_model, forward, jax_outputs, inputs, capsys, work):
+  """kohya file -> `hdb import` -> `hdb export` (kohya, peft): 4-D PyTorch factors, the same
+  LoRA when imported again, and diffusers' outputs equal the JAX merge."""
+  imported = str(work / "conv_imported.safetensors")
+  code, out, err = _run(capsys, "import", "--lora", conv_files["kohya"], "--config", TINY,
+                        "--out", imported)
+  assert code == 0 and json.loads(out)["skipped_unsupported"] == [], err
+  lora, _ = lora_lib.load(imported)
+  _assert_lora_equal(lora, convert_import.load(conv_files["kohya"], abstract).lora)
+  want = forward(lora_lib.merge(tiny_model[1], lora))
+
+  module = "down_blocks.0.attentions.0.proj_in"
+  for fmt in FORMATS:
+    again = str(work / f"conv_again_{fmt}.safetensors")
+    assert _run(capsys, "export", "--weights", imported, "--format", fmt, "--out", again)[0] == 0
+    tensors = safetensors.numpy.load_file(again)
+    down, up = ((f"unet.{module}.lora_A.weight", f"unet.{module}.lora_B.weight") if fmt == "peft"
+                else tuple(f"lora_unet_{module.replace('.', '_')}.lora_{f}.weight"
+                           for f in ("down", "up")))
+    assert tensors[down].shape == (3, 32, 1, 1) and tensors[up].shape == (32, 3, 1, 1)
+    got, detected = convert.load(again, abstract)
+    assert detected == fmt
+    # kohya: one alpha (2, the most common rank) for the file; rank-3 layers carry 3 / 2.
+    _assert_lora_equal(got, lora, rtol=1e-6 if fmt == "kohya" else 0)
+
+    pipe = _pipeline(pt_dir)
+    pipe.load_lora_weights(again)
+    with capsys.disabled():   # the measured differences, not read by the next `_run`
+      _compare(f"kohya with 1x1 convolutions -> hdb import -> hdb export {fmt}",
+               _torch_outputs(pipe.text_encoder, pipe.unet, inputs), want, jax_outputs["base"])
+
+
+def test_the_side_path_refuses_loras_on_convolutions(tiny_model, inputs):
+  """Training's low-rank side path applies residuals to nn.Dense layers only: a LoRA with a
+  1x1 convolution is refused by name, not silently left out (`lora.merge` applies it)."""
+  from hdb_jax import preopt
+  sd, params = tiny_model
+  layer = "down_blocks_0/attentions_0/proj_in"
+  conv = {"unet": {layer: {"down": np.ones((1, 1, 32, 1), np.float32),
+                           "up": np.ones((1, 1, 1, 32), np.float32)}}}
+  with pytest.raises(ValueError, match=f"layer '{layer}' is a Conv, not an nn.Dense.*lora.merge"):
+    with preopt.low_rank_side_path(conv):
+      # A new function: traced here, with the interceptor (not a cached trace of sd.predict).
+      jax.eval_shape(lambda *args: sd.predict(*args), params["unet"], inputs["latents"],
+                     inputs["timesteps"], inputs["context"])
+
+
+def test_lora_on_a_1x1_convolution_merges_into_its_kernel(tiny_model, abstract, work):
+  _, params = tiny_model
+  layer = "mid_block/attentions_0/proj_out"                          # kernel [1, 1, 64, 64]
+  rng = np.random.default_rng(8)
+  down = rng.standard_normal((1, 1, 64, 2)).astype(np.float32)
+  up = rng.standard_normal((1, 1, 2, 64)).astype(np.float32)
+  conv = {"unet": {layer: {"down": down, "up": up}}}
+  lora_lib.check(conv)
+  lora_lib.check_base(conv, abstract)
+  assert lora_lib.layer_shapes(conv) == {"unet": {layer: (1, 1, 64, 64)}}
+  assert lora_lib.ranks(conv) == {"unet": {layer: 2}}
+
+  kernel = np.asarray(params_lib.flatten(params["unet"])[layer + "/kernel"])
+  want = kernel + 0.5 * (down[0, 0] @ up[0, 0])[None, None]
+  merged = jax.jit(lora_lib.merge, static_argnums=2)(params, conv, 0.5)
+  np.testing.assert_allclose(params_lib.flatten(merged["unet"])[layer + "/kernel"], want,
+                             atol=1e-6)
+  stacked = lora_lib.concat([conv, conv], [1.0, -0.5])
+  assert lora_lib.ranks(stacked)["unet"][layer] == 4
+  np.testing.assert_allclose(params_lib.flatten(lora_lib.merge(params, stacked)["unet"])[
+      layer + "/kernel"], want, atol=1e-6)
+  path = str(work / "conv_1x1.safetensors")
+  lora_lib.save(path, stacked)
+  _assert_lora_equal(lora_lib.load(path)[0], stacked)
+
+  # Dense factors never land on a convolution, nor the other way round.
+  dense = "mid_block/attentions_0/transformer_blocks_0/attn1/to_q"  # kernel [64, 64]
+  for wrong, message in (
+      ({layer: {"down": down[0, 0], "up": up[0, 0]}},
+       r"changes a \[64, 64\] kernel; the base model's is \[1, 1, 64, 64\]"),
+      ({dense: {"down": down, "up": up}},
+       r"changes a \[1, 1, 64, 64\] kernel; the base model's is \[64, 64\]"),
+      ({"down_blocks_0/resnets_0/conv1": {"down": np.zeros((1, 1, 32, 2), np.float32),
+                                          "up": np.zeros((1, 1, 2, 32), np.float32)}},
+       "is not a dense layer or 1x1 convolution")):
+    with pytest.raises(ValueError, match=message):
+      lora_lib.check_base({"unet": wrong}, abstract)
+  for down_shape, up_shape in (((1, 1, 64, 2), (2, 64)), ((3, 3, 64, 2), (3, 3, 2, 64))):
+    with pytest.raises(ValueError, match=r"or \[1, 1, in, r\] and \[1, 1, r, out\]"):
+      lora_lib.check({"unet": {layer: {"down": np.zeros(down_shape), "up": np.zeros(up_shape)}}})
 
 
 def test_detect_format():
@@ -481,8 +672,9 @@ def test_torch_names():
 @pytest.mark.parametrize("config", ["tiny.py", "sd15.py"])
 def test_torch_names_are_the_pytorch_linear_layers(config):
   """Every dense layer's name is a torch.nn.Linear of the PyTorch model and back (SD1.5: 184
-  UNet + 72 CLIP layers), every other layer's a Conv2d (architecture only, PyTorch modules
-  on the meta device)."""
+  UNet + 72 CLIP layers), every other layer's a Conv2d; LoRAs apply to the Linear layers and
+  the 1x1 Conv2d (SD1.5: 16 proj_in, 16 proj_out, 14 conv_shortcut) (architecture only,
+  PyTorch modules on the meta device)."""
   from diffusers import UNet2DConditionModel
   from transformers import CLIPTextConfig, CLIPTextModel
   from hdb_jax import config_file
@@ -496,10 +688,22 @@ def test_torch_names_are_the_pytorch_linear_layers(config):
     linear = {n: tuple(m.weight.shape) for n, m in model.named_modules()
               if isinstance(m, torch.nn.Linear)}
     assert {n: (out_dim, in_dim) for n, (_, (in_dim, out_dim)) in names[component].items()} == linear
-    # The layers imports refuse (or skip) are exactly the convolutions.
-    conv = {n: f"{m.kernel_size[0]}x{m.kernel_size[1]} convolution"
-            for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
-    assert convert_import.unsupported_layers(abstract_params)[component] == conv
+    # Imports apply LoRAs to the Linear layers and the 1x1 convolutions (all of stride 1:
+    # dense layers on the channels), with their Flax kernel shapes; they refuse (or skip)
+    # exactly the other convolutions.
+    conv = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    conv_1x1 = {n: (1, 1, m.in_channels, m.out_channels) for n, m in conv.items()
+                if m.kernel_size == (1, 1)}
+    assert all(conv[n].stride == (1, 1) and conv[n].padding == (0, 0) for n in conv_1x1)
+    assert {n: shape for n, (_, shape) in convert_import.lora_layers(abstract_params)[
+        component].items()} == {**{n: (in_dim, out_dim) for n, (out_dim, in_dim) in linear.items()},
+                                **conv_1x1}
+    assert convert_import.unsupported_layers(abstract_params)[component] == {
+        n: f"{m.kernel_size[0]}x{m.kernel_size[1]} convolution" for n, m in conv.items()
+        if n not in conv_1x1}
+    if component == "unet":   # SD1.x: use_linear_projection=False, proj_in / proj_out are convs
+      assert {n.rpartition(".")[2] for n in conv_1x1} == set(_CONV_1X1)
+      assert len(conv_1x1) == {"tiny.py": 13, "sd15.py": 46}[config]
 
 
 def test_lora_merge_concat_and_file(tiny_model, tiny_lidb, sources, work):
@@ -540,10 +744,15 @@ def _edit(tensors, edit):
 
 _Q = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
 _K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"
+_P = "lora_unet_down_blocks_0_attentions_0_proj_in"   # a 1x1 convolution
 
 
 def _put(key, *shape, value=0.0):
   return lambda t: t.update({key: np.full(shape, value, np.float32)})
+
+
+def _both(*edits):
+  return lambda t: [edit(t) for edit in edits]
 
 
 def _poke(key, value):
@@ -569,6 +778,12 @@ BAD = {
     "kohya_wrong_shape": ("kohya", _put(_K + ".lora_up.weight", 64, 1),
                           r"shape \(64, 1\), which does not fit"),
     "kohya_conv": ("kohya", _put(_K + ".lora_down.weight", 1, 32, 1, 1), "only 2-D"),
+    "kohya_dense_on_1x1": ("kohya", _both(_put(_P + ".lora_down.weight", 1, 32),
+                                          _put(_P + ".lora_up.weight", 32, 1)),
+                           r"is a 1x1 convolution: only \[r, in, 1, 1\] / \[out, r, 1, 1\]"),
+    "kohya_3x3_on_1x1": ("kohya", _both(_put(_P + ".lora_down.weight", 1, 32, 3, 3),
+                                        _put(_P + ".lora_up.weight", 32, 1, 1, 1)),
+                         r"shape \(1, 32, 3, 3\); the base model's layer is a 1x1 convolution"),
     "kohya_inf": ("kohya", _poke(_K + ".lora_down.weight", np.inf), "NaN or Inf"),
     "kohya_inf_alpha": ("kohya", _put(_K + ".alpha", value=np.inf), "not finite"),
 }
