@@ -96,8 +96,10 @@ def import_lora(args) -> dict:
   """A PyTorch LoRA file (PEFT, diffusers, diffusers' old attention-processor format, or
   kohya) -> an hdb-lora file, checked against the base model of --config (its model.path
   folder's config files, else the config's own architecture; shapes via jax.eval_shape,
-  no weights read). LoRAs on layers hdb-jax cannot apply (convolutions: LoCon / LyCORIS)
-  are refused, listed, or with --skip-unsupported left out (their number is printed)."""
+  no weights read). LoRAs on dense layers and 1x1 convolutions (kohya's proj_in /
+  proj_out) are imported; those on layers hdb-jax cannot apply (larger convolutions:
+  3x3 LoCon / LyCORIS) are refused, listed, or with --skip-unsupported left out (their
+  number is printed)."""
   import os
   from hdb_jax import config_file, convert_import, lora
   from hdb_jax import params as params_lib
@@ -230,8 +232,8 @@ def main(argv=None) -> int:
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value (repeatable)")
   p.add_argument("--skip-unsupported", action="store_true",
-                 help="leave out LoRAs on layers hdb-jax cannot apply (convolutions of "
-                 "LoCon / LyCORIS files) instead of refusing the file; prints how many")
+                 help="leave out LoRAs on layers hdb-jax cannot apply (3x3 convolutions "
+                 "of LoCon / LyCORIS files) instead of refusing the file; prints how many")
   p.add_argument("--out", required=True, help="output hdb-lora .safetensors file")
   p = commands.add_parser("export-base", help="the base model as a diffusers PyTorch folder",
                           description=export_base.__doc__)
@@ -271,11 +273,16 @@ def main(argv=None) -> int:
   file_commands = {"export": export, "import": import_lora, "export-base": export_base,
                    "predict": predict, "personalize": personalize}
   try:
+    if getattr(args, "out", None):  # an unwritable output is reported before any work
+      from hdb_jax import files
+      files.check_writable(args.out)
     if args.command == "info":
       print(json.dumps(info(args), indent=2))
     else:
       print(json.dumps(file_commands[args.command](args), indent=2))
-  except (FileNotFoundError, ValueError, FloatingPointError) as e:
+  except (OSError, ValueError, FloatingPointError) as e:
+    # OSError: unreadable inputs, unwritable outputs, a full disk (outputs are written to
+    # temporary files renamed into place, so nothing partial is left).
     print(f"hdb {args.command}: error: {e}", file=sys.stderr)
     return 1
   return 0

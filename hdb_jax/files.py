@@ -38,6 +38,24 @@ def atomic_path(path: str):
       os.remove(tmp)
 
 
+def check_writable(path: str) -> None:
+  """Raise OSError naming `path` unless a file or folder can be created there (its nearest
+  existing parent folder takes a temporary file): checked before long work, so that an
+  unwritable output is reported at once, not after minutes of training."""
+  path = os.path.abspath(path)
+  parent = path if os.path.isdir(path) else os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise NotADirectoryError(f"{path}: cannot write here ({parent} is a file, not a folder)")
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".tmp-write-check-", dir=parent)
+  except OSError as e:
+    raise OSError(e.errno, f"{path}: cannot write here ({e.strerror})") from e
+  os.close(fd)
+  os.remove(probe)
+
+
 def json_safe(value):
   """`value` with float NaN/Inf replaced by None (JSON has no NaN) and NumPy scalars and
   arrays turned into Python numbers and lists."""

@@ -278,3 +278,24 @@ def test_eval_hypernet_scores_every_row(reference_run, stand_in):
           "rows"]["base"]["identity_accuracy_plain"])) < 1e-9
   assert len(metrics["per_identity_plain"]) == 3
   assert grid.shape[0] == 3 * (1 + 3 * 3)  # photo + 3 rows x 3 prompts per identity
+
+
+def test_a_loss_that_is_not_finite_stops_before_checkpointing(tmp_path, stand_in):
+  """Targets so large that the weight loss overflows to inf (finite data: the weights
+  dataset refuses NaN): the run stops at that step, naming it, with no checkpoint or
+  hypernetwork written after it. The same compiled program as the other runs."""
+  import train.train_hypernet as entry
+  source = weights_dataset.open_dataset(stand_in["data.weights"])
+  huge = jax.tree_util.tree_map(lambda x: np.full_like(x, 1e30), source.train)
+  weights_dir = str(tmp_path / "huge_weights")
+  weights_dataset.write_shard(weights_dir, weights_dataset.shard_name(0, 0, NUM_IDENTITIES),
+                              source.identities, huge,
+                              {"train_loss": np.zeros(NUM_IDENTITIES, np.float32)},
+                              source.spec, source.metadata)
+  weights_dataset.finalize(weights_dir, source.identities, source.metadata)
+  workdir = tmp_path / "run"
+  with pytest.raises(FloatingPointError, match=r"step 1: loss is (inf|nan); stopped"):
+    entry.run(_config({**RUN, **stand_in, "data.weights": weights_dir}), str(workdir))
+  checkpoints = workdir / "checkpoints"
+  assert not checkpoints.exists() or not [p for p in os.listdir(checkpoints) if p.isdigit()]
+  assert not (workdir / "hypernet").exists()

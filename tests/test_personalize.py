@@ -136,3 +136,42 @@ def test_image_modes_are_read_as_rgb(tmp_path, mode):
   assert out.shape == (12, 10, 3) and out.dtype == np.uint8
   top, bottom = out[:6].astype(int).mean((0, 1)), out[6:].astype(int).mean((0, 1))
   assert top.sum() > bottom.sum() + 60, (mode, top, bottom)  # the first frame, upright
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+  """--out under a file, or where the OS refuses to create files (simulated: root ignores
+  permission bits): exit 1 at once, the path and the reason named, nothing created."""
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  assert cli.main(["personalize", "--config", MINI, "--image", PHOTO,
+                   "--out", str(blocker / "me")]) == 1
+  error = capsys.readouterr().err
+  assert str(blocker / "me") in error and "is a file, not a folder" in error, error
+
+  def refuse(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+  monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
+  out = tmp_path / "readonly" / "me"
+  assert cli.main(["personalize", "--config", MINI, "--image", PHOTO, "--out", str(out)]) == 1
+  error = capsys.readouterr().err
+  assert str(out) in error and "Permission denied" in error, error
+  assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def test_a_full_disk_leaves_no_partial_output(tmp_path, capsys, monkeypatch, cache):
+  """The disk fills while the outputs are written (simulated: the samples image gets half
+  its bytes, then ENOSPC): exit 1 naming the reason; no output folder, no temporary files."""
+  import errno
+  from PIL import Image as PILImage
+  real_save = PILImage.Image.save
+
+  def save_until_full(image, fp, *args, **kwargs):
+    real_save(image, fp, *args, **kwargs)
+    with open(fp, "r+b") as f:
+      f.truncate(os.path.getsize(fp) // 2)
+    raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+  monkeypatch.setattr(PILImage.Image, "save", save_until_full)
+  out = tmp_path / "me"
+  assert _personalize(PHOTO, out, "--steps", "1", cache_dir=cache) == 1
+  assert "No space left on device" in capsys.readouterr().err
+  assert os.listdir(tmp_path) == []
