@@ -7,25 +7,40 @@ import os
 import subprocess
 import sys
 
+import signal
+import time
+
 import numpy as np
+import pytest
 
 from hdb_jax import evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(workdir, cache):
-  command = [sys.executable, "-m", "train.evaluate", "--config", "configs/evaluate_mini.py",
-             "--workdir", str(workdir), "--cache_dir", str(cache),
-             "--methods", "base,hypernet_only", "--config.identities=2", "--config.seeds=2",
-             "--config.chunk=2", "--config.sample_steps=2",
-             "--config.prompts=('a {token} {class_name}', 'a sketch of a {token} {class_name}')"]
-  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+def _command(workdir, cache, chunk=2):
+  return [sys.executable, "-m", "train.evaluate", "--config", "configs/evaluate_mini.py",
+          "--workdir", str(workdir), "--cache_dir", str(cache),
+          "--methods", "base,hypernet_only", "--config.identities=2", "--config.seeds=2",
+          f"--config.chunk={chunk}", "--config.sample_steps=2",
+          "--config.prompts=('a {token} {class_name}', 'a sketch of a {token} {class_name}')"]
 
 
-def test_two_identities_two_prompts_two_methods_and_resume(tmp_path):
-  workdir, cache = tmp_path / "eval", tmp_path / "cache"
-  done = _run(workdir, cache)
+def _run(workdir, cache, chunk=2):
+  return subprocess.run(_command(workdir, cache, chunk), cwd=REPO, capture_output=True,
+                        text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """One uninterrupted run: (workdir, program cache, the run's completed process)."""
+  root = tmp_path_factory.mktemp("evaluate")
+  workdir, cache = root / "eval", root / "cache"
+  return workdir, cache, _run(workdir, cache)
+
+
+def test_two_identities_two_prompts_two_methods_and_resume(uninterrupted):
+  workdir, cache, done = uninterrupted
   assert done.returncode == 0, done.stderr[-3000:]
   assert sorted(os.listdir(workdir / "results")) == ["base.jsonl", "hypernet_only.jsonl"]
   with open(workdir / "summary.json") as f:
@@ -51,6 +66,33 @@ def test_two_identities_two_prompts_two_methods_and_resume(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert (workdir / "results" / "base.jsonl").read_text() == before  # nothing redone
   assert "to do" not in again.stderr
+
+
+def test_sigterm_stops_after_a_chunk_and_the_same_command_finishes_the_table(tmp_path,
+                                                                            uninterrupted):
+  """SIGTERM once the first chunk is saved (one identity per chunk here): the run ends
+  after the chunk in hand with a message and no table; the same command then finishes
+  with every sample scored as in the uninterrupted run."""
+  reference, cache, _ = uninterrupted
+  workdir = tmp_path / "eval"
+  process = subprocess.Popen(_command(workdir, cache, chunk=1), cwd=REPO, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  first = workdir / "results" / "base.jsonl"
+  while process.poll() is None and not first.exists():
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  out, _ = process.communicate(timeout=900)
+  assert process.returncode == 0, out[-3000:]
+  assert "rerun the same command to continue" in out, out[-3000:]
+  assert not (workdir / "summary.json").exists()
+  again = _run(workdir, cache, chunk=1)
+  assert again.returncode == 0, again.stderr[-3000:]
+  for method in ("base", "hypernet_only"):
+    resumed = evaluate.ResultsFile(str(workdir / "results"), method).read()
+    whole = evaluate.ResultsFile(str(reference / "results"), method).read()
+    assert [line["identity"] for line in resumed] == [line["identity"] for line in whole]
+    for a, b in zip(resumed, whole):
+      assert a["scores"] == b["scores"], method
 
 
 def test_summary_statistics():

@@ -9,7 +9,8 @@ runs SD1.5 on your photos, scored by Face Rec, CLIP-I, CLIP-T and DINO (`config.
   summary.json             the table: mean and 95% bootstrap CI over identities per metric
   table.md                 the same for docs (columns by scoring: hdb_jax/evaluate.py SCORINGS)
   samples.png              per method (rows): a few identities' photo, then their samples
-Rerunning resumes (per method and chunk of identities); --methods runs a subset. Methods
+Rerunning resumes (per method and chunk of identities); SIGTERM or Ctrl-C stops after the
+chunk in hand is saved; --methods runs a subset. Methods
 share compiled programs where they can (the personalize ones through hdb personalize's
 program store, the sampler for all).
 """
@@ -27,7 +28,8 @@ import optax
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from hdb_jax import baselines, diffusion, dreambooth, evaluate, files, finetune, lidb, logs
+from hdb_jax import baselines, checkpoint, diffusion, dreambooth, evaluate, files, finetune
+from hdb_jax import lidb, logs
 from hdb_jax import lora
 from hdb_jax import models, personalize
 from hdb_jax.mini import dataset, render
@@ -265,6 +267,7 @@ def main(argv):
     raise app.UsageError(f"--methods: {unknown} not in config.methods "
                          f"({sorted(config.methods)})")
 
+  stop = checkpoint.StopFlag()  # SIGTERM / Ctrl-C: the chunk in hand is finished and saved
   for name in names:
     method = config.methods[name]
     store = evaluate.ResultsFile(results_dir, name)
@@ -324,6 +327,10 @@ def main(argv):
                           os.path.join(workdir, "shown", f"{name}_{int(identities[k])}.png"),
                           rows=1, upscale=2)
       store.append(lines)
+      if stop.requested:
+        logging.warning("stopped after a chunk of %s (results saved): rerun the same "
+                        "command to continue", name)
+        return
 
   summary = write_summary(config, workdir, prompts)
   with files.atomic_path(os.path.join(workdir, "table.md")) as tmp, open(tmp, "w") as f:
