@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 
 import jax
 import numpy as np
@@ -52,18 +53,39 @@ def run_config(tiny_config):
   return config
 
 
-def test_run_writes_artefacts_and_resumes(run_config, tmp_path):
+def _signalling_step(steps: int):
+  """dreambooth.make_train_step, whose step sends this process SIGTERM after `steps`
+  calls: the run's own signal handler (checkpoint.StopFlag) sees it at that step."""
+  make = dreambooth.make_train_step
+
+  def make_train_step(*args, **kwargs):
+    step_fn, calls = make(*args, **kwargs), []
+
+    def step(*step_args):
+      out = step_fn(*step_args)
+      calls.append(1)
+      if len(calls) == steps:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return out
+    return step
+  return make_train_step
+
+
+def test_run_writes_artefacts_and_resumes(run_config, tmp_path, monkeypatch):
   uninterrupted = lidb_dreambooth.run(run_config, str(tmp_path / "full"))
 
-  # "Interrupted" after the first checkpoint: a run of 3 steps, then the full command again.
+  # SIGTERM during step 2, between checkpoints: it checkpoints step 2 and
+  # returns without artefacts; the same command then continues from step 2.
   workdir = str(tmp_path / "resumed")
-  first = run_config.copy_and_resolve_references()
-  first.train.steps = 3
-  lidb_dreambooth.run(first, workdir)
+  monkeypatch.setattr(lidb_dreambooth.dreambooth, "make_train_step", _signalling_step(2))
+  assert lidb_dreambooth.run(run_config, workdir) is None
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+  assert not os.path.exists(os.path.join(workdir, "lidb.safetensors"))
+  monkeypatch.undo()
   resumed = lidb_dreambooth.run(run_config, workdir)
   with open(os.path.join(workdir, "log.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f]
-  assert steps == [1, 2, 3, 4, 5, 6]  # steps 1-3 were not trained twice
+  assert steps == [1, 2, 3, 4, 5, 6]  # steps 1-2 were not trained twice
 
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                          resumed, uninterrupted)

@@ -48,7 +48,8 @@ def read_subject_images(spec: str, size: int) -> np.ndarray:
 
 
 def run(config, workdir: str) -> dict:
-  """Train (or resume) and write the artefacts; returns the final LiDB train pytree."""
+  """Train (or resume) and write the artefacts; returns the final LiDB train pytree, or
+  None when stopped by SIGTERM / Ctrl-C (checkpointed; the same command continues)."""
   os.makedirs(workdir, exist_ok=True)
   with files.atomic_path(os.path.join(workdir, "config.json")) as tmp, open(tmp, "w") as f:
     f.write(config.to_json(indent=2))
@@ -98,24 +99,33 @@ def run(config, workdir: str) -> dict:
   log_path = os.path.join(workdir, "log.jsonl")
   bar = tqdm(range(start, config.train.steps), initial=start, total=config.train.steps,
              desc="LiDB DreamBooth", unit="step")
-  for step in bar:
-    train, opt_state, loss = step_fn(train, opt_state, frozen, aux, tuple(pools),
-                                     jax.random.fold_in(train_key, step))
-    done = step + 1
-    logging_now = done % config.train.log_every == 0 or done == config.train.steps
-    saving = done % config.train.checkpoint_every == 0 or done == config.train.steps
-    if logging_now or saving:  # never checkpoint a state that is not finite
-      loss = float(loss)
-      if not np.isfinite(loss):
+  stop = checkpoint.StopFlag()  # SIGTERM / Ctrl-C: checkpoint at the next step and exit
+  try:
+    for step in bar:
+      train, opt_state, loss = step_fn(train, opt_state, frozen, aux, tuple(pools),
+                                       jax.random.fold_in(train_key, step))
+      done = step + 1
+      logging_now = done % config.train.log_every == 0 or done == config.train.steps
+      saving = (done % config.train.checkpoint_every == 0 or done == config.train.steps
+                or stop.requested)
+      if logging_now or saving:  # never checkpoint a state that is not finite
+        loss = float(loss)
+        if not np.isfinite(loss):
+          ckpt.wait_until_finished()
+          raise FloatingPointError(f"step {done}: loss is {loss}; stopped, the last good "
+                                   f"checkpoint is in {workdir}/checkpoints")
+      if logging_now:
+        bar.set_postfix(loss=f"{loss:.4f}")
+        with open(log_path, "a") as f:
+          f.write(json.dumps({"step": done, "loss": loss}) + "\n")
+      if saving:
+        checkpoint.save(ckpt, done, {"train": train, "opt_state": opt_state})
+      if stop.requested and done < config.train.steps:
         ckpt.wait_until_finished()
-        raise FloatingPointError(f"step {done}: loss is {loss}; stopped, the last good "
-                                 f"checkpoint is in {workdir}/checkpoints")
-    if logging_now:
-      bar.set_postfix(loss=f"{loss:.4f}")
-      with open(log_path, "a") as f:
-        f.write(json.dumps({"step": done, "loss": loss}) + "\n")
-    if saving:
-      checkpoint.save(ckpt, done, {"train": train, "opt_state": opt_state})
+        logging.warning("stopped at step %d: rerun the same command to continue", done)
+        return None
+  finally:
+    stop.restore()
   ckpt.wait_until_finished()
 
   out = os.path.join(workdir, "lidb.safetensors")
