@@ -177,3 +177,21 @@ def test_face_folder_nothing_readable(tmp_path):
     data.build_folder(str(folder), str(tmp_path / "tfds"))
   with pytest.raises(FileNotFoundError, match="not a folder"):
     data.build_folder(str(tmp_path / "missing"), str(tmp_path / "tfds"))
+
+
+def test_two_processes_building_one_dataset_at_once_both_succeed(tmp_path):
+  """Two jobs that need synthetic_faces at the same time (an evaluation beside a training
+  run): one builds under the lock file, the other waits and reads it (without the lock
+  the second crashed renaming into the first's finished folder)."""
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  command = [sys.executable, "-m", "hdb_jax.mini.dataset", "--config", "tiny",
+             "--data_dir", str(tmp_path)]
+  processes = [subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  for process, out in zip(processes, outputs):
+    assert process.returncode == 0, out[-3000:]
+    assert "ready in" in out, out[-3000:]
+  assert len(dataset.source("tiny", "train", str(tmp_path))) > 0

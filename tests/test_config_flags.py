@@ -1,0 +1,36 @@
+"""Config overrides of the absl entry points (`train.*`, `--config.key=value`): an unknown
+key or a value of the wrong type stops the command before any work, naming the key."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY_POINTS = {"train.lidb_dreambooth": "configs/mini.py",
+                "train.preoptimize": "configs/preopt_mini.py",
+                "train.train_hypernet": "configs/hypernet_mini.py",
+                "train.evaluate": "configs/evaluate_mini.py"}
+
+
+def _run(module, config, override, workdir):
+  command = [sys.executable, "-m", module, "--config", config, "--workdir", str(workdir),
+             override]
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("module", sorted(ENTRY_POINTS))
+def test_unknown_config_keys_are_refused(module, tmp_path):
+  done = _run(module, ENTRY_POINTS[module], "--config.no_such_key=1", tmp_path / "w")
+  assert done.returncode != 0
+  assert "no_such_key" in done.stderr, done.stderr[-2000:]
+  assert not (tmp_path / "w").exists()
+
+
+def test_values_of_the_wrong_type_are_refused(tmp_path):
+  done = _run("train.evaluate", ENTRY_POINTS["train.evaluate"], "--config.identities=many",
+              tmp_path / "w")
+  assert done.returncode != 0
+  assert "identities" in done.stderr and "many" in done.stderr, done.stderr[-2000:]
+  assert not (tmp_path / "w").exists()
