@@ -26,8 +26,11 @@ Methods (`kind`):
   textual_inversion   the identifier token's embedding row only
 LoRA DreamBooth without prior preservation (rank 4, 400 steps) is the personalize kind
 from zero with 400 steps (the same training as kind lora_dreambooth with no prior).
-Not here yet: the learnable-aux hypernetwork (no trained one is committed).
+The learnable-aux rows use assets/mini_hypernet_aux (hypernet.learnable_aux=True, beta = 0,
+2,000 steps: docs/hypernet.md) in place of the committed standard hypernetwork.
 """
+
+import os
 
 import ml_collections
 
@@ -48,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.guidance_scale = 4.0
   config.seed = 0
   config.reference_method = "full"  # the table's paired differences are against it
+  aux_hypernet = os.path.join(os.path.dirname(config.personalize.hypernet), "mini_hypernet_aux")
   config.methods = {
       "base": dict(kind="base"),
       "hypernet_only": dict(kind="personalize", steps=0),
@@ -74,5 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
                               hflip=True, prior_images=16, prior_weight=1.0),
       "textual_inversion": dict(kind="textual_inversion", steps=400, learning_rate=5e-3,
                                 batch_size=1, hflip=True),
+      # The learnable-aux variant (its files store the learned aux matrices)
+      "hypernet_only_learnable_aux": dict(kind="personalize", steps=0, hypernet=aux_hypernet),
+      "full_learnable_aux": dict(kind="personalize", hypernet=aux_hypernet),
   }
   return config

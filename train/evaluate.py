@@ -391,7 +391,11 @@ def write_summary(config, workdir: str, prompts: list[str]) -> dict:
              "scoring": scoring,
              "identities": config.identities, "prompts": prompts, "seeds": config.seeds,
              "sample_steps": config.sample_steps, "guidance_scale": config.guidance_scale,
-             "methods": {k: config.methods[k].to_dict() for k in table}, "table": table}
+             "methods": {k: {key: files.portable_path(v, REPO) if isinstance(v, str)
+                                 and os.path.isabs(v) else v
+                                 for key, v in config.methods[k].to_dict().items()}
+                         for k in table},
+             "table": table}
   files.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
