@@ -143,6 +143,13 @@ def prior_pools(config, method, sd, frozen, generate_base) -> list:
                                method.get("prior_weight", 1.0))]
 
 
+def subject_pools(sd, frozen, photo, ids, hflip: bool, prior=()) -> list:
+  """[the photo [S, S, 3] (and its mirror image) as a pool with loss weight 1, prompt ids
+  [1, L]] + the prior pools."""
+  latents = dreambooth.encode_subject(sd, frozen["vae"], photo[None], hflip)
+  return [dreambooth.make_pool(latents, ids, 1.0)] + list(prior)
+
+
 def lidb_dreambooth_method(config, method, sd, frozen, generate_base):
   """A trainer for kind "lidb_dreambooth": LiDB DreamBooth on the one photo (+ mirror),
   with prior preservation when `prior_images` > 0."""
@@ -156,8 +163,7 @@ def lidb_dreambooth_method(config, method, sd, frozen, generate_base):
   prior = prior_pools(config, method, sd, frozen, generate_base)
 
   def train(photo):
-    latents = dreambooth.encode_subject(sd, frozen["vae"], photo[None], method.hflip)
-    pools = tuple([dreambooth.make_pool(latents, ids, 1.0)] + prior)
+    pools = tuple(subject_pools(sd, frozen, photo, ids, method.hflip, prior))
     weights = lidb.init(spec, jax.random.key(config.seed))
     opt_state = tx.init(weights)
     key = jax.random.key(config.seed)
@@ -187,8 +193,7 @@ def lora_dreambooth_method(config, method, sd, frozen, generate_base):
   prior = prior_pools(config, method, sd, frozen, generate_base)
 
   def train(photo):
-    latents = dreambooth.encode_subject(sd, frozen["vae"], photo[None], cfg.hflip)
-    pools = [dreambooth.make_pool(latents, ids, 1.0)] + prior
+    pools = subject_pools(sd, frozen, photo, ids, cfg.hflip, prior)
     tuned, _ = finetune.finetune(sd, frozen, start, pools, steps=method.steps,
                                  learning_rate=learning_rate, batch_size=cfg.batch_size,
                                  seed=cfg.seed, train_text_encoder=cfg.train_text_encoder,
@@ -208,8 +213,7 @@ def dreambooth_method(config, method, sd, frozen, generate_base):
   prior = prior_pools(config, method, sd, frozen, generate_base)
 
   def train(photo):
-    latents = dreambooth.encode_subject(sd, frozen["vae"], photo[None], method.hflip)
-    pools = [dreambooth.make_pool(latents, ids, 1.0)] + prior
+    pools = subject_pools(sd, frozen, photo, ids, method.hflip, prior)
     return "params", baselines.dreambooth_finetune(step, tx, frozen, pools,
                                                    steps=method.steps, seed=config.seed)
 
@@ -225,8 +229,7 @@ def inversion_method(config, method, sd, frozen):
                                                    class_name=config.class_name)])
 
   def train(photo):
-    latents = dreambooth.encode_subject(sd, frozen["vae"], photo[None], method.hflip)
-    pools = [dreambooth.make_pool(latents, ids, 1.0)]
+    pools = subject_pools(sd, frozen, photo, ids, method.hflip)
     return "params", baselines.textual_inversion(step, tx, frozen, pools, token_id,
                                                  steps=method.steps, seed=config.seed)
 
