@@ -148,3 +148,16 @@ def test_committed_table_supports_what_docs_results_md_says():
   tie = table["lidb_dreambooth_400"]["minus_full"]["identity"]["ci95"]
   assert tie[0] < 0 < tie[1]
   assert table["lidb_dreambooth_400"]["seconds_median"] > 5 * full["seconds_median"]
+  # Every row of configs/evaluate_mini.py is in the committed table.
+  from hdb_jax import config_file
+  methods = config_file.load(os.path.join(REPO, "configs", "evaluate_mini.py")).methods
+  assert sorted(table) == sorted(methods)
+  assert all(row["identities"] == 50 for row in table.values())
+  # Agg-1 (whole UNet, high lr) breaks the prompts; DreamBooth proper does not.
+  assert table["dreambooth_agg1"]["background_drop"] > 0.3
+  assert table["dreambooth_400"]["background_drop"] < 0.05
+  # Prior preservation keeps the class prompt from drifting to the subject.
+  for name in ("lidb_dreambooth_400", "lora_dreambooth_400"):
+    assert table[name + "_prior"]["class_identity"] < table[name]["class_identity"] - 0.15
+  # Textual Inversion: far below the full method on identity, paired.
+  assert table["textual_inversion"]["minus_full"]["identity_plain"]["ci95"][1] < 0
