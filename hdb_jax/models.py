@@ -7,8 +7,9 @@ dict `{"unet": ..., "vae": ..., "text_encoder": ...}`.
 
 Folder layout (diffusers): `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`.
 Weights are read as Flax msgpack (`diffusion_flax_model.msgpack`, `flax_model.msgpack`)
-or as PyTorch safetensors (`diffusion_pytorch_model.safetensors`, `model.safetensors`),
-converted on load. Only local paths are accepted: no model hub.
+or as PyTorch safetensors (`diffusion_pytorch_model.safetensors`, `model.safetensors`, or
+their `.fp16` variants, cast on load), converted on load; PyTorch pickles (`.bin`) only
+with `allow_pickle`. Only local paths are accepted: no model hub.
 """
 
 from __future__ import annotations
