@@ -2,8 +2,9 @@ r"""The finetune step, hdb-jax against the PyTorch route: time, FLOPs and peak m
 
     python benchmarks/finetune_step.py --models mini,tiny --rounds 5 \
         --out benchmarks/results/finetune_step.json
-    python benchmarks/finetune_step.py --models sd15 --methods lora4 --rounds 1 \
-        --sequential --out benchmarks/results/finetune_step_sd15.json
+    python benchmarks/finetune_step.py --models sd15 --methods lora4,lora4-side \
+        --rounds 2 --sequential --min_steps 2 --window_seconds 1 --profile_steps 1 \
+        --out benchmarks/results/finetune_step_sd15.json
 
 One training step of a personalization, text encoder included, on the same batch, at the
 same resolution and from the same weights on both sides (issue "Performance", a, d, e):
@@ -27,18 +28,22 @@ computes the loss of a fixed batch (same latents, noise, timesteps), which must 
 between the sides: the same model, the same loss.
 
 Every (method, side) runs in its own worker process, set up once (weights, compilation,
-two warm-up steps), so that its peak resident memory is its own (over its life, and while its
-windows ran: reset after the setup through /proc/self/clear_refs). Rounds
-are interleaved: in each round every worker times one window of steps (at least
+two warm-up steps), so that its peak resident memory is its own: over its life, and while
+its windows ran (reset after the setup through /proc/self/clear_refs). Rounds are
+interleaved: in each round every worker times one window of steps (at least
 --window_seconds and --min_steps; JAX keeps one step in flight, as a training loop does),
 the order of the sides alternating between rounds, so both sides saw the same load from
-other processes. A `peak` worker times a 2048 x 2048 fp32 matmul (NumPy, JAX, PyTorch) in
-every round: the CPU's measured peak is the best library's median.
+other processes. Reported per row: the median over the rounds and the best round (the
+one least disturbed by other processes). A `peak` worker times a 2048 x 2048 fp32 matmul
+(NumPy, JAX, PyTorch) and a 256 MB copy in every round: the CPU's measured peak is the
+best library's median.
 
 FLOPs: XLA's cost analysis of the compiled JAX step ('flops', 'bytes accessed'); for the
 PyTorch step, `torch.utils.flop_counter.FlopCounterMode` over one step (matmuls,
 convolutions and attention only). "% of peak" divides the XLA FLOPs of the method's JAX
-step (merge path) by each side's time: the same work for both sides.
+step (merge path) by each side's time: the same work for both sides. After its setup,
+each JAX worker traces --profile_steps steps with the profiler (`kernel_profile`): how
+many kernels a step runs and where their time goes.
 """
 
 import json
@@ -330,7 +335,7 @@ def kernel_profile(step_once, steps: int, folder: str) -> dict:
   paths = glob.glob(os.path.join(folder, "**", "*.trace.json.gz"), recursive=True)
   if not paths:
     return {}
-  with gzip.open(paths[0]) as f:
+  with gzip.open(max(paths, key=os.path.getmtime)) as f:  # this trace, not an older one
     trace = json.load(f)
   events = [e for e in (trace["traceEvents"] if isinstance(trace, dict) else trace)
             if e.get("ph") == "X"]
@@ -627,9 +632,10 @@ def machine_info() -> dict:
   except OSError:
     pass
   return {"cpus": os.cpu_count(), "processor": processor, "python": platform.python_version(),
-          "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-                       "optax": optax.__version__, "numpy": np.__version__,
-                       "torch": torch.__version__, "diffusers": diffusers.__version__,
+          "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                       "flax": flax.__version__, "optax": optax.__version__,
+                       "numpy": np.__version__, "torch": torch.__version__,
+                       "diffusers": diffusers.__version__,
                        "transformers": transformers.__version__, "peft": peft.__version__}}
 
 
@@ -703,7 +709,8 @@ def measure_model(name: str, methods: list, work_root: str, peak: Child) -> dict
   for side, method in rows:
     ms = [w["ms_per_step"] for w in windows[(side, method)]]
     row = {"side": side, "method": method, "ms_per_step_median": statistics.median(ms),
-           "ms_per_step_best": min(ms), "ms_per_step": ms, **setups[(side, method)], **closes[(side, method)],
+           "ms_per_step_best": min(ms), "ms_per_step": ms, **setups[(side, method)],
+           **closes[(side, method)],
            "last_loss": windows[(side, method)][-1]["last_loss"]}
     # Peak resident memory of the process over its life (imports, weights, compilation,
     # steps). The peak is reset after the setup (/proc/self/clear_refs): ru_maxrss would
@@ -747,9 +754,12 @@ def measure_model(name: str, methods: list, work_root: str, peak: Child) -> dict
 
 
 def print_table(name: str, summary: dict) -> None:
+  """The model's rows: times, speed-ups, FLOPs, peak memory; then the kernel breakdown."""
+  nan = float("nan")
   print(f"\n{name}: batch {summary['batch_size']}, latents {summary['latent_shape']}, "
         f"{summary['text_length']} tokens; matmul peak {summary['matmul_peak_gflops']:.0f} "
-        f"GFLOP/s ({', '.join(f'{k} {v:.0f}' for k, v in summary['matmul_gflops_median'].items())})")
+        "GFLOP/s (" + ", ".join(f"{k} {v:.0f}" for k, v in
+                                summary["matmul_gflops_median"].items()) + ")")
   print(f"{'method':11s} {'side':5s} {'ms/step':>9s} {'speedup':>8s} {'best':>9s} {'speedup':>8s} "
         f"{'GFLOP':>7s} {'GFLOP/s':>8s} {'%peak':>6s} {'own GFLOP':>9s} {'RSS MB':>7s} "
         f"{'steps RSS':>9s}")
@@ -758,9 +768,9 @@ def print_table(name: str, summary: dict) -> None:
     best = f"{r['speedup_over_torch_best']:.2f}x" if "speedup_over_torch_best" in r else ""
     print(f"{r['method']:11s} {r['side']:5s} {r['ms_per_step_median']:9.2f} {speedup:>8s} "
           f"{r['ms_per_step_best']:9.2f} {best:>8s} "
-          f"{r.get('work_gflop', float('nan')):7.3f} {r.get('gflops_per_second', float('nan')):8.1f} "
-          f"{r.get('percent_of_matmul_peak', float('nan')):6.1f} "
-          f"{r.get('own_gflop', float('nan')):9.3f} {r['process_peak_rss_mb']:7.0f} "
+          f"{r.get('work_gflop', nan):7.3f} {r.get('gflops_per_second', nan):8.1f} "
+          f"{r.get('percent_of_matmul_peak', nan):6.1f} "
+          f"{r.get('own_gflop', nan):9.3f} {r['process_peak_rss_mb']:7.0f} "
           f"{r['steps_peak_rss_mb']:9.0f}")
   print("check loss (fixed batch, zero residual): " + json.dumps(summary["check_loss"]))
   for r in summary["rows"]:
