@@ -11,7 +11,12 @@ count), 8 identities per device and block:
 
 (2,400 identities in ~40 min here.) The committed weights (assets/mini_preopt) are the
 first 1,200 identities, the session's time budget: the same command with
-`--config.data.max_identities=1200`.
+`--config.data.max_identities=1200`. All 2,400 from them (computes the other 1,200 only):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.preoptimize \
+        --config configs/preopt_mini.py --workdir workdir/preopt_all \
+        --config.preopt.extend=assets/mini_preopt/weights
+
 Without XLA_FLAGS it runs on one device, 8 identities per block, ~1.6x slower. Fewer
 identities, or the random stand-in data on the tiny random-init model (smoke runs, tests
 and benchmarks):
@@ -75,7 +80,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                                 # only the training noise differs; see analyze_targets)
       weight_decay=0.0,         # > 0: AdamW, decoupled decay towards zero
       eval_batch_size=16,       # fixed-noise eval loss before/after per identity; 0: skip
-      checkpoint_every_blocks=8)
+      checkpoint_every_blocks=8,
+      # A finished weights dataset of this same run on fewer identities (a smaller
+      # data.max_identities): a new workdir copies its shards and computes only the
+      # identities after them (the weights of an identity do not depend on the others).
+      extend="")
   if variant == "tiny":
     config.preopt.face_background_weight = None  # random images have no face masks
   config.mesh = dict(data=-1)   # devices on the data axis; -1: all (every process's)

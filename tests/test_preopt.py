@@ -16,6 +16,7 @@ wrong noise draw, step count or identity shows up far above it):
   processes vs 1; up to 2e-4 once between the same run compiled under other XLA_FLAGS).
 """
 
+import json
 import os
 import signal
 import socket
@@ -291,6 +292,29 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path, data_di
   code, out = _finish(_launch(workdir, overrides))
   assert code == 0, out[-3000:]
   _assert_same_weights(reference_run, workdir, SAME_PROGRAM_ATOL, same_train_loss=False)
+
+
+def test_extend_a_finished_dataset_equals_one_run(tmp_path, data_dir, reference_run):
+  """A dataset of the first 6 identities extended to all 16 in a new workdir: the same
+  weights as one run of 16; a source made with other settings is refused by name."""
+  import train.preoptimize as entry
+  overrides = {**RUN, "data.data_dir": data_dir, "preopt.eval_batch_size": 4}
+  first = str(tmp_path / "first")
+  assert entry.run(_config({**overrides, "data.max_identities": 6}), first)
+  source = os.path.join(first, "weights")
+  extended = str(tmp_path / "extended")
+  assert entry.run(_config({**overrides, "preopt.extend": source}), extended)
+  _assert_same_weights(reference_run, extended, SAME_PROGRAM_ATOL)
+  with open(os.path.join(extended, "summary.json")) as f:
+    assert json.load(f)["identities_this_run"] == NUM_IDENTITIES - 6
+  for changed, what in (({"preopt.learning_rate": 1e-2}, "learning_rate"),
+                        ({"preopt.hflip": False}, "optimization")):
+    with pytest.raises(ValueError, match=f"first/weights: made with another {what}"):
+      entry.run(_config({**overrides, **changed, "preopt.extend": source}),
+                str(tmp_path / what))
+  with pytest.raises(ValueError, match="are not the first 6"):
+    entry.run(_config({**overrides, "data.max_identities": 4, "preopt.extend": source}),
+              str(tmp_path / "fewer"))
 
 
 def test_two_processes_equal_one(tmp_path, data_dir, eight_device_run):

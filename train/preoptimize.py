@@ -19,6 +19,7 @@ import collections
 import csv
 import json
 import os
+import shutil
 import time
 
 from absl import app, flags, logging
@@ -146,6 +147,39 @@ def write_summary(workdir: str, dataset_dir: str, identities_this_run: int,
   return summary
 
 
+def extend_from(source: str, dataset_dir: str, identities: np.ndarray, spec: lidb.LiDBSpec,
+                shard_meta: dict, copy: bool) -> int:
+  """Adopt `source`, a finished weights dataset of the same run on the first identities of
+  this one (made with a smaller data.max_identities): copy its shards into `dataset_dir`
+  (when `copy`) and return how many identities they hold, the first position to compute.
+
+  Checked: the identities are this run's first ones, the LiDB spec, and the metadata the
+  shards record (base fingerprint, prompt, steps, learning rate, seed, data apart from
+  max_identities, and the other optimization settings when the source recorded them)."""
+  dataset = weights_dataset.open_dataset(source)
+  count = len(dataset)
+  if count > len(identities) or not np.array_equal(np.sort(identities[:count]),
+                                                   dataset.identities):
+    raise ValueError(f"{source}: its {count} identities are not the first {count} of this "
+                     f"run's {len(identities)}")
+  if weights_dataset.spec_to_json(dataset.spec) != weights_dataset.spec_to_json(spec):
+    raise ValueError(f"{source}: made with another LiDB spec")
+  theirs = dict(dataset.metadata)
+  for key, value in shard_meta.items():
+    if key not in theirs and key == "optimization":
+      continue  # datasets written before this was recorded
+    mine, other = value, theirs.get(key)
+    if key == "data":
+      mine, other = json.loads(mine), json.loads(other or "{}")
+      mine.pop("max_identities"), other.pop("max_identities", None)
+    if mine != other:
+      raise ValueError(f"{source}: made with another {key} ({other!r}, this run: {mine!r})")
+  if copy:
+    for entry in weights_dataset.list_shards(source):
+      shutil.copyfile(os.path.join(source, entry[0]), os.path.join(dataset_dir, entry[0]))
+  return count
+
+
 def run(config, workdir: str) -> bool:
   """Pre-optimize every identity of `config.data` into `workdir`. Returns True when the
   weights dataset is complete, False when stopped by a signal (progress saved)."""
@@ -185,9 +219,12 @@ def _run(config, workdir, stop) -> bool:
   base_fingerprint = params_lib.fingerprint(frozen, spec.layers)
   frozen, aux = preopt.replicate((frozen, aux), fns.replicated)
   global_block = run.per_device_block * num_devices
+  optimization = {k: run[k] for k in ("batch_size", "hflip", "face_background_weight",
+                                      "shared_init", "init_seed", "weight_decay")}
   shard_meta = {"base_fingerprint": base_fingerprint,
                 "prompt": prompt, "steps": str(run.steps), "learning_rate": str(run.learning_rate),
-                "seed": str(run.seed), "data": json.dumps(config.data.to_dict(), sort_keys=True)}
+                "seed": str(run.seed), "data": json.dumps(config.data.to_dict(), sort_keys=True),
+                "optimization": json.dumps(optimization, sort_keys=True)}
 
   # Progress: the first identity position not yet written, and the block in flight. The
   # layout (devices, block size, steps per call) may change between runs; what decides
@@ -206,6 +243,10 @@ def _run(config, workdir, stop) -> bool:
       raise app.UsageError(f"{workdir}: holds a run with another base, data, LiDB or "
                            "optimization config; use a new --workdir")
   start = progress["position"]
+  if ckpt.latest_step() is None and run.get("extend"):
+    start = extend_from(run.extend, dataset_dir, identities, spec, shard_meta, copy=is_main)
+    logging.info("extending %s: its %d identities copied", run.extend, start)
+    progress = {**progress, "position": start}
   layout = preopt.make_layout(len(identities) - start, run.per_device_block,
                               fns.identity_sharding)
   if is_main:
