@@ -119,8 +119,18 @@ class Personalizer:
   encode: object            # (vae params, images [V, S, S, 3]) -> latent (mean, std)
   step: object              # finetune.make_step's; None when steps == 0
   generate: object          # (frozen, lora, cond [N, L], uncond [N, L], rng, guidance) -> images
-  seconds: dict             # load, compile
+  seconds: dict             # load
   stored: bool              # the programs came from the store (no tracing)
+  compile_began: float      # perf_counter when the programs began compiling
+
+  def ready(self) -> float:
+    """Wait until every program is compiled -> seconds from the start of compiling to the
+    last one ready. `load` returns while they compile: the first call of each waits."""
+    pending = [self.predict, self.start, self.encode, self.step, self.generate]
+    for program in pending:
+      if program is not None:
+        program.result()
+    return max(p.ready_at for p in pending if p is not None) - self.compile_began
 
 
 @dataclasses.dataclass
@@ -256,7 +266,7 @@ def _encoder(info):
 
 def load(config, prompts: list[str], cache: dict | None = None) -> Personalizer:
   """The base model, the hypernetwork (checked to belong together) and the programs,
-  compiled; `prompts` (formatted) are the ones `sample` will get. `cache`: `cache_dirs()`
+  compiling in background threads (`Personalizer.ready()` waits for them); `prompts` (formatted) are the ones `sample` will get. `cache`: `cache_dirs()`
   (None: no stored programs; XLA's cache as configured)."""
   cfg = config.personalize
   began = time.perf_counter()
@@ -285,15 +295,18 @@ def load(config, prompts: list[str], cache: dict | None = None) -> Personalizer:
                         store.folder, e)
   fingerprint = _check_pair(spec, frozen, info, cfg.hypernet, int(meta["image_size"]))
   loaded = time.perf_counter()
-  compiled = programs.compile_all(exported, donate={"step": (0, 1)})
+  # In the background: the finetuning step (the longest) on one thread, the others in the
+  # order they are needed on the other, so that the photo is predicted while the step
+  # compiles and the sampler compiles while the finetuning runs.
+  compiled = programs.compile_all(exported, donate={"step": (0, 1)},
+                                  order=("step", "predict", "start", "encode", "generate"))
   return Personalizer(
       frozen=frozen, net_params=net_params, aux=aux, spec=spec, fingerprint=fingerprint,
       hypernet_info=info, cfg=cfg, prompt=meta["instance_prompt"],
       image_size=int(meta["image_size"]), tokens=meta["tokens"],
       predict=compiled["predict"], start=compiled["start"], encode=compiled["encode"],
       step=compiled.get("step"), generate=compiled["generate"],
-      seconds={"load": loaded - began, "compile": time.perf_counter() - loaded},
-      stored=stored)
+      seconds={"load": loaded - began}, stored=stored, compile_began=loaded)
 
 
 def _pools(p: Personalizer, photo: np.ndarray):

@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 
 import jax
 
@@ -133,16 +134,36 @@ class Store:
       shutil.rmtree(tmp, ignore_errors=True)
 
 
-def compile_all(exported: dict[str, jax.export.Exported], donate: dict[str, tuple] | None = None
-                ) -> dict:
-  """`compiled` for every program, in threads: XLA compiles (and loads cached code)
-  without the GIL, so programs build side by side on the host's cores."""
+class Pending:
+  """A program compiling in a background thread: calling it waits for the compiled code
+  (then runs it); `ready_at` is the `time.perf_counter()` when it was ready."""
+
+  def __init__(self, name: str, future):
+    self.name, self._future, self.ready_at = name, future, None
+    future.add_done_callback(lambda _: setattr(self, "ready_at", time.perf_counter()))
+
+  def result(self):
+    return self._future.result()
+
+  def __call__(self, *args, **kwargs):
+    return self._future.result()(*args, **kwargs)
+
+
+def compile_all(exported: dict[str, jax.export.Exported], donate: dict[str, tuple] | None = None,
+                order: tuple[str, ...] = ()) -> dict[str, Pending]:
+  """`compiled` for every program, in background threads -> {name: Pending}: returns at
+  once, so the caller works (reads the photo, runs the programs already built) while the
+  rest compile. XLA compiles (and loads cached code) without the GIL, so programs build
+  side by side on the host's cores; `order` names the ones to start first (the longest)."""
   from concurrent.futures import ThreadPoolExecutor
   donate = donate or {}
-  with ThreadPoolExecutor(max_workers=min(len(exported), os.cpu_count() or 1)) as pool:
-    futures = {name: pool.submit(compiled, program, donate.get(name, ()))
-               for name, program in exported.items()}
-    return {name: future.result() for name, future in futures.items()}
+  names = [n for n in order if n in exported] + [n for n in exported if n not in order]
+  pool = ThreadPoolExecutor(max_workers=min(len(exported), os.cpu_count() or 1),
+                            thread_name_prefix="hdb-compile")
+  pending = {name: Pending(name, pool.submit(compiled, exported[name], donate.get(name, ())))
+             for name in names}
+  pool.shutdown(wait=False)  # the threads end when their work is done
+  return pending
 
 
 def compiled(exported: jax.export.Exported, donate_argnums=()):

@@ -34,7 +34,8 @@ def test_a_stored_program_computes_what_the_function_computes(tmp_path):
   bundle = store.load("k1")
   assert bundle.meta["note"] == "x" and bundle.meta["programs"] == ["step"]
   step = programs.compile_all(bundle.programs, donate={"step": (0, 1)})["step"]
-  got = step(*_inputs())
+  got = step(*_inputs())  # waits for the background compile
+  assert step.ready_at is not None
   want = jax.jit(_step)(*_inputs())
   jax.tree_util.tree_map(np.testing.assert_allclose, got, want)
   assert isinstance(got[1][0], optax.ScaleByAdamState)  # the state's types come back

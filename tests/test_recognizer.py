@@ -128,3 +128,22 @@ def test_train_step_learns_and_negatives_differ():
                                       jax.random.key(i))
     losses.append(float(loss))
   assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+def test_face_check_program_stored_then_read_back_equals_the_recognizer(tmp_path, rec):
+  """`hdb personalize`'s face check: exported on the first run, read back (no model
+  built) on the next; both give the recognizer's face probability."""
+  from hdb_jax import programs
+  store = programs.Store(str(tmp_path))
+  faces = recognizer.random_faces(np.random.default_rng(0), 2)["images"]
+  noise = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  photos = np.asarray(recognizer.to_float(np.concatenate([faces, noise])))
+  want = rec(photos)["face_prob"]
+  first = recognizer.face_check_program(32, store=store)
+  assert len(os.listdir(tmp_path)) == 1
+  second = recognizer.face_check_program(32, store=store)
+  assert len(os.listdir(tmp_path)) == 1
+  for check in (first, second):
+    got = np.array([check(photo) for photo in photos])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  assert want[:2].min() > 0.5 > want[2:].max()

@@ -127,6 +127,7 @@ def personalize_method(config, method, cache):
   prompt = config.instance_prompt.format(token=config.token, class_name=config.class_name)
   config.personalize.per_prompt = 1  # its own sampler is not used here: keep it small
   p = personalize.load(config, [prompt], cache)
+  p.ready()  # compiled before the first photo: its time is the personalization's only
   return lambda photo: ("lora", personalize.run(p, photo, from_zero=from_zero).lora)
 
 

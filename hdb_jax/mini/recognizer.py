@@ -359,3 +359,41 @@ def load(path: str = DEFAULT_PATH) -> Recognizer:
   if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(params):
     raise ValueError(f"{weights}: parameters do not match the architecture in {info_path}")
   return Recognizer(model, params, info)
+
+
+def face_check_program(image_size: int, path: str = DEFAULT_PATH, store=None):
+  """-> photo [S, S, 3] in [-1, 1] -> the face head's probability, for one photo.
+
+  With a `programs.Store` (`hdb personalize`'s cache) the program is exported on the
+  first run and read back after, so a new process neither builds nor traces the model:
+  only its weights are read (the key covers them, the architecture and the code)."""
+  import hashlib
+  from hdb_jax import programs
+  digest = hashlib.sha256()
+  for name in (WEIGHTS_FILE, INFO_FILE):
+    try:
+      with open(os.path.join(path, name), "rb") as f:
+        digest.update(f.read())
+    except FileNotFoundError:
+      load(path)  # raises, naming the missing file and how to make it
+      raise
+  key = programs.key_of("mini_recognizer.face_prob", digest.hexdigest(), image_size)
+  bundle = store.load(key) if store else None
+  if bundle is None:
+    recognizer = load(path)
+    photo = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    exported = jax.export.export(jax.jit(
+        lambda params, images: jax.nn.softmax(
+            recognizer.model.apply({"params": params}, images)["face"])[:, 1]))(
+                recognizer.params, photo)
+    params = recognizer.params
+    if store:
+      try:
+        store.save(key, {"face_prob": exported}, {})
+      except OSError:
+        pass  # traced again next time
+  else:
+    exported = bundle.programs["face_prob"]
+    params = params_lib.unflatten(load_file(os.path.join(path, WEIGHTS_FILE)))
+  face_prob = programs.compiled(exported)
+  return lambda photo: float(face_prob(params, np.asarray(photo, np.float32)[None])[0])
