@@ -194,8 +194,9 @@ def _stored_frozen(config, bundle: programs.Bundle):
     return None
 
 
-def _trace(config, cfg, spec, aux, net_params, info, prompts):
-  """Build the models and export the five programs -> (exported, meta, frozen)."""
+def _trace(config, cfg, spec, aux, net_params, info, prompts, exported_one=None):
+  """Build the models and export the five programs -> (exported, meta, frozen), in the
+  order they run; `exported_one(name, program)` is told of each as soon as it exists."""
   from hdb_jax import diffusion, dreambooth, models  # the model code: first runs only
   sd, frozen = models.load_or_build(config.model)
   instance = config.instance_prompt.format(token=config.token, class_name=config.class_name)
@@ -217,16 +218,22 @@ def _trace(config, cfg, spec, aux, net_params, info, prompts):
     return diffusion.generate(sd, lora.merge(frozen, lora_tree), cond_ids, uncond_ids, rng,
                               guidance_scale, cfg.sample_steps)
 
-  export = lambda fn, *args: jax.export.export(jax.jit(fn))(*args)
+  exported = {}
+
+  def export(name, fn, *args, jitted=False):
+    exported[name] = jax.export.export(fn if jitted else jax.jit(fn))(*args)
+    if exported_one:
+      exported_one(name, exported[name])
+    return exported[name]
+
   size = sd.image_size
   views = 2 if cfg.hflip else 1
-  exported = {}
-  exported["predict"] = export(lambda p, x: net.apply({"params": p}, x, iterations=iterations),
+  export("predict", lambda p, x: net.apply({"params": p}, x, iterations=iterations),
                                net_params, np.zeros((1, size, size, 3), np.float32))
   predicted = jax.eval_shape(exported["predict"].call, net_params,
                              jax.ShapeDtypeStruct((1, size, size, 3), np.float32))
-  exported["start"] = export(start, predicted, aux)
-  exported["encode"] = export(sd.encode_images, frozen["vae"],
+  export("start", start, predicted, aux)
+  export("encode", sd.encode_images, frozen["vae"],
                               np.zeros((views, size, size, 3), np.float32))
   started = jax.eval_shape(exported["start"].call, predicted, aux)
   if cfg.steps:
@@ -237,13 +244,13 @@ def _trace(config, cfg, spec, aux, net_params, info, prompts):
                                  "std": np.zeros(std.shape, std.dtype)},
                                 np.asarray([tokens[instance]]), 1.0)
     step = finetune.make_step(sd, tx, cfg.batch_size)
-    exported["step"] = jax.export.export(step)(trained, opt_state, fixed, frozen, (pool,),
-                                               jax.random.key(0))
+    export("step", step, trained, opt_state, fixed, frozen, (pool,), jax.random.key(0),
+           jitted=True)
     lora_shapes = {**trained, **fixed}
   else:
     lora_shapes = started
   cond = np.zeros((len(prompts) * cfg.per_prompt, sd.max_length), np.int32)
-  exported["generate"] = export(generate, frozen, lora_shapes, cond, cond, jax.random.key(0),
+  export("generate", generate, frozen, lora_shapes, cond, cond, jax.random.key(0),
                                 np.float32(cfg.guidance_scale))
   meta = {"tokens": tokens, "image_size": size, "instance_prompt": instance}
   return exported, meta, frozen
@@ -266,8 +273,9 @@ def _encoder(info):
 
 def load(config, prompts: list[str], cache: dict | None = None) -> Personalizer:
   """The base model, the hypernetwork (checked to belong together) and the programs,
-  compiling in background threads (`Personalizer.ready()` waits for them); `prompts` (formatted) are the ones `sample` will get. `cache`: `cache_dirs()`
-  (None: no stored programs; XLA's cache as configured)."""
+  compiling in background threads (`Personalizer.ready()` waits for them); `prompts`
+  (formatted) are the ones `sample` will get. `cache`: `cache_dirs()` (None: no stored
+  programs; XLA's cache as configured)."""
   cfg = config.personalize
   began = time.perf_counter()
   params, info = hypernet.read(cfg.hypernet)
@@ -282,10 +290,26 @@ def load(config, prompts: list[str], cache: dict | None = None) -> Personalizer:
   key = _program_key(config, info, prompts)
   bundle = store.load(key) if store else None
   frozen = _stored_frozen(config, bundle) if bundle else None
+  donate = {"step": (0, 1)}
   if frozen is not None:
     exported, meta, stored = bundle.programs, bundle.meta, True
+    loaded = compile_began = time.perf_counter()
+    # In the background: the finetuning step (the longest) on one thread, the others in
+    # the order they are needed on the other, so that the photo is predicted while the
+    # step compiles and the sampler compiles while the finetuning runs.
+    compiled = programs.compile_all(exported, donate=donate,
+                                    order=("step", "predict", "start", "encode", "generate"))
   else:
-    exported, meta, frozen = _trace(config, cfg, spec, aux, net_params, info, prompts)
+    # Each program compiles in the background as soon as it is traced, beside the tracing
+    # of the next one.
+    compiler, compiled = programs.Compiler(), {}
+    compile_began = time.perf_counter()
+    exported, meta, frozen = _trace(
+        config, cfg, spec, aux, net_params, info, prompts,
+        exported_one=lambda name, program: compiled.__setitem__(
+            name, compiler.submit(name, program, donate.get(name, ()))))
+    compiler.close()
+    loaded = time.perf_counter()
     stored = False
     if store:
       try:
@@ -294,19 +318,13 @@ def load(config, prompts: list[str], cache: dict | None = None) -> Personalizer:
         logging.warning("%s: cannot store the programs (%s); the next run traces again",
                         store.folder, e)
   fingerprint = _check_pair(spec, frozen, info, cfg.hypernet, int(meta["image_size"]))
-  loaded = time.perf_counter()
-  # In the background: the finetuning step (the longest) on one thread, the others in the
-  # order they are needed on the other, so that the photo is predicted while the step
-  # compiles and the sampler compiles while the finetuning runs.
-  compiled = programs.compile_all(exported, donate={"step": (0, 1)},
-                                  order=("step", "predict", "start", "encode", "generate"))
   return Personalizer(
       frozen=frozen, net_params=net_params, aux=aux, spec=spec, fingerprint=fingerprint,
       hypernet_info=info, cfg=cfg, prompt=meta["instance_prompt"],
       image_size=int(meta["image_size"]), tokens=meta["tokens"],
       predict=compiled["predict"], start=compiled["start"], encode=compiled["encode"],
       step=compiled.get("step"), generate=compiled["generate"],
-      seconds={"load": loaded - began}, stored=stored, compile_began=loaded)
+      seconds={"load": loaded - began}, stored=stored, compile_began=compile_began)
 
 
 def _pools(p: Personalizer, photo: np.ndarray):

@@ -149,20 +149,35 @@ class Pending:
     return self._future.result()(*args, **kwargs)
 
 
+class Compiler:
+  """Compiles exported programs in background threads as they are submitted, so that a
+  caller still tracing the next program keeps the other cores compiling the last."""
+
+  def __init__(self, workers: int | None = None):
+    from concurrent.futures import ThreadPoolExecutor
+    self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1,
+                                    thread_name_prefix="hdb-compile")
+
+  def submit(self, name: str, exported: jax.export.Exported, donate_argnums=()) -> Pending:
+    return Pending(name, self._pool.submit(compiled, exported, donate_argnums))
+
+  def close(self) -> None:
+    """No more programs: the threads end when their work is done."""
+    self._pool.shutdown(wait=False)
+
+
 def compile_all(exported: dict[str, jax.export.Exported], donate: dict[str, tuple] | None = None,
                 order: tuple[str, ...] = ()) -> dict[str, Pending]:
   """`compiled` for every program, in background threads -> {name: Pending}: returns at
   once, so the caller works (reads the photo, runs the programs already built) while the
   rest compile. XLA compiles (and loads cached code) without the GIL, so programs build
   side by side on the host's cores; `order` names the ones to start first (the longest)."""
-  from concurrent.futures import ThreadPoolExecutor
   donate = donate or {}
   names = [n for n in order if n in exported] + [n for n in exported if n not in order]
-  pool = ThreadPoolExecutor(max_workers=min(len(exported), os.cpu_count() or 1),
-                            thread_name_prefix="hdb-compile")
-  pending = {name: Pending(name, pool.submit(compiled, exported[name], donate.get(name, ())))
+  compiler = Compiler(min(len(exported), os.cpu_count() or 1))
+  pending = {name: compiler.submit(name, exported[name], donate.get(name, ()))
              for name in names}
-  pool.shutdown(wait=False)  # the threads end when their work is done
+  compiler.close()
   return pending
 
 
