@@ -150,11 +150,10 @@ def personalize(args) -> dict:
   the photo for `personalize.steps` steps (--steps 0: the hypernetwork alone). Compiled
   programs are stored on disk (--cache-dir), so a second run in a new process neither
   traces nor compiles them."""
-  import hashlib
   import os
   import time
   from tqdm import tqdm
-  from hdb_jax import config_file, files, lora, personalize as personalize_lib
+  from hdb_jax import config_file, files, personalize as personalize_lib
   began = time.perf_counter()
   config = config_file.load(args.config, _parse_overrides(args.set))
   if "personalize" not in config:
@@ -177,10 +176,11 @@ def personalize(args) -> dict:
     from hdb_jax.mini import recognizer  # the mini world's face check, picked by config
     face_probability = recognizer.face_check_program(
         size, store=programs.Store(cache["programs"]))
+  if os.path.isdir(args.image):
+    return _personalize_folder(args, config, prompts, size, face_probability, began)
   photo, seconds = personalize_lib.read_photo(args.image, cfg, size, crop=not args.no_crop,
                                               face_probability=face_probability)
-  with open(args.image, "rb") as f:
-    photo_hash = hashlib.sha256(f.read()).hexdigest()
+  photo_hash = _sha256(args.image)
   # The programs compile in background threads: the photo is predicted and the finetuning
   # runs while the sampler is still compiling.
   personalizer = personalize_lib.load(config, prompts, cache)
@@ -194,16 +194,12 @@ def personalize(args) -> dict:
   seconds["compile"] = personalizer.ready()  # overlapped with the stages above
 
   with files.atomic_dir(args.out) as tmp:
-    lora.save(os.path.join(tmp, PERSONALIZATION_FILE), result.lora, metadata={
-        "source": "hdb personalize", "base_fingerprint": personalizer.fingerprint,
+    _write_personalization(tmp, config, result.lora, photo, samples, prompts, {
+        "base_fingerprint": personalizer.fingerprint,
         "hypernet_fingerprint": personalizer.hypernet_info["fingerprint"],
-        "token": config.token, "class_name": config.class_name,
-        "prompt": personalizer.prompt, "steps": cfg.steps,
+        "prompt": personalizer.prompt,
         "rank": cfg.rank if cfg.steps else personalizer.spec.rank,
         "image": os.path.basename(args.image), "image_sha256": photo_hash})
-    rows = [np.concatenate([photo[None], row]) for row in samples]
-    grid = files.labelled_rows(rows, prompts, upscale=cfg.upscale)
-    Image.fromarray(grid).save(os.path.join(tmp, SAMPLES_FILE))
     seconds["total"] = time.perf_counter() - began
     files.write_json(os.path.join(tmp, TIMINGS_FILE), {
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -211,6 +207,93 @@ def personalize(args) -> dict:
         "final_loss": result.losses[-1] if result.losses else None})
   return {"out": args.out, "steps": cfg.steps, "seconds": round(seconds["total"], 2),
           "files": [PERSONALIZATION_FILE, SAMPLES_FILE, TIMINGS_FILE]}
+
+
+def _sha256(path: str) -> str:
+  import hashlib
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _write_personalization(folder, config, lora_tree, photo, samples, prompts, metadata):
+  """personalization.safetensors and samples.png (the photo, then each prompt's row)."""
+  import os
+  from hdb_jax import files, lora
+  lora.save(os.path.join(folder, PERSONALIZATION_FILE), lora_tree, metadata={
+      "source": "hdb personalize", "token": config.token, "class_name": config.class_name,
+      "steps": config.personalize.steps, **metadata})
+  rows = [np.concatenate([photo[None], row]) for row in samples]
+  grid = files.labelled_rows(rows, prompts, upscale=config.personalize.upscale)
+  Image.fromarray(grid).save(os.path.join(folder, SAMPLES_FILE))
+
+
+def _personalize_folder(args, config, prompts, size, face_probability, began) -> dict:
+  """`--image FOLDER`: every photo, `--block` at a time trained together
+  (hdb_jax/personalize_block.py); --out gets a folder per photo (its name without the
+  extension) with its personalization.safetensors and samples.png, and timings.json.
+  A photo that is refused stops the command before any work, naming it."""
+  import os
+  import time
+  from tqdm import tqdm
+  from hdb_jax import files, personalize as personalize_lib, personalize_block
+  cfg = config.personalize
+  paths = files.list_images(args.image)
+  names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  if len(set(names)) < len(names):
+    raise ValueError(f"{args.image}: two photos share a name without extension")
+  seconds = {"read": 0.0, "detect": 0.0}
+  photos = []
+  for path in paths:
+    photo, stages = personalize_lib.read_photo(path, cfg, size, crop=not args.no_crop,
+                                               face_probability=face_probability)
+    photos.append(photo)
+    for stage in ("read", "detect"):
+      seconds[stage] += stages[stage]
+  tick = time.perf_counter()
+  block = min(args.block, len(photos))
+  p = personalize_block.load(config, prompts, block)
+  seconds["load"] = time.perf_counter() - tick
+  results = []
+  bar = tqdm(total=len(photos), desc="personalizing", unit="photo")
+  for first in range(0, len(photos), block):
+    chunk = np.stack(photos[first:first + block])
+    out = personalize_block.run(p, chunk)
+    tick = time.perf_counter()
+    out["samples"] = personalize_block.sample(p, out["lora"], prompts, cfg.seed)
+    out["seconds"]["sample"] = time.perf_counter() - tick
+    results.append(out)
+    for stage, value in out["seconds"].items():
+      seconds[stage] = seconds.get(stage, 0.0) + value
+    bar.update(len(chunk))
+  bar.close()
+  with files.atomic_dir(args.out) as tmp:
+    index = 0
+    for out in results:
+      for g in range(len(out["samples"])):
+        folder = os.path.join(tmp, names[index])
+        os.makedirs(folder)
+        lora_g = jax_tree_row(out["lora"], g)
+        _write_personalization(folder, config, lora_g, photos[index], out["samples"][g],
+                               prompts, {"base_fingerprint": p.fingerprint,
+                                         "hypernet_fingerprint": p.hypernet_info["fingerprint"],
+                                         "prompt": p.instance_prompt,
+                                         "rank": cfg.rank if cfg.steps else 1,
+                                         "image": os.path.basename(paths[index]),
+                                         "image_sha256": _sha256(paths[index]),
+                                         "block": block})
+        index += 1
+    seconds["total"] = time.perf_counter() - began
+    files.write_json(os.path.join(tmp, TIMINGS_FILE), {
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "photos": len(photos), "block": block, "steps": cfg.steps,
+        "photos_per_second": round(len(photos) / seconds["total"], 3)})
+  return {"out": args.out, "photos": len(photos), "block": block,
+          "seconds": round(seconds["total"], 2)}
+
+
+def jax_tree_row(tree, index: int):
+  return {c: {layer: {k: v[index] for k, v in f.items()} for layer, f in layers.items()}
+          for c, layers in tree.items()}
 
 
 def main(argv=None) -> int:
@@ -252,7 +335,11 @@ def main(argv=None) -> int:
   p.add_argument("--hypernet", required=True,
                  help="trained hypernetwork folder (train/train_hypernet.py), e.g. "
                       "assets/mini_hypernet")
-  p.add_argument("--image", required=True, help="the face photo")
+  p.add_argument("--image", required=True,
+                 help="the face photo, or a folder of photos (one person each) personalized "
+                 "--block at a time, trained together")
+  p.add_argument("--block", type=int, default=8,
+                 help="with a folder: photos trained together in one batch (default 8)")
   p.add_argument("--out", required=True, help="output LiDB .safetensors file")
   p.add_argument("--iterations", type=int, default=None,
                  help="refinement iterations s (default: as trained)")
@@ -260,7 +347,11 @@ def main(argv=None) -> int:
                           "(hypernetwork + fast finetuning)", description=personalize.__doc__)
   p.add_argument("--config", required=True,
                  help="config with a `personalize` section, e.g. configs/mini.py")
-  p.add_argument("--image", required=True, help="the face photo")
+  p.add_argument("--image", required=True,
+                 help="the face photo, or a folder of photos (one person each) personalized "
+                 "--block at a time, trained together")
+  p.add_argument("--block", type=int, default=8,
+                 help="with a folder: photos trained together in one batch (default 8)")
   p.add_argument("--out", required=True, help="output folder (created)")
   p.add_argument("--steps", type=int, default=None,
                  help="fast finetuning steps (default: the config's; 0: hypernetwork only)")

@@ -159,7 +159,7 @@ def _program_key(config, info, prompts: list[str]) -> str:
       weights_dataset.spec_to_json(info["lidb_spec"]), info.get("image_size"))
 
 
-def _check_pair(spec, frozen, info, where: str, image_size: int) -> str:
+def check_pair(spec, frozen, info, where: str, image_size: int) -> str:
   """The base and the hypernetwork belong together -> the base's fingerprint."""
   lidb.check_base(spec, frozen, where)
   fingerprint = params_lib.fingerprint(frozen, spec.layers)
@@ -202,7 +202,7 @@ def _trace(config, cfg, spec, aux, net_params, info, prompts, exported_one=None)
   instance = config.instance_prompt.format(token=config.token, class_name=config.class_name)
   texts = [instance, ""] + list(prompts)
   tokens = dict(zip(texts, sd.tokenize(texts).tolist()))
-  net = hypernet.make(hypernet.weight_layout(spec), _net_config(info), _encoder(info))
+  net = hypernet.make(hypernet.weight_layout(spec), net_config(info), encoder_of(info))
   iterations = int(cfg.iterations or info["hypernet"]["iterations"])
   tx = finetune.optimizer(cfg.learning_rate)
 
@@ -256,12 +256,12 @@ def _trace(config, cfg, spec, aux, net_params, info, prompts, exported_one=None)
   return exported, meta, frozen
 
 
-def _net_config(info):
+def net_config(info):
   import ml_collections
   return ml_collections.ConfigDict(info["hypernet"])
 
 
-def _encoder(info):
+def encoder_of(info):
   """The CLIP vision tower of a hypernetwork that has one (its architecture is stored)."""
   encoder = info["hypernet"].get("encoder", {})
   if encoder.get("kind", "vit") != "clip":
@@ -317,7 +317,7 @@ def load(config, prompts: list[str], cache: dict | None = None) -> Personalizer:
       except OSError as e:
         logging.warning("%s: cannot store the programs (%s); the next run traces again",
                         store.folder, e)
-  fingerprint = _check_pair(spec, frozen, info, cfg.hypernet, int(meta["image_size"]))
+  fingerprint = check_pair(spec, frozen, info, cfg.hypernet, int(meta["image_size"]))
   return Personalizer(
       frozen=frozen, net_params=net_params, aux=aux, spec=spec, fingerprint=fingerprint,
       hypernet_info=info, cfg=cfg, prompt=meta["instance_prompt"],

@@ -1,0 +1,78 @@
+"""Batched personalization (hdb_jax/personalize_block.py, `hdb personalize --image FOLDER`):
+each identity of a block gets what it gets alone, and the folder command writes one
+result per photo."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from hdb_jax import cli, config_file, files, lora, personalize, personalize_block
+from hdb_jax.mini import recognizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MINI = os.path.join(REPO, "configs", "mini.py")
+PHOTO = os.path.join(REPO, "assets", "mini_subject", "photo_0.png")
+SETTINGS = {"personalize.steps": 3, "personalize.per_prompt": 1,
+            "personalize.sample_steps": 2, "personalize.upscale": 1}
+
+
+@pytest.fixture(scope="module")
+def photos():
+  """Three different faces in [-1, 1]: the shipped photo and two renders."""
+  shipped = files.square_resize(files.read_rgb(PHOTO), 32)
+  renders = recognizer.random_faces(np.random.default_rng(3), 2)["images"]
+  return np.concatenate([shipped[None], np.asarray(recognizer.to_float(renders))])
+
+
+def test_each_identity_of_a_block_equals_its_single_photo_run(photos):
+  """Same draws, same steps; the side path vs merged kernels reassociates float sums, and
+  Adam's normalized steps carry that (3e-5 after 3 steps on components near zero)."""
+  config = config_file.load(MINI, SETTINGS)
+  prompt = config.instance_prompt.format(token=config.token, class_name=config.class_name)
+  block = personalize_block.load(config, [prompt], block=4)  # 3 photos + 1 padding row
+  together = personalize_block.run(block, photos)
+  assert together["losses"].shape == (3, 3)
+  single = personalize.load(config, [prompt], cache=None)
+  for g, photo in enumerate(photos):
+    alone = personalize.run(single, photo)
+    np.testing.assert_allclose(together["losses"][:, g], alone.losses, rtol=1e-4)
+    got = {c: {l: {k: v[g] for k, v in f.items()} for l, f in ls.items()}
+           for c, ls in together["lora"].items()}
+    for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(got),
+                                 jax.tree_util.tree_leaves_with_path(alone.lora)):
+      np.testing.assert_allclose(x, y, atol=1e-4, err_msg=jax.tree_util.keystr(path))
+  samples = personalize_block.sample(block, together["lora"], [prompt], seed=0)
+  assert samples.shape == (3, 1, 1, 32, 32, 3) and np.isfinite(samples).all()
+
+
+def test_folder_command_writes_one_result_per_photo(tmp_path, photos):
+  folder = tmp_path / "faces"
+  folder.mkdir()
+  for i, photo in enumerate(photos):
+    Image.fromarray(files.to_uint8(photo)).save(folder / f"person_{i}.png")
+  out = tmp_path / "out"
+  overrides = [x for key, value in SETTINGS.items() for x in ("--set", f"{key}={value}")]
+  assert cli.main(["personalize", "--config", MINI, "--image", str(folder), "--out",
+                   str(out), "--block", "2", "--cache-dir", str(tmp_path / "cache")]
+                  + overrides) == 0
+  assert sorted(os.listdir(out)) == ["person_0", "person_1", "person_2", cli.TIMINGS_FILE]
+  for i in range(3):
+    assert sorted(os.listdir(out / f"person_{i}")) == sorted([cli.PERSONALIZATION_FILE,
+                                                              cli.SAMPLES_FILE])
+    weights, metadata = lora.load(str(out / f"person_{i}" / cli.PERSONALIZATION_FILE))
+    assert metadata["image"] == f"person_{i}.png" and metadata["block"] == "2"
+    assert {r for ls in lora.ranks(weights).values() for r in ls.values()} == {4}
+  with open(out / cli.TIMINGS_FILE) as f:
+    timings = json.load(f)
+  assert timings["photos"] == 3 and timings["block"] == 2 and timings["photos_per_second"] > 0
+  # A folder with a photo that is not a face: refused by name, nothing written.
+  noise = np.random.default_rng(0).uniform(-1, 1, (32, 32, 3)).astype(np.float32)
+  Image.fromarray(files.to_uint8(noise)).save(folder / "not_a_face.png")
+  assert cli.main(["personalize", "--config", MINI, "--image", str(folder), "--out",
+                   str(tmp_path / "refused"), "--cache-dir", str(tmp_path / "cache")]
+                  + overrides) == 1
+  assert not (tmp_path / "refused").exists() or not os.listdir(tmp_path / "refused")
