@@ -9,6 +9,10 @@ what its cache folder holds:
   traced   XLA's compiled code kept, the stored programs removed: what a process gets
            from JAX's persistent compilation cache alone (tracing and model imports left)
   warm     both kept: programs deserialized and fetched, no model code imported
+  torch    the PyTorch route (benchmarks/personalize_torch.py): diffusers + peft, the same
+           base (exported once by `hdb export-base`), photo, LoRA init (the hypernetwork's
+           prediction relaxed to rank 4, exported once with `hdb export --format peft`),
+           steps, batch, learning rate and samples; prepared before the rounds, untimed
 Rounds are interleaved (cold, traced, warm, cold, ...) and the median of each row is
 reported, with the stage times of its timings.json and the peak resident memory of the
 process. Targets (issue "Personalize"): warm <= 10 s, cold <= 30 s on a 2-core CPU.
@@ -31,7 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_string("config", "configs/mini.py", "Config with a `personalize` section.")
 flags.DEFINE_string("image", "assets/mini_subject/photo_0.png", "The face photo.")
 flags.DEFINE_integer("rounds", 3, "Runs of each row (interleaved); the median is reported.")
-flags.DEFINE_list("rows", ["cold", "traced", "warm"], "Rows to measure.")
+flags.DEFINE_list("rows", ["cold", "traced", "warm", "torch"], "Rows to measure.")
 flags.DEFINE_list("set", [], "Config overrides passed as --set KEY=VALUE.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
 FLAGS = flags.FLAGS
@@ -54,8 +58,59 @@ def run_once(cache: str, out: str) -> dict:
     raise RuntimeError(f"hdb personalize failed:\n{stderr[-3000:]}")
   with open(os.path.join(out, "timings.json")) as f:
     timings = json.load(f)
-  return {"wall": wall, "stages": timings["seconds"],
+  return {"wall": wall, "stages": timings["seconds"], "final_loss": timings["final_loss"],
           "programs_stored": timings["programs_stored"], "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def prepare_torch_route(work: str) -> list[str]:
+  """The PyTorch route's inputs (untimed): the base as a diffusers folder and the LoRA
+  init as a PEFT file -> the command of one run, less --out."""
+  sys.path.insert(0, REPO)
+  import jax
+  import numpy as np
+  from hdb_jax import cli, config_file, files, finetune, hypernet, lidb, lora
+  config = config_file.load(os.path.join(REPO, FLAGS.config), cli._parse_overrides(FLAGS.set))
+  cfg = config.personalize
+  folder, init, peft = (os.path.join(work, name) for name in (
+      "pytorch", "init.safetensors", "init_peft.safetensors"))
+  assert cli.main(["export-base", "--config", os.path.join(REPO, FLAGS.config),
+                   "--out", folder]) == 0
+  net, params, info = hypernet.load(cfg.hypernet)
+  spec = info["lidb_spec"]
+  net_params, _ = hypernet.split_aux(params, hypernet.weight_layout(spec))
+  photo = files.read_image(os.path.join(REPO, FLAGS.image), int(info["image_size"]))
+  iterations = int(cfg.iterations or info["hypernet"]["iterations"])
+  predicted = net.apply({"params": net_params}, photo[None], iterations=iterations)
+  relaxed = finetune.initial_lora(jax.tree_util.tree_map(lambda x: x[0], predicted),
+                                  lidb.make_aux(spec), cfg.rank)
+  lora.save(init, jax.tree_util.tree_map(np.asarray, relaxed))
+  assert cli.main(["export", "--weights", init, "--format", "peft", "--out", peft]) == 0
+  prompts = [p.format(token=config.token, class_name=config.class_name) for p in cfg.prompts]
+  return [sys.executable, os.path.join(REPO, "benchmarks", "personalize_torch.py"),
+          "--folder", folder, "--lora", peft, "--image", os.path.join(REPO, FLAGS.image),
+          "--prompts", json.dumps(prompts),
+          "--prompt", config.instance_prompt.format(token=config.token,
+                                                    class_name=config.class_name),
+          "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
+          "--learning-rate", str(cfg.learning_rate), "--per-prompt", str(cfg.per_prompt),
+          "--sample-steps", str(cfg.sample_steps), "--guidance-scale", str(cfg.guidance_scale)]
+
+
+def run_torch_once(command: list[str], out: str) -> dict:
+  """One PyTorch-route process -> wall seconds, its timings.json, peak RSS (MB)."""
+  began = time.perf_counter()
+  child = subprocess.Popen(command + ["--out", out], cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+  stderr = child.stderr.read()
+  _, status, usage = os.wait4(child.pid, 0)
+  wall = time.perf_counter() - began
+  if os.waitstatus_to_exitcode(status):
+    raise RuntimeError(f"the PyTorch route failed:\n{stderr[-3000:]}")
+  with open(os.path.join(out, "timings.json")) as f:
+    timings = json.load(f)
+  return {"wall": wall, "stages": timings["seconds"], "final_loss": timings["final_loss"],
+          "programs_stored": None,
+          "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
 def main(argv):
@@ -64,8 +119,14 @@ def main(argv):
   cache, out = os.path.join(work, "cache"), os.path.join(work, "out")
   results = {row: [] for row in FLAGS.rows}
   try:
+    torch_command = prepare_torch_route(work) if "torch" in FLAGS.rows else None
     for round_index in range(FLAGS.rounds):
       for row in FLAGS.rows:
+        if row == "torch":
+          results[row].append(run_torch_once(torch_command, os.path.join(work, "torch_out")))
+          print(f"round {round_index + 1} torch   {results[row][-1]['wall']:6.1f} s  "
+                f"{json.dumps(results[row][-1]['stages'])}", flush=True)
+          continue
         if row == "cold":
           shutil.rmtree(cache, ignore_errors=True)
         elif row == "traced":
@@ -88,6 +149,7 @@ def main(argv):
         "stage_seconds_median": {k: round(statistics.median(r["stages"][k] for r in runs), 3)
                                  for k in stages},
         "programs_stored": [r["programs_stored"] for r in runs],
+        "final_loss": [r["final_loss"] for r in runs],
         "peak_rss_mb_max": round(max(r["peak_rss_mb"] for r in runs), 1)}
   import jax
   report = {
@@ -97,6 +159,11 @@ def main(argv):
       "config": FLAGS.config, "image": FLAGS.image, "rounds": FLAGS.rounds,
       "rows": summary,
       "targets_seconds": {"warm": 10.0, "cold": 30.0}}
+  if "torch" in summary:
+    for row in ("cold", "warm"):
+      if row in summary:
+        report[f"torch_over_{row}"] = round(summary["torch"]["wall_seconds_median"]
+                                            / summary[row]["wall_seconds_median"], 2)
   if "warm" in summary and "traced" in summary:
     report["warm_speedup_over_traced"] = round(
         summary["traced"]["wall_seconds_median"] / summary["warm"]["wall_seconds_median"], 2)
