@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
       weight_loss="params",      # "params": ||theta_hat - theta||^2; "residual": of D @ U
       hflip=True, jitter=0.1,    # flip both; brightness/contrast of the encoder input only
       face_background_weight=ml_collections.config_dict.placeholder(float),
+      remat="none",              # "dots": recompute all but weight matmuls (less memory)
       log_every=25, checkpoint_every=250,
       eval_every=1000, eval_identities=32, eval_samples=2, sample_steps=25,
       guidance_scale=4.0)

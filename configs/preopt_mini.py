@@ -80,6 +80,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                                 # only the training noise differs; see analyze_targets)
       weight_decay=0.0,         # > 0: AdamW, decoupled decay towards zero
       eval_batch_size=16,       # fixed-noise eval loss before/after per identity; 0: skip
+      remat="none",             # "dots": recompute all but weight matmuls in the backward
+                                # pass (less memory, ~1/3 more compute; hdb_jax/preopt.py)
       checkpoint_every_blocks=8,
       # A finished weights dataset of this same run on fewer identities (a smaller
       # data.max_identities): a new workdir copies its shards and computes only the

@@ -65,7 +65,8 @@ def weight_loss_fn(kind: str):
 
 def loss_fn(net, sd, params, frozen, aux, batch, rng, *, iterations: int, alpha: float,
             beta: float, weight_loss: str = "params", hflip: bool = True,
-            jitter: float = 0.0, face_background_weight: float | None = None):
+            jitter: float = 0.0, face_background_weight: float | None = None,
+            remat: str = "none"):
   """Mean loss over the batch and its parts.
 
   batch: {"images" [B, H, W, 3] in [-1, 1], "input_ids" [B, L] (the prompt "a [V]
@@ -94,7 +95,7 @@ def loss_fn(net, sd, params, frozen, aux, batch, rng, *, iterations: int, alpha:
                                                             face_background_weight)
     factors = jax.vmap(lidb.factors, in_axes=(0, None))(predicted, aux)
     with preopt.low_rank_side_path(factors):
-      diffusion_loss = preopt.examples_loss(sd, frozen, examples).mean()
+      diffusion_loss = preopt.examples_loss(sd, frozen, examples, remat).mean()
     metrics["diffusion_loss"] = diffusion_loss
     total = total + alpha * diffusion_loss
   if beta:

@@ -38,6 +38,12 @@ from hdb_jax import diffusion, lidb
 
 PURPOSE_INIT, PURPOSE_TRAIN, PURPOSE_EVAL = 0, 1, 2
 RESIDUALS = ("side", "merge")
+# Rematerialization of the diffusion loss's forward pass (`remat=`): "none" keeps every
+# activation for the backward pass; "dots" keeps only the outputs of matmuls against
+# weights (jax.checkpoint_policies.dots_with_no_batch_dims_saveable) and recomputes the
+# rest: norms, activations, and attention's batched QK^T and softmax, whose [heads, N, N]
+# maps dominate SD1.5's activation memory at 64x64 latents (N = 4096).
+REMAT = ("none", "dots")
 
 
 def identity_keys(seed: int, purpose: int, identities: jax.Array) -> jax.Array:
@@ -119,17 +125,26 @@ def _draw(sd, pool, rng, batch_size: int):
   return examples
 
 
-def examples_loss(sd, frozen, examples):
+def examples_loss(sd, frozen, examples, remat: str = "none"):
   """Per-example diffusion losses [N] of a flat batch of examples: {"latents", "noise"
   [N, C, h, w], "timesteps" [N], "input_ids" [N, L], optionally "pixel_weights" [N, h, w]}.
-  Residuals are the caller's: merged into `frozen`, or a `low_rank_side_path` around it."""
-  context = sd.encode_text(frozen["text_encoder"], examples["input_ids"])  # [N, L, D]
-  return diffusion.loss_given_noise(sd, frozen["unet"], context, examples["latents"],
-                                    examples["noise"], examples["timesteps"],
-                                    examples.get("pixel_weights"))
+  Residuals are the caller's: merged into `frozen`, or a `low_rank_side_path` around it.
+  `remat`: see REMAT (the same values either way; less memory, more compute)."""
+  def losses(frozen, examples):
+    context = sd.encode_text(frozen["text_encoder"], examples["input_ids"])  # [N, L, D]
+    return diffusion.loss_given_noise(sd, frozen["unet"], context, examples["latents"],
+                                      examples["noise"], examples["timesteps"],
+                                      examples.get("pixel_weights"))
+  if remat == "dots":
+    losses = jax.checkpoint(losses,
+                            policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  elif remat != "none":
+    raise ValueError(f"remat must be one of {REMAT}, got {remat!r}")
+  return losses(frozen, examples)
 
 
-def identity_loss(sd, residual: str, train, frozen, aux, pool, rng, batch_size: int):
+def identity_loss(sd, residual: str, train, frozen, aux, pool, rng, batch_size: int,
+                  remat: str = "none"):
   """Diffusion loss of one identity on `batch_size` draws from its pool.
 
   train: that identity's LiDB train pytree; pool (see `BlockFns.encode`): {"mean", "std"}
@@ -144,10 +159,10 @@ def identity_loss(sd, residual: str, train, frozen, aux, pool, rng, batch_size: 
   else:
     raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
   with residuals:
-    return examples_loss(sd, params, examples).mean()
+    return examples_loss(sd, params, examples, remat).mean()
 
 
-def block_losses(sd, train, frozen, aux, pool, rngs, batch_size: int):
+def block_losses(sd, train, frozen, aux, pool, rngs, batch_size: int, remat: str = "none"):
   """Loss of each identity of a block [G], side path, the model run once on the block.
 
   train: leaves [G, ...]; pool: leaves [G, M, ...]; rngs [G]. The same values as vmap of
@@ -160,7 +175,7 @@ def block_losses(sd, train, frozen, aux, pool, rngs, batch_size: int):
       lambda x: x.reshape((count * batch_size,) + x.shape[2:]), examples)
   factors = jax.vmap(lidb.factors, in_axes=(0, None))(train, aux)   # [G, in, r], [G, r, out]
   with low_rank_side_path(factors):
-    losses = examples_loss(sd, frozen, flat)
+    losses = examples_loss(sd, frozen, flat, remat)
   return losses.reshape(count, batch_size).mean(axis=1)
 
 
@@ -203,7 +218,8 @@ def make_block_fns(sd, spec: lidb.LiDBSpec, optimizer: optax.GradientTransformat
                    mesh: Mesh, *, seed: int, batch_size: int,
                    eval_batch_size: int = 8, residual: str = "side",
                    hflip: bool = True, face_background_weight: float | None = None,
-                   shared_init: bool = False, init_seed: int | None = None) -> BlockFns:
+                   shared_init: bool = False, init_seed: int | None = None,
+                   remat: str = "none") -> BlockFns:
   """Block functions with the identity axis sharded over `mesh` axis "data".
 
   `face_background_weight`: None, a plain diffusion loss; a value in [0, 1], the
@@ -247,13 +263,13 @@ def make_block_fns(sd, spec: lidb.LiDBSpec, optimizer: optax.GradientTransformat
     """Per-identity losses [G] and gradients (each identity's own: its loss only)."""
     if residual == "side":
       def total(train):  # identities share no params: d(sum)/d(train_i) = d(loss_i)/d(train_i)
-        losses = block_losses(sd, train, frozen, aux, pool, rngs, count)
+        losses = block_losses(sd, train, frozen, aux, pool, rngs, count, remat)
         return losses.sum(), losses
       (_, losses), grads = jax.value_and_grad(total, has_aux=True)(train)
       return losses, grads
     one = jax.value_and_grad(identity_loss, argnums=2)
-    return jax.vmap(one, in_axes=(None, None, 0, None, None, 0, 0, None))(
-        sd, residual, train, frozen, aux, pool, rngs, count)
+    return jax.vmap(one, in_axes=(None, None, 0, None, None, 0, 0, None, None))(
+        sd, residual, train, frozen, aux, pool, rngs, count, remat)
 
   def train_step(train, opt_state, frozen, aux, pool, identities, step):
     # One optax step per call, no lax.scan over steps: XLA:CPU runs a while loop's body

@@ -168,6 +168,31 @@ def test_side_path_equals_merge(tiny_model, tiny_lidb):
   assert np.all(np.abs(np.asarray(side) - np.asarray(unweighted)) > 1e-4)  # weights count
 
 
+def test_rematerialized_loss_has_the_same_values_and_gradients(tiny_model, tiny_lidb):
+  """remat="dots" (the accelerator configs' memory option) changes what the backward pass
+  keeps, not what it computes; an unknown policy is refused by name."""
+  sd, params = tiny_model
+  spec, aux = tiny_lidb
+  keys = jax.random.split(jax.random.key(1), 2)
+  train = jax.vmap(lambda k: jax.tree_util.tree_map(
+      lambda x: x + 0.3 * jax.random.normal(k, x.shape), lidb.init(spec, k)))(keys)
+  rng = np.random.default_rng(0)
+  pool = {"mean": rng.normal(size=(2, 2, 4, 8, 8)).astype(np.float32),
+          "std": np.full((2, 2, 4, 8, 8), 0.1, np.float32),
+          "input_ids": np.broadcast_to(sd.tokenize(["a sks face"])[None], (2, 2, sd.max_length))}
+  rngs = jax.random.split(jax.random.key(3), 2)
+
+  def grads(remat):
+    return jax.jit(jax.value_and_grad(lambda t: preopt.block_losses(
+        sd, t, params, aux, pool, rngs, 2, remat).sum()))(train)
+  (plain, plain_grads), (dots, dots_grads) = grads("none"), grads("dots")
+  np.testing.assert_allclose(dots, plain, rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                         dots_grads, plain_grads)
+  with pytest.raises(ValueError, match="remat must be one of"):
+    grads("everything")
+
+
 def test_face_pixel_weights():
   """Full coverage -> 1, none -> the background weight, a half-covered latent cell -> the
   mean; the latent grid is the image grid pooled."""

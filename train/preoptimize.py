@@ -215,7 +215,7 @@ def _run(config, workdir, stop) -> bool:
       sd, spec, optimizer, mesh, seed=run.seed, batch_size=run.batch_size,
       eval_batch_size=run.eval_batch_size, residual=run.residual, hflip=run.hflip,
       face_background_weight=run.face_background_weight, shared_init=run.shared_init,
-      init_seed=None if run.init_seed < 0 else run.init_seed)
+      init_seed=None if run.init_seed < 0 else run.init_seed, remat=run.get("remat", "none"))
   base_fingerprint = params_lib.fingerprint(frozen, spec.layers)
   frozen, aux = preopt.replicate((frozen, aux), fns.replicated)
   global_block = run.per_device_block * num_devices
