@@ -14,7 +14,8 @@ Methods (`kind`):
   personalize   hdb personalize's pipeline (hdb_jax/personalize.py) with these
                 config.personalize overrides: the full method (hypernetwork s = 4 ->
                 rank-4 relaxation -> 40 steps), hypernetwork only (steps 0), k = 1
-                (iterations 1), without relaxation (rank 1), and with `from_zero` the
+                (iterations 1), s = 6 at inference (iterations 6), without relaxation
+                (rank 1), and with `from_zero` the
                 "no hypernetwork" ablation (40 steps from a zero residual)
   lidb_dreambooth   LiDB (rank 1) DreamBooth on the one photo and its mirror image, Adam,
                     `steps` steps; prior preservation when `prior_images` > 0
@@ -58,6 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
       "full": dict(kind="personalize"),
       "full_k1": dict(kind="personalize", iterations=1),
       "full_rank1": dict(kind="personalize", rank=1),
+      # The hypernetwork's prediction with 6 refinement steps (trained with 4): the
+      # identity-context trade-off docs/hypernet.md measured on 100 identities
+      "hypernet_only_s6": dict(kind="personalize", steps=0, iterations=6),
+      "full_s6": dict(kind="personalize", iterations=6),
       "no_hypernet": dict(kind="personalize", from_zero=True),
       "lidb_dreambooth_400": dict(kind="lidb_dreambooth", steps=400, learning_rate=5e-3,
                                   batch_size=1, hflip=True),

@@ -117,7 +117,9 @@ def test_pretrained_clip_encoder_loads_frozen_and_round_trips(mini_spec, tmp_pat
 
 def test_committed_hypernetwork_and_its_evaluation():
   """assets/mini_hypernet is the network docs/mini_hypernet_eval.json measured, made for
-  the committed base; the measurement shows identity gained and context kept at s = 4."""
+  the committed base; the measurement covers s = 1..8, shows identity gained and context
+  kept at s = 4 (as trained), and the issue's target (base + 0.12 identity, context within
+  5 points) reached at some s."""
   import json
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   _, _, info = hypernet.load(os.path.join(repo, "assets", "mini_hypernet"))
@@ -126,6 +128,9 @@ def test_committed_hypernetwork_and_its_evaluation():
   assert info["fingerprint"] == measured["hypernet_fingerprint"]
   assert info["base_fingerprint"] == measured["base_fingerprint"]
   assert measured["num_identities"] >= 100 and measured["split"] == "holdout"
-  s4 = measured["rows"]["hypernet_s4"]
-  assert s4["identity_gain_plain"] > 0.03
-  assert s4["background_accuracy_drop"] < 0.05 and s4["style_accuracy_drop"] < 0.05
+  rows = measured["rows"]
+  assert {f"hypernet_s{s}" for s in (1, 2, 4, 8)} <= set(rows)
+  kept = lambda row: row["background_accuracy_drop"] < 0.05 and row["style_accuracy_drop"] < 0.05
+  assert rows["hypernet_s4"]["identity_gain_plain"] > 0.05 and kept(rows["hypernet_s4"])
+  assert any(row["identity_gain_plain"] >= 0.12 and kept(row)
+             for name, row in rows.items() if name.startswith("hypernet_s"))
