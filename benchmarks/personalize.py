@@ -38,6 +38,9 @@ flags.DEFINE_integer("rounds", 3, "Runs of each row (interleaved); the median is
 flags.DEFINE_list("rows", ["cold", "traced", "warm", "torch"], "Rows to measure.")
 flags.DEFINE_list("set", [], "Config overrides passed as --set KEY=VALUE.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
+flags.DEFINE_string("prepare_torch", "", "Internal: write the PyTorch route's inputs to this "
+                    "folder and print its command as JSON (run in a child process, so that "
+                    "the parent stays small: a forked child's peak memory counts the parent's).")
 FLAGS = flags.FLAGS
 
 
@@ -113,13 +116,28 @@ def run_torch_once(command: list[str], out: str) -> dict:
           "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
+def prepare_in_child(work: str) -> list[str]:
+  """`prepare_torch_route` in a child process -> the command it returns."""
+  command = [sys.executable, os.path.abspath(__file__), "--prepare_torch", work,
+             "--config", FLAGS.config, "--image", FLAGS.image]
+  for pair in FLAGS.set:
+    command += ["--set", pair]
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+  if done.returncode:
+    raise RuntimeError(f"preparing the PyTorch route failed:\n{done.stderr[-3000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv):
   del argv
+  if FLAGS.prepare_torch:
+    print(json.dumps(prepare_torch_route(FLAGS.prepare_torch)))
+    return
   work = tempfile.mkdtemp(prefix="hdb-bench-personalize-")
   cache, out = os.path.join(work, "cache"), os.path.join(work, "out")
   results = {row: [] for row in FLAGS.rows}
   try:
-    torch_command = prepare_torch_route(work) if "torch" in FLAGS.rows else None
+    torch_command = prepare_in_child(work) if "torch" in FLAGS.rows else None
     for round_index in range(FLAGS.rounds):
       for row in FLAGS.rows:
         if row == "torch":

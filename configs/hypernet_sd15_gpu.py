@@ -37,6 +37,7 @@ def get_config():
   config.hypernet.dtype = "bfloat16"
   config.hypernet.encoder = dict(kind="clip", path="", dtype="bfloat16")
   config.train.encoder_lr_scale = 0.0           # frozen pretrained encoder
+  config.train.face_background_weight = None    # face_folder records have no face masks yet
   config.train.steps = 50000
   config.train.batch_size = 64                  # 8 per GPU
   config.train.learning_rate = 1e-4
