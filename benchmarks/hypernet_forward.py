@@ -37,10 +37,6 @@ flags.DEFINE_integer("calls", 10, "Timed calls per measurement (median).")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
 FLAGS = flags.FLAGS
 
-# CLIP ViT-L/14's vision config.json (openai/clip-vit-large-patch14): the sizes only.
-CLIP_L14 = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
-                num_hidden_layers=24, patch_size=14, image_size=224, projection_dim=768,
-                hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 
 def mini_network():
@@ -65,11 +61,11 @@ def sd15_network():
   preopt = sd15.get_config().lidb
   spec = lidb.make_spec(abstract, seed=preopt.seed, a=preopt.a, b=preopt.b,
                         rank=preopt.rank, targets=dict(preopt.targets))
-  encoder = models.vision_encoder_from_config(CLIP_L14, "float32")
+  encoder = models.vision_encoder_from_config(hypernet_sd15_gpu.CLIP_VIT_L14, "float32")
   net_config = config.hypernet
   net_config.dtype = "float32"
   net = hypernet.make(hypernet.weight_layout(spec), net_config, encoder)
-  size = CLIP_L14["image_size"]
+  size = hypernet_sd15_gpu.CLIP_VIT_L14["image_size"]
   params = jax.jit(net.init)(jax.random.key(0), np.zeros((1, size, size, 3), np.float32))
   return net, params["params"], size, spec.num_trainable
 

@@ -42,9 +42,6 @@ flags.DEFINE_string("out", "", "Write the results as JSON here.")
 FLAGS = flags.FLAGS
 
 DEVICE_GB = {"H100 / A100 80GB": 80, "TPU v4": 32, "TPU v5e": 16}
-CLIP_L14 = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
-                num_hidden_layers=24, patch_size=14, image_size=224, projection_dim=768,
-                hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 
 def sd15(dtype: str):
@@ -111,7 +108,8 @@ def hypernet_step(remat: str):
   spec = spec_of(frozen, sd15_config.get_config().lidb)
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))
-  encoder = models.vision_encoder_from_config(CLIP_L14, config.hypernet.encoder.dtype)
+  encoder = models.vision_encoder_from_config(hypernet_sd15_gpu.CLIP_VIT_L14,
+                                              config.hypernet.encoder.dtype)
   net = hypernet.make(hypernet.weight_layout(spec), config.hypernet, encoder)
   size = FLAGS.latent_size * 8
   batch = config.train.batch_size

@@ -21,6 +21,12 @@ Not run here (no GPU, no SD1.5 or CLIP weights); the same code trains the mini w
 
 from hdb_jax import config_file
 
+# The sizes of openai/clip-vit-large-patch14's vision config.json (the encoder folder the
+# docstring's command reads). The benchmarks build a random-weight encoder of this shape.
+CLIP_VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                    num_hidden_layers=24, patch_size=14, image_size=224, projection_dim=768,
+                    hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
 
 def get_config():
   config = config_file.sibling(__file__, "hypernet_mini").get_config()  # same fields
