@@ -14,7 +14,7 @@ and compiled by XLA:CPU:
   hypernet   configs/hypernet_sd15_gpu.py's step (hdb_jax/hypernet_train.py): 8 photos per
              device, CLIP ViT-L/14 encoder (sizes only) frozen, decoder 512 x 4
   personalize  configs/sd15.py's fast-finetuning step (hdb_jax/finetune.py): rank-4 LoRA,
-             batch 1 + its mirror pool, one device, fp32 (the GPU config's choice)
+             batch 1 + its mirror pool, one device, fp32 (the config's) and bf16 compute
 each with remat "none" and "dots" (`--remats`; hdb_jax/preopt.py REMAT).
 Per row: XLA's memory analysis of the compiled per-device program (arguments, outputs,
 temporaries, aliased donations; peak = arguments + outputs + temporaries - aliased) and
@@ -38,6 +38,8 @@ flags.DEFINE_list("steps", ["preopt", "hypernet", "personalize"], "Steps to comp
 flags.DEFINE_list("blocks", ["1", "2", "4", "8"], "Pre-optimization identities per device.")
 flags.DEFINE_list("remats", ["none", "dots"], "Rematerialization policies.")
 flags.DEFINE_integer("latent_size", 64, "Latent side (64: 512 px).")
+flags.DEFINE_list("personalize_dtypes", ["float32", "bfloat16"],
+                  "Compute dtypes of the fast-finetuning step (configs/sd15.py: float32).")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
 FLAGS = flags.FLAGS
 
@@ -130,7 +132,7 @@ def hypernet_step(remat: str):
   return fns.train.lower(state, frozen, aux, data, jax.ShapeDtypeStruct((), np.int32))
 
 
-def personalize_step(remat: str):
+def personalize_step(remat: str, dtype: str):
   """The fast-finetuning step's lowering on one device (rank-4 LoRA, text encoder in)."""
   import jax
   import numpy as np
@@ -140,7 +142,7 @@ def personalize_step(remat: str):
     return None  # the finetuning step has no remat option (it fits without)
   config = sd15_config.get_config()
   cfg = config.personalize
-  sd, frozen = sd15(config.model.dtype)
+  sd, frozen = sd15(dtype)
   spec = spec_of(frozen, config.lidb)
   tx = finetune.optimizer(cfg.learning_rate)
 
@@ -191,7 +193,9 @@ def main(argv):
     if "hypernet" in FLAGS.steps:
       plans.append(("hypernet batch 8/device", remat, lambda r=remat: hypernet_step(r)))
     if "personalize" in FLAGS.steps:
-      plans.append(("personalize (1 device)", remat, lambda r=remat: personalize_step(r)))
+      plans += [(f"personalize {d} (1 device)", remat,
+                 lambda r=remat, d=d: personalize_step(r, d))
+                for d in FLAGS.personalize_dtypes]
   for name, remat, lower in plans:
     lowered = lower()
     if lowered is None:

@@ -20,7 +20,10 @@ from hdb_jax import config_file
 
 def get_config():
   config = config_file.sibling(__file__, "hypernet_sd15_gpu").get_config()
-  config.train.batch_size = 128                 # 8 per chip on 16 chips
+  # 2 per chip on 16 chips: XLA's memory analysis of the step at 512 px (bf16 compute;
+  # benchmarks/simulate_sd15.py) is 66.5 GB at 8 photos per device, ~5 GB + 7.7 GB per
+  # photo: 2 fit a v4 chip's 32 GB (~20.5 GB), 8 fit only an 80 GB GPU.
+  config.train.batch_size = 32
   config.mesh.data = -1                         # every chip of every host
   config.mesh.fsdp = 1
   config.distributed.initialize = True          # no arguments: auto-detected on TPU VMs
