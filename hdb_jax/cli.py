@@ -253,35 +253,32 @@ def _personalize_folder(args, config, prompts, size, face_probability, began) ->
   block = min(args.block, len(photos))
   p = personalize_block.load(config, prompts, block)
   seconds["load"] = time.perf_counter() - tick
-  results = []
+  lidb_rank = p.hypernet_info["lidb_spec"].rank
   bar = tqdm(total=len(photos), desc="personalizing", unit="photo")
-  for first in range(0, len(photos), block):
-    chunk = np.stack(photos[first:first + block])
-    out = personalize_block.run(p, chunk)
-    tick = time.perf_counter()
-    out["samples"] = personalize_block.sample(p, out["lora"], prompts, cfg.seed)
-    out["seconds"]["sample"] = time.perf_counter() - tick
-    results.append(out)
-    for stage, value in out["seconds"].items():
-      seconds[stage] = seconds.get(stage, 0.0) + value
-    bar.update(len(chunk))
-  bar.close()
+  # Each block's files go into the temporary folder as soon as they exist (nothing piles
+  # up in memory); the folder is renamed into place only when every photo is done.
   with files.atomic_dir(args.out) as tmp:
-    index = 0
-    for out in results:
-      for g in range(len(out["samples"])):
+    for first in range(0, len(photos), block):
+      out = personalize_block.run(p, np.stack(photos[first:first + block]))
+      tick = time.perf_counter()
+      samples = personalize_block.sample(p, out["lora"], prompts, cfg.seed)
+      out["seconds"]["sample"] = time.perf_counter() - tick
+      for stage, value in out["seconds"].items():
+        seconds[stage] = seconds.get(stage, 0.0) + value
+      for g in range(len(samples)):
+        index = first + g
         folder = os.path.join(tmp, names[index])
         os.makedirs(folder)
-        lora_g = jax_tree_row(out["lora"], g)
-        _write_personalization(folder, config, lora_g, photos[index], out["samples"][g],
-                               prompts, {"base_fingerprint": p.fingerprint,
-                                         "hypernet_fingerprint": p.hypernet_info["fingerprint"],
-                                         "prompt": p.instance_prompt,
-                                         "rank": cfg.rank if cfg.steps else 1,
-                                         "image": os.path.basename(paths[index]),
-                                         "image_sha256": _sha256(paths[index]),
-                                         "block": block})
-        index += 1
+        _write_personalization(folder, config, _identity_row(out["lora"], g), photos[index],
+                               samples[g], prompts, {
+                                   "base_fingerprint": p.fingerprint,
+                                   "hypernet_fingerprint": p.hypernet_info["fingerprint"],
+                                   "prompt": p.instance_prompt,
+                                   "rank": cfg.rank if cfg.steps else lidb_rank,
+                                   "image": os.path.basename(paths[index]),
+                                   "image_sha256": _sha256(paths[index]), "block": block})
+      bar.update(len(samples))
+    bar.close()
     seconds["total"] = time.perf_counter() - began
     files.write_json(os.path.join(tmp, TIMINGS_FILE), {
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -291,7 +288,8 @@ def _personalize_folder(args, config, prompts, size, face_probability, began) ->
           "seconds": round(seconds["total"], 2)}
 
 
-def jax_tree_row(tree, index: int):
+def _identity_row(tree, index: int):
+  """Identity `index`'s LoRA of a block's (leaves [G, ...] -> [...])."""
   return {c: {layer: {k: v[index] for k, v in f.items()} for layer, f in layers.items()}
           for c, layers in tree.items()}
 
