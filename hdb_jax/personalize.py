@@ -229,12 +229,12 @@ def _trace(config, cfg, spec, aux, net_params, info, prompts, exported_one=None)
   size = sd.image_size
   views = 2 if cfg.hflip else 1
   export("predict", lambda p, x: net.apply({"params": p}, x, iterations=iterations),
-                               net_params, np.zeros((1, size, size, 3), np.float32))
+         net_params, np.zeros((1, size, size, 3), np.float32))
   predicted = jax.eval_shape(exported["predict"].call, net_params,
                              jax.ShapeDtypeStruct((1, size, size, 3), np.float32))
   export("start", start, predicted, aux)
   export("encode", sd.encode_images, frozen["vae"],
-                              np.zeros((views, size, size, 3), np.float32))
+         np.zeros((views, size, size, 3), np.float32))
   started = jax.eval_shape(exported["start"].call, predicted, aux)
   if cfg.steps:
     trained, fixed, opt_state = started
@@ -251,7 +251,7 @@ def _trace(config, cfg, spec, aux, net_params, info, prompts, exported_one=None)
     lora_shapes = started
   cond = np.zeros((len(prompts) * cfg.per_prompt, sd.max_length), np.int32)
   export("generate", generate, frozen, lora_shapes, cond, cond, jax.random.key(0),
-                                np.float32(cfg.guidance_scale))
+         np.float32(cfg.guidance_scale))
   meta = {"tokens": tokens, "image_size": size, "instance_prompt": instance}
   return exported, meta, frozen
 
