@@ -17,7 +17,6 @@ tell the encoder (once per image) from the decoder iterations. One process; the 
 sizes run in turn, so compare rows of one run.
 """
 
-import json
 import os
 import platform
 import statistics

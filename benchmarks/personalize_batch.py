@@ -12,7 +12,6 @@ Compilation is excluded (each row runs one untimed block first); photos per seco
 the rest, the median of `--rounds` interleaved rounds, and the ratio to one at a time.
 """
 
-import json
 import os
 import platform
 import statistics

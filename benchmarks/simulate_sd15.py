@@ -23,7 +23,6 @@ XLA:CPU's buffer assignment and fusion are not a GPU's or TPU's: read the number
 estimates of the right size, not exact peaks (docs/benchmarks.md).
 """
 
-import json
 import os
 import platform
 import sys
