@@ -139,14 +139,19 @@ class Pending:
   (then runs it); `ready_at` is the `time.perf_counter()` when it was ready."""
 
   def __init__(self, name: str, future):
-    self.name, self._future, self.ready_at = name, future, None
-    future.add_done_callback(lambda _: setattr(self, "ready_at", time.perf_counter()))
+    self.name, self._future = name, future  # the future gives (program, ready time)
+
+  @property
+  def ready_at(self) -> float | None:
+    """None while compiling (the time is taken in the compiling thread, so a caller that
+    waited for `result()` always sees it)."""
+    return self._future.result()[1] if self._future.done() else None
 
   def result(self):
-    return self._future.result()
+    return self._future.result()[0]
 
   def __call__(self, *args, **kwargs):
-    return self._future.result()(*args, **kwargs)
+    return self._future.result()[0](*args, **kwargs)
 
 
 class Compiler:
@@ -159,7 +164,9 @@ class Compiler:
                                     thread_name_prefix="hdb-compile")
 
   def submit(self, name: str, exported: jax.export.Exported, donate_argnums=()) -> Pending:
-    return Pending(name, self._pool.submit(compiled, exported, donate_argnums))
+    def compile_and_time():
+      return compiled(exported, donate_argnums), time.perf_counter()
+    return Pending(name, self._pool.submit(compile_and_time))
 
   def close(self) -> None:
     """No more programs: the threads end when their work is done."""

@@ -50,7 +50,7 @@ def test_each_identity_of_a_block_equals_its_single_photo_run(photos):
 
 
 def test_folder_command_writes_one_result_per_photo(tmp_path, photos):
-  """4 photos in blocks of 4: the shapes of the test above (its compiled step is reused)."""
+  """4 photos in one block of 4: the command's folder layout, metadata and timings."""
   folder = tmp_path / "faces"
   folder.mkdir()
   for i, photo in enumerate(photos):
