@@ -10,7 +10,9 @@ Exports write two PyTorch formats, both safetensors with float32 weights and `fo
       unet.<module>.lora_A.weight [r, in]    unet.<module>.lora_B.weight [out, r]
       text_encoder.text_model.encoder.layers.<i>.self_attn.q_proj.lora_A.weight ...
   plus `lora_adapter_metadata` (JSON: "unet.r", "unet.lora_alpha", "unet.target_modules",
-  rank/alpha patterns, the same under "text_encoder."), as diffusers 0.39 writes and reads.
+  rank/alpha patterns, the same under "text_encoder."), which diffusers writes and reads.
+  Keys name the text encoder's layers as its checkpoints do (`text_model.` root);
+  target modules and patterns name them as transformers 5's modules (no root; see below).
 - kohya (A1111, ComfyUI, diffusers' kohya conversion):
       lora_unet_<module with _>.lora_down.weight [r, in], .lora_up.weight [out, r], .alpha
       lora_te_text_model_encoder_layers_<i>_self_attn_q_proj.lora_down.weight ...
@@ -32,9 +34,16 @@ Module names. Flax flattens PyTorch ModuleLists into `<list>_<i>` segments
 (`down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_out_0` is
 `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0`), while names such
 as `time_embedding/linear_1` keep their underscore, so the PyTorch name is recovered
-from the list names of diffusers' UNet (`torch_module`). Exports need no base model;
-imports check every name against the base model with the PyTorch->Flax rule that
-`models.load` uses, so the two directions cannot drift apart silently.
+from the list names of diffusers' UNet (`torch_module`). The CLIP text encoder has two
+spellings: its checkpoint files, transformers 4's modules, kohya names and ComfyUI say
+`text_model.encoder.layers.0.self_attn.q_proj`; transformers 5's CLIPTextModel has no
+`text_model` module, so its modules, which PEFT targets, are `encoder.layers.0...`
+(`module_name`). Files are written with the rooted keys (transformers 4 loads only
+those; transformers 5 and diffusers >= 0.42 map them) and the unrooted target names
+(PEFT matches a target as a suffix of the module name: both module trees). Imports read
+both spellings. Exports need no base model; imports check every name against the base
+model with the key map base models load with (hdb_jax/nn/torch_keys.py), so the two
+directions cannot drift apart silently.
 """
 
 from __future__ import annotations
@@ -60,6 +69,9 @@ ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base's 
 # items "<list>_<i>", PyTorch "<list>.<i>".
 UNET_MODULE_LISTS = ("down_blocks", "up_blocks", "attentions", "resnets", "transformer_blocks",
                      "to_out", "net", "downsamplers", "upsamplers")
+# Root module that checkpoint and LoRA files put before these components' layer names and
+# that transformers 5's modules lack (CLIPTextModel: `text_model.encoder.layers.<i>...`).
+FILE_ROOTS = {"text_encoder": "text_model."}
 
 
 
@@ -67,7 +79,10 @@ UNET_MODULE_LISTS = ("down_blocks", "up_blocks", "attentions", "resnets", "trans
 # Names
 
 def torch_module(component: str, layer: str) -> str:
-  """Flax layer path -> PyTorch module name, e.g. `.../attn1/to_out_0` -> `....attn1.to_out.0`."""
+  """Flax layer path -> the PyTorch name LoRA files and checkpoints give the layer (its
+  base weight's key without `.weight`): `.../attn1/to_out_0` -> `....attn1.to_out.0`,
+  `text_model/encoder/layers/0/self_attn/q_proj` -> `text_model.encoder.layers.0.self_attn.q_proj`
+  (`module_name` drops the `text_model.` root that transformers 5's modules lack)."""
   if component not in PEFT_PREFIX:
     raise ValueError(f"no PyTorch LoRA names for component {component!r} "
                      f"(supported: {sorted(PEFT_PREFIX)})")
@@ -81,6 +96,21 @@ def torch_module(component: str, layer: str) -> str:
   return ".".join(names)
 
 
+def module_name(component: str, name: str) -> str:
+  """A layer's PyTorch name as files spell it (`torch_module`; for the text encoder with or
+  without the `text_model.` root) -> its module name in current diffusers / transformers
+  (`named_modules()`, what PEFT targets): `encoder.layers.0.self_attn.q_proj`."""
+  root = FILE_ROOTS.get(component)
+  return name.removeprefix(root) if root else name
+
+
+def file_spellings(component: str, module: str) -> tuple[str, ...]:
+  """A module name (`module_name`) -> every name files give it, the rooted first:
+  ("text_model.encoder.layers.0.self_attn.q_proj", "encoder.layers.0.self_attn.q_proj")."""
+  root = FILE_ROOTS.get(component)
+  return (root + module, module) if root else (module,)
+
+
 def kohya_name(component: str, layer: str) -> str:
   """Flax layer path -> kohya LoRA name, e.g. `lora_te_text_model_encoder_layers_0_self_attn_q_proj`."""
   return KOHYA_PREFIX[component] + torch_module(component, layer).replace(".", "_")
@@ -89,18 +119,18 @@ def kohya_name(component: str, layer: str) -> str:
 def torch_kernel_names(base: Mapping[str, Mapping]
                        ) -> dict[str, dict[str, tuple[str, tuple[int, ...]]]]:
   """{component: {PyTorch module: (Flax layer, Flax kernel shape)}} for every layer of
-  `base` with a kernel: dense [in, out] and convolutions [kh, kw, in, out].
+  `base` with a kernel: dense [in, out] and convolutions [kh, kw, in, out]. Modules are
+  named as in current diffusers / transformers (`module_name`: the text encoder's
+  `encoder.layers.0.self_attn.q_proj`).
 
-  `base` may be abstract params. Each name is checked against the PyTorch->Flax rule of
-  `models.load` (diffusers' for the UNet, transformers' for CLIP).
+  `base` may be abstract params. Each name is checked against the key map base models
+  load and export with (`hdb_jax/nn/torch_keys.py`).
   """
-  from hdb_jax import models
-  import flax
+  from hdb_jax.nn import torch_keys
   table = {}
   for component in PEFT_PREFIX:
     if component not in base:
       continue
-    expected_flat = flax.traverse_util.flatten_dict(base[component])
     table[component] = {}
     for path, leaf in params_lib.flatten(base[component]).items():
       if not path.endswith(params_lib.SEP + "kernel"):
@@ -108,13 +138,11 @@ def torch_kernel_names(base: Mapping[str, Mapping]
       layer = path[: -len(params_lib.SEP + "kernel")]
       module = torch_module(component, layer)
       shape = tuple(int(d) for d in leaf.shape)
-      torch_shape = (shape[-1], shape[-2], *shape[:-2])  # [out, in(, kh, kw)]
-      flax_key = models.torch_key_to_flax(module + ".weight", torch_shape, expected_flat,
-                                          component)
-      if params_lib.SEP.join(flax_key) != path:
-        raise RuntimeError(f"hdb-jax names {component}/{layer} {module!r} in PyTorch, but "
-                           f"PyTorch loading maps that back to {'/'.join(flax_key)}")
-      table[component][module] = (layer, shape)
+      torch_key = torch_keys.flax_to_torch_key(component, tuple(path.split(params_lib.SEP)))
+      if torch_key != module + ".weight":
+        raise RuntimeError(f"hdb-jax names {component}/{layer} {module!r} in PyTorch LoRAs, "
+                           f"but its base weight is {torch_key!r}")
+      table[component][module_name(component, module)] = (layer, shape)
   return table
 
 
@@ -150,8 +178,10 @@ def _common_rank(layer_ranks: Mapping[str, int]) -> int:
 def to_peft(lora: Mapping) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """LoRA pytree -> (PEFT/diffusers tensors, safetensors metadata). No base model needed.
 
-  `lora_alpha` = `r` for every layer (rank_pattern = alpha_pattern where ranks differ),
-  so PEFT's scale is 1 and the factors are stored as they are.
+  Keys use the files' names (`torch_module`), `target_modules` and the patterns the
+  modules' names (`module_name`). `lora_alpha` = `r` for every layer (rank_pattern =
+  alpha_pattern where ranks differ), so PEFT's scale is 1 and the factors are stored as
+  they are.
   """
   lora_lib.check(lora, "export")
   tensors, adapter_metadata = {}, {}
@@ -164,7 +194,7 @@ def to_peft(lora: Mapping) -> tuple[dict[str, np.ndarray], dict[str, str]]:
       module = torch_module(component, layer)
       tensors[f"{prefix}.{module}.lora_A.weight"] = torch_layout(f["down"])  # [r, in(, 1, 1)]
       tensors[f"{prefix}.{module}.lora_B.weight"] = torch_layout(f["up"])    # [out, r(, 1, 1)]
-      layer_ranks[module] = int(np.shape(f["down"])[-1])
+      layer_ranks[module_name(component, module)] = int(np.shape(f["down"])[-1])
     rank = _common_rank(layer_ranks)
     # PEFT matches pattern keys as regexes against the end of module names.
     pattern = {re.escape(module): r for module, r in layer_ranks.items() if r != rank}

@@ -13,15 +13,24 @@ Formats read (SD1.x; safetensors; detected from the keys):
 - "diffusers-old": attention processors (diffusers before PEFT):
   `unet.<attention>.processor.to_q_lora.down.weight` (to_q, to_k, to_v, to_out; UNet
   `to_out` is `to_out.0`), `text_encoder.<self_attn>.to_q_lora.up.weight` (to_q..to_out
-  are q_proj..out_proj). Files of `unet.save_attn_procs` have no `unet.` prefix.
+  are q_proj..out_proj). Files of `unet.save_attn_procs` have no `unet.` prefix
+  (diffusers 0.42 reads those with `unet.load_lora_adapter(file, prefix=None)`).
 - "kohya": `lora_unet_<module, dots as _>.lora_down.weight`, `.lora_up.weight`,
   `.alpha`, `lora_te_<module>...`.
 - hdb-jax files ("hdb-lora", "hdb-lidb").
 
+Text-encoder names come in two spellings, both read: `text_model.encoder.layers.<i>...`
+(checkpoints, transformers 4, kohya's `lora_te_text_model_encoder_...`, `hdb export`) and
+`encoder.layers.<i>...` (transformers 5's modules: what diffusers / PEFT training scripts
+save today; kohya `lora_te_encoder_...`). Both are the same layer (`convert.module_name`);
+a file giving one factor under both is refused.
+
 Scale, as diffusers applies it: `dW_torch [out, in] = alpha / r * up @ down`. kohya: alpha
 per module from `.alpha` (missing: alpha = r). PEFT-style files: `lora_alpha`,
-`alpha_pattern`, `use_rslora` (alpha / sqrt(r)) from `lora_adapter_metadata`; without
-metadata alpha = r (scale 1). The scale is folded into `up`.
+`alpha_pattern`, `use_rslora` (alpha / sqrt(r)) from `lora_adapter_metadata` (a pattern
+applies to a text-encoder layer if it matches either spelling of its name, as PEFT
+matches it in the module tree it was written for); without metadata alpha = r (scale 1).
+The scale is folded into `up`.
 
 Layers. hdb-jax applies LoRAs to dense layers (`A [r, in]`, `B [out, r]`) and to 1x1
 convolutions, which are dense layers on the channels: `proj_in` / `proj_out` of SD1.x's
@@ -102,7 +111,8 @@ def detect_format(tensors: Mapping, metadata: Mapping[str, str]) -> str:
 
 def _peft_style_modules(tensors: Mapping[str, np.ndarray], where: str) -> tuple[dict, dict]:
   """PEFT, diffusers and diffusers-old keys -> ({(component, module): {factor: (key, value)}},
-  {(component, module): name in the file}). Unprefixed files are UNet files."""
+  {(component, module): name in the file}); modules named as `convert.module_name` gives
+  them. Unprefixed files are UNet files."""
   prefixes = {prefix: component for component, prefix in convert.PEFT_PREFIX.items()}
   prefixed = any(k.partition(".")[0] in prefixes for k in tensors)
   modules, labels = {}, {}
@@ -123,19 +133,22 @@ def _peft_style_modules(tensors: Mapping[str, np.ndarray], where: str) -> tuple[
       factor = old.group("factor")
     else:
       module, factor = new.group("module"), FACTOR_SPELLINGS[new.group("spelling")]
+    label = f"{prefix}.{module}" if prefix else module
+    module = convert.module_name(component, module)
     factors = modules.setdefault((component, module), {})
     if factor in factors:
       raise ValueError(f"{where}: {key!r} and {factors[factor][0]!r} are the same factor of "
                        f"{component} module {module!r}")
     factors[factor] = (key, value)
-    labels[(component, module)] = f"{prefix}.{module}" if prefix else module
+    labels[(component, module)] = label
   return modules, labels
 
 
 def _kohya_modules(tensors: Mapping[str, np.ndarray], names: Mapping[str, tuple[str, str]],
                    where: str) -> tuple[dict, dict]:
   """kohya keys -> ({(component, module): {"down"|"up"|"alpha": (key, value)}}, labels).
-  `names`: {kohya name: (component, PyTorch module)} of every layer of the base."""
+  `names`: {kohya name: (component, PyTorch module)} of every layer of the base, in every
+  spelling (`lora_te_text_model_encoder_...` and `lora_te_encoder_...`)."""
   modules, labels = {}, {}
   for key, value in tensors.items():
     match = _KOHYA_KEY.match(key)
@@ -149,7 +162,11 @@ def _kohya_modules(tensors: Mapping[str, np.ndarray], names: Mapping[str, tuple[
       raise ValueError(f"{where}: key {key!r}: the base model has no layer named "
                        f"{match.group('name')!r}")
     component, module = names[match.group("name")]
-    modules.setdefault((component, module), {})[part] = (key, value)
+    factors = modules.setdefault((component, module), {})
+    if part in factors:
+      raise ValueError(f"{where}: {key!r} and {factors[part][0]!r} are the same {part} of "
+                       f"{component} module {module!r}")
+    factors[part] = (key, value)
     labels[(component, module)] = match.group("name")
   return modules, labels
 
@@ -181,8 +198,8 @@ def _split_layers(base: Mapping[str, Mapping]) -> tuple[dict, dict]:
 def lora_layers(base: Mapping[str, Mapping]) -> dict[str, dict[str, tuple[str, tuple[int, ...]]]]:
   """{component: {PyTorch module: (Flax layer, Flax kernel shape)}} of the base's layers a
   LoRA can be applied to: dense layers [in, out] and 1x1 convolutions [1, 1, in, out].
-  Names are checked against the PyTorch->Flax rule of `models.load`
-  (`convert.torch_kernel_names`)."""
+  Modules named as in current diffusers / transformers, checked against the base's key
+  map (`convert.torch_kernel_names`)."""
   return _split_layers(base)[0]
 
 
@@ -213,12 +230,13 @@ def _fit(where: str, key: str, value: np.ndarray, kernel_shape: tuple[int, ...],
   return convert.flax_layout(value)
 
 
-def _peft_scale(config: Mapping, module: str, rank: int) -> float:
-  """alpha / r of one module under a PEFT LoraConfig dict (PEFT's pattern rules)."""
+def _peft_scale(config: Mapping, names: tuple[str, ...], rank: int) -> float:
+  """alpha / r of one module under a PEFT LoraConfig dict (PEFT's pattern rules); `names`:
+  the module's spellings (`convert.file_spellings`), a pattern matching any applies."""
   def lookup(patterns, default):
     for pattern, value in (patterns or {}).items():
       # As peft.utils.other.get_pattern_key; peft is a test dependency only.
-      if re.match(rf"(.*\.)?({pattern})$", module):
+      if any(re.match(rf"(.*\.)?({pattern})$", name) for name in names):
         return value
     return default
   alpha = float(lookup(config.get("alpha_pattern"), config.get("lora_alpha", rank)))
@@ -302,7 +320,8 @@ def from_peft_style(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, st
   configs = _adapter_configs(metadata, where)
   modules, labels = _peft_style_modules(tensors, where)
   return _to_lora(modules, labels, lora_layers(base), unsupported_layers(base), where,
-                  lambda component, module, _, rank: _peft_scale(configs[component], module, rank),
+                  lambda component, module, _, rank: _peft_scale(
+                      configs[component], convert.file_spellings(component, module), rank),
                   skip_unsupported)
 
 
@@ -313,8 +332,9 @@ def from_kohya(tensors: Mapping[str, np.ndarray], base: Mapping[str, Mapping],
   names = {}
   for table in (layers, other):
     for component, modules in table.items():
-      names.update({convert.KOHYA_PREFIX[component] + module.replace(".", "_"): (component, module)
-                    for module in modules})
+      for module in modules:
+        for spelling in convert.file_spellings(component, module):
+          names[convert.KOHYA_PREFIX[component] + spelling.replace(".", "_")] = (component, module)
   modules, labels = _kohya_modules(tensors, names, where)
   return _to_lora(modules, labels, layers, other, where,
                   lambda _, __, factors, rank: _kohya_alpha(where, factors, rank) / rank,

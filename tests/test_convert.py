@@ -192,21 +192,84 @@ def test_pipeline_load_lora_weights_matches_jax(case, fmt, pt_dir, exported,
   assert max(diffs) < ATOL
 
 
-def test_unet_load_lora_adapter_matches_jax(pt_dir, exported, jax_outputs, inputs):
+@pytest.mark.parametrize("kwargs", [{"use_safetensors": True}, {}])
+def test_unet_load_lora_adapter_matches_jax(kwargs, pt_dir, exported, jax_outputs, inputs):
   """The UNet alone, through `load_lora_adapter` (PEFT file with per-layer ranks 1-3).
 
-  diffusers 0.39 reads the file's lora_adapter_metadata here only with use_safetensors=True
-  (or weight_name); without it a file whose ranks differ between layers is scaled wrongly
-  (uniform-rank files, such as LiDB exports, load right either way). docs/pytorch.md says so."""
+  diffusers reads the file's lora_adapter_metadata here only with use_safetensors=True (or
+  weight_name). Without it, diffusers 0.42 takes alpha = r for every module (scale 1, as
+  the file means); diffusers 0.39 took one alpha for all and scaled such files wrongly.
+  docs/pytorch.md says so."""
   from diffusers import UNet2DConditionModel
   from transformers import CLIPTextModel
   unet = UNet2DConditionModel.from_pretrained(os.path.join(pt_dir, "unet"))
-  unet.load_lora_adapter(exported[("mixed", "peft")], prefix="unet", use_safetensors=True)
+  unet.load_lora_adapter(exported[("mixed", "peft")], prefix="unet", **kwargs)
   text_encoder = CLIPTextModel.from_pretrained(os.path.join(pt_dir, "text_encoder"))
   _, eps = _torch_outputs(text_encoder, unet, inputs)
   diff = float(np.abs(eps - jax_outputs["mixed"][1]).max())
-  print(f"\nmixed/peft via unet.load_lora_adapter: max |PyTorch - JAX| UNet {diff:.2e}")
+  print(f"\nmixed/peft via unet.load_lora_adapter({kwargs}): max |PyTorch - JAX| UNet {diff:.2e}")
   assert diff < ATOL
+
+
+def _metadata(path):
+  with safetensors.safe_open(path, "np") as f:
+    return dict(f.metadata())
+
+
+def _respell(tensors, old, new):
+  """`tensors` with `old` replaced by `new` at the start of every key that has it."""
+  return {new + key[len(old):] if key.startswith(old) else key: value
+          for key, value in tensors.items()}
+
+
+def _rooted_adapter_metadata(metadata):
+  """The text encoder's target_modules / rank_pattern / alpha_pattern as a tool working on
+  transformers 4's module tree writes them: `text_model.encoder.layers...`."""
+  adapter = json.loads(metadata["lora_adapter_metadata"])
+  adapter["text_encoder.target_modules"] = [
+      "text_model." + m for m in adapter["text_encoder.target_modules"]]
+  for key in ("text_encoder.rank_pattern", "text_encoder.alpha_pattern"):
+    adapter[key] = {r"text_model\." + pattern: v for pattern, v in adapter[key].items()}
+  return {**metadata, "lora_adapter_metadata": json.dumps(adapter)}
+
+
+def test_text_encoder_names_with_and_without_the_text_model_root(
+    exported, sources, abstract, work, pt_dir, jax_outputs, inputs):
+  """`hdb export` writes the text encoder's keys with the `text_model.` root (checkpoint
+  names; transformers 4 loads only these) and its PEFT targets without it (transformers 5's
+  modules). Imports read both spellings alike: PEFT `text_encoder.encoder.layers...` (what
+  diffusers / PEFT save with transformers 5), kohya `lora_te_encoder_...`, and metadata
+  patterns written for transformers 4's tree (`text_model\.encoder...`); diffusers 0.42
+  loads the unrooted files to the same numbers."""
+  want = sources["mixed"][1]   # ranks 1-3: the text encoder has rank / alpha patterns
+  peft_file, kohya_file = exported[("mixed", "peft")], exported[("mixed", "kohya")]
+  peft, kohya = (safetensors.numpy.load_file(path) for path in (peft_file, kohya_file))
+  text_keys = [k for k in peft if k.startswith("text_encoder.")]
+  assert text_keys and all(k.startswith("text_encoder.text_model.encoder.layers.")
+                           for k in text_keys)
+  adapter = json.loads(_metadata(peft_file)["lora_adapter_metadata"])
+  assert adapter["text_encoder.alpha_pattern"] and all(
+      m.startswith("encoder.layers.") for m in adapter["text_encoder.target_modules"])
+
+  variants = {  # name: (tensors, metadata, loads in diffusers 0.42)
+      "peft_unrooted": (_respell(peft, "text_encoder.text_model.", "text_encoder."),
+                        _metadata(peft_file), True),
+      "peft_rooted_patterns": (peft, _rooted_adapter_metadata(_metadata(peft_file)), False),
+      "kohya_unrooted": (_respell(kohya, "lora_te_text_model_", "lora_te_"),
+                         _metadata(kohya_file), True)}
+  for name, (tensors, metadata, in_diffusers) in variants.items():
+    path = str(work / f"spelling_{name}.safetensors")
+    safetensors.numpy.save_file(tensors, path, metadata=metadata)
+    imported = convert_import.load(path, abstract)
+    assert imported.format == name.partition("_")[0]
+    _assert_lora_equal(imported.lora, want, rtol=1e-6 if name.startswith("kohya") else 0)
+    if in_diffusers:
+      pipe = _pipeline(pt_dir)
+      pipe.load_lora_weights(path)
+      got = _torch_outputs(pipe.text_encoder, pipe.unet, inputs)
+      diffs = [float(np.abs(g - w).max()) for g, w in zip(got, jax_outputs["mixed"])]
+      print(f"\n{name}: max |PyTorch - JAX| text encoder {diffs[0]:.2e}, UNet {diffs[1]:.2e}")
+      assert max(diffs) < ATOL
 
 
 # ------------------------------------------------------------------------------------
@@ -258,9 +321,11 @@ def user_files(pt_dir, work):
   lora_alpha 4 and 1 for ff.net.2) and text encoder (attention + fc1, r 4, lora_alpha 6,
   rsLoRA), saved like diffusers' training scripts: `convert_state_dict_to_diffusers(
   get_peft_model_state_dict(model))`, `save_lora_weights`, no adapter metadata (diffusers
-  then takes lora_alpha = r). "diffusers_alpha": the same with the adapters' configs as
-  metadata (`<model>_lora_adapter_metadata`), so diffusers scales by lora_alpha / r (UNet,
-  ff.net.2 by its alpha_pattern) and lora_alpha / sqrt(r) (text encoder).
+  then takes lora_alpha = r); with transformers 5 the text encoder's keys have no
+  `text_model.` root (`text_encoder.encoder.layers.0...`). "diffusers_alpha": the same
+  with the adapters' configs as metadata (`<model>_lora_adapter_metadata`), so diffusers
+  scales by lora_alpha / r (UNet, ff.net.2 by its alpha_pattern) and lora_alpha / sqrt(r)
+  (text encoder).
   "diffusers-old": the attention LoRAs written by hand with the old attention-processor
   keys; "diffusers-old-unet": the UNet part without prefix (`unet.save_attn_procs`).
   """
@@ -317,18 +382,20 @@ def test_import_of_diffusers_files_matches_load_lora_weights(name, user_files, p
   _compare(name, got, want, jax_outputs["base"])
 
 
-def test_import_of_attention_processor_files_matches_load_attn_procs(
+def test_import_of_attention_processor_files_matches_load_lora_adapter(
     user_files, pt_dir, abstract, tiny_model, forward, jax_outputs, inputs):
-  """The unprefixed UNet file of `unet.save_attn_procs`, read back by `unet.load_attn_procs`."""
+  """The unprefixed UNet file of `unet.save_attn_procs`. diffusers 0.42's `load_attn_procs`
+  reads Custom Diffusion files only; `unet.load_lora_adapter(file, prefix=None)` converts
+  this format (`convert_unet_state_dict_to_peft`)."""
   from diffusers import UNet2DConditionModel
   imported = convert_import.load(user_files["diffusers-old-unet"], abstract)
   assert imported.format == "diffusers-old" and set(imported.lora) == {"unet"}
   unet = UNet2DConditionModel.from_pretrained(os.path.join(pt_dir, "unet"))
-  unet.load_attn_procs(user_files["diffusers-old-unet"])
+  unet.load_lora_adapter(user_files["diffusers-old-unet"], prefix=None)
   _, eps = _torch_outputs(_pipeline(pt_dir).text_encoder, unet, inputs)
   _, want = forward(lora_lib.merge(tiny_model[1], imported.lora))
   diff = float(np.abs(eps - want).max())
-  print(f"\ndiffusers-old, UNet only, via unet.load_attn_procs: max |PyTorch - JAX| UNet "
+  print(f"\ndiffusers-old, UNet only, via unet.load_lora_adapter: max |PyTorch - JAX| UNet "
         f"{diff:.2e}")
   assert float(np.abs(want - jax_outputs["base"][1]).max()) > MIN_EFFECT
   assert diff < ATOL
@@ -615,6 +682,10 @@ def test_file_contents(exported):
   adapter = json.loads(header["lora_adapter_metadata"])
   assert adapter["unet.r"] == adapter["unet.lora_alpha"] == 1
   assert key[len("unet."):] in adapter["unet.target_modules"]
+  # Targets are module names of transformers 5 (no `text_model.`); PEFT matches them as
+  # suffixes of transformers 4's names too.
+  assert "encoder.layers.1.self_attn.v_proj" in adapter["text_encoder.target_modules"]
+  assert not any(m.startswith("text_model.") for m in adapter["text_encoder.target_modules"])
   assert header["format"] == "pt" and header["hdb_source"] == "lidb.safetensors"
 
   tensors = safetensors.numpy.load_file(exported[("mixed", "kohya")])
@@ -665,6 +736,13 @@ def test_torch_names():
   assert convert.torch_module("unet", "time_embedding/linear_1") == "time_embedding.linear_1"
   assert (convert.torch_module("text_encoder", "text_model/encoder/layers/0/self_attn/q_proj")
           == "text_model.encoder.layers.0.self_attn.q_proj")
+  for spelling in ("text_model.encoder.layers.0.mlp.fc1", "encoder.layers.0.mlp.fc1"):
+    assert convert.module_name("text_encoder", spelling) == "encoder.layers.0.mlp.fc1"
+  assert convert.file_spellings("text_encoder", "encoder.layers.0.mlp.fc1") == (
+      "text_model.encoder.layers.0.mlp.fc1", "encoder.layers.0.mlp.fc1")
+  assert convert.module_name("unet", "mid_block.attentions.0.proj_in") == \
+      "mid_block.attentions.0.proj_in"
+  assert convert.file_spellings("unet", "conv_in") == ("conv_in",)
   assert (convert.kohya_name("unet", "mid_block/attentions_0/transformer_blocks_0/attn2/to_k")
           == "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k")
 
@@ -674,13 +752,14 @@ def test_torch_names_are_the_pytorch_linear_layers(config):
   """Every dense layer's name is a torch.nn.Linear of the PyTorch model and back (SD1.5: 184
   UNet + 72 CLIP layers), every other layer's a Conv2d; LoRAs apply to the Linear layers and
   the 1x1 Conv2d (SD1.5: 16 proj_in, 16 proj_out, 14 conv_shortcut) (architecture only,
-  PyTorch modules on the meta device)."""
+  PyTorch modules on the meta device). Names are those of current diffusers / transformers'
+  `named_modules()`, which PEFT targets (transformers 5: no `text_model.` root)."""
   from diffusers import UNet2DConditionModel
   from transformers import CLIPTextConfig, CLIPTextModel
   from hdb_jax import config_file
   model_cfg = config_file.load(os.path.join(REPO, "configs", config)).model
   _, abstract_params = models.from_config(model_cfg, tokenizer=None)
-  names = convert.torch_names(abstract_params)  # checks each name with models.torch_key_to_flax
+  names = convert.torch_names(abstract_params)  # checks each name with hdb_jax/nn/torch_keys.py
   with torch.device("meta"):
     torch_models = {"unet": UNet2DConditionModel(**dict(model_cfg.unet)),
                     "text_encoder": CLIPTextModel(CLIPTextConfig(**dict(model_cfg.text_encoder)))}
@@ -771,6 +850,8 @@ BAD = {
                        r"up factor \(lora_B / lora.up / lora_up\) is missing"),
     "peft_two_spellings": ("peft", _put(_Q + ".lora_linear_layer.up.weight", 32, 1),
                            "are the same factor"),
+    "peft_rooted_and_unrooted": ("peft", _put(_Q.replace(".text_model.", ".") + ".lora_B.weight",
+                                              32, 1), "are the same factor"),
     "kohya_unknown_key": ("kohya", _put(_K + ".dora_scale", 1), "unknown key"),
     "kohya_unknown_layer": ("kohya", _put("lora_unet_foo_conv.lora_down.weight", 1, 4, 3, 3),
                             "no layer named 'lora_unet_foo_conv'"),
@@ -785,6 +866,8 @@ BAD = {
                                         _put(_P + ".lora_up.weight", 32, 1, 1, 1)),
                          r"shape \(1, 32, 3, 3\); the base model's layer is a 1x1 convolution"),
     "kohya_inf": ("kohya", _poke(_K + ".lora_down.weight", np.inf), "NaN or Inf"),
+    "kohya_rooted_and_unrooted": ("kohya", _put("lora_te_encoder_layers_0_self_attn_q_proj.alpha",
+                                                value=1.0), "are the same alpha"),
     "kohya_inf_alpha": ("kohya", _put(_K + ".alpha", value=np.inf), "not finite"),
 }
 
