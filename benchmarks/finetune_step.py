@@ -133,42 +133,21 @@ def build_jax_model(name: str):
 def prompt_ids(sd) -> "np.ndarray":
   """The prompt's token ids [1, L], L = the text encoder's positions (77 for SD1.5)."""
   length = sd.text_encoder.config.max_position_embeddings
-  return sd.tokenizer([PROMPT], padding="max_length", truncation=True, max_length=length,
-                      return_tensors="np").input_ids.astype("int32")
+  return sd.tokenizer([PROMPT], max_length=length)["input_ids"].astype("int32")
 
 
 # ------------------------------------------------------------------------------------
 # The PyTorch folder and the shared batches
 
 def export_torch(sd, params, folder: str) -> None:
-  """Write `params`' UNet and text encoder as a diffusers / transformers PyTorch folder.
-
-  Keys and layouts come from hdb_jax.torch_export (the mapping `hdb export-base` uses);
-  the PyTorch models are built on the meta device for their key names and shapes only,
-  and the tensors go straight to safetensors: SD1.5's weights are held twice at most.
-  """
-  import safetensors.numpy
-  import torch
-  from diffusers import UNet2DConditionModel
-  from transformers import CLIPTextModel
-  from hdb_jax import torch_export
-
-  unet_folder = os.path.join(folder, "unet")
-  os.makedirs(unet_folder)
-  sd.unet.save_config(unet_folder)  # the Flax config, filtered to the PyTorch class's keys
-  unet_config = torch_export._torch_config(UNet2DConditionModel, unet_folder)
-  with torch.device("meta"):
-    unet = UNet2DConditionModel.from_config(unet_config)
-    text_encoder = CLIPTextModel(sd.text_encoder.config)
-  unet.save_config(unet_folder)
-  sd.text_encoder.config.save_pretrained(os.path.join(folder, "text_encoder"))
-  for name, model, file_name in (("unet", unet, "diffusion_pytorch_model.safetensors"),
-                                 ("text_encoder", text_encoder, "model.safetensors")):
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state = torch_export.flax_to_torch_state(shapes, params.pop(name), name)
-    safetensors.numpy.save_file(state, os.path.join(folder, name, file_name),
-                                metadata={"format": "pt"})
-    del state
+  """Write `params`' UNet and text encoder as a diffusers / transformers PyTorch folder,
+  with the key map and configs `hdb export-base` uses (hdb_jax/nn/export.py; no torch)."""
+  from hdb_jax import models
+  from hdb_jax.nn import export
+  configs = models.config_dicts(sd)
+  for name in ("unet", "text_encoder"):
+    export.write_torch_component(os.path.join(folder, name), name, params.pop(name),
+                                 configs[name])
 
 
 def run_export(name: str, work: str) -> dict:
@@ -187,7 +166,7 @@ def run_export(name: str, work: str) -> dict:
            check_noise=rng.standard_normal((batch_size,) + latent_shape).astype(np.float32),
            check_timesteps=np.linspace(10, 990, batch_size).astype(np.int32),
            check_ids=np.repeat(ids, batch_size, 0))
-  schedule = {k: sd.scheduler.config[k] for k in (
+  schedule = {k: getattr(sd.scheduler, k) for k in (
       "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")}
   from hdb_jax import params as params_lib
   info = {"batch_size": batch_size, "latent_shape": list(latent_shape),

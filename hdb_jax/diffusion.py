@@ -1,13 +1,15 @@
 """Diffusion training loss and a classifier-free-guided DDIM sampler, as pure functions.
 
 The noise schedule, prediction type (epsilon or v) and the DDIM update come from the
-model's scheduler (`sd.scheduler`, a diffusers Flax scheduler built by hdb_jax.models).
+model's scheduler config (`sd.scheduler`, the arithmetic in hdb_jax/nn/ddim.py).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from hdb_jax.nn import ddim
 
 
 def sample_latents(rng, mean, std):
@@ -19,7 +21,7 @@ def noise_and_timesteps(sd, rng, latents):
   """Gaussian noise like `latents` [B, C, h, w] and uniform training timesteps [B]."""
   noise_rng, t_rng = jax.random.split(rng)
   noise = jax.random.normal(noise_rng, latents.shape, latents.dtype)
-  num_train = sd.scheduler.config.num_train_timesteps
+  num_train = sd.scheduler.num_train_timesteps
   timesteps = jax.random.randint(t_rng, (latents.shape[0],), 0, num_train)
   return noise, timesteps
 
@@ -40,12 +42,11 @@ def loss_given_noise(sd, unet_params, context, latents, noise, timesteps,
   `pixel_weights` [B, h, w] (e.g. a face mask on the latent grid): a weighted mean over
   the latent positions instead of the plain mean.
   """
-  state = sd.scheduler.create_state()
-  noisy = sd.scheduler.add_noise(state, latents, noise, timesteps)
+  noisy = ddim.add_noise(sd.scheduler, latents, noise, timesteps)
   if sd.prediction_type == "epsilon":
     target = noise
   elif sd.prediction_type == "v_prediction":
-    target = sd.scheduler.get_velocity(state, latents, noise, timesteps)
+    target = ddim.velocity(sd.scheduler, latents, noise, timesteps)
   else:
     raise ValueError(f"unsupported prediction_type {sd.prediction_type!r}")
   prediction = sd.predict(unet_params, noisy, timesteps, context)
@@ -80,21 +81,18 @@ def generate(sd, params, cond_ids, uncond_ids, rng, guidance_scale, num_steps: i
   batch = cond_ids.shape[0]
   shape = (batch, sd.latent_channels, sd.latent_size, sd.latent_size)
   context = sd.encode_text(params["text_encoder"], jnp.concatenate([uncond_ids, cond_ids]))
-  state = sd.scheduler.set_timesteps(sd.scheduler.create_state(), num_steps, shape)
   if noise is None:
     noise = jax.random.normal(rng, shape, jnp.float32)
-  latents = noise * state.init_noise_sigma
+  latents = noise  # DDIM starts from unit-variance noise
 
-  def denoise(carry, t):
-    latents, state = carry
+  def denoise(latents, t):
     both = jnp.concatenate([latents, latents])
     timesteps = jnp.broadcast_to(t, (2 * batch,))
     uncond, cond = jnp.split(sd.predict(params["unet"], both, timesteps, context), 2)
     guided = uncond + guidance_scale * (cond - uncond)
-    out = sd.scheduler.step(state, guided, t, latents)
-    return (out.prev_sample, out.state), None
+    return ddim.step(sd.scheduler, guided, t, latents, num_steps), None
 
-  (latents, _), _ = jax.lax.scan(denoise, (latents, state), state.timesteps)
+  latents, _ = jax.lax.scan(denoise, latents, ddim.timesteps(sd.scheduler, num_steps))
   return sd.decode_latents(params["vae"], latents)
 
 

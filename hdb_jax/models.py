@@ -1,22 +1,23 @@
 """Stable Diffusion components: build from a config, load from a local folder, save.
 
-This module (and `models_eval.py`, the evaluation's CLIP and DINO encoders) alone imports
-the Flax model classes of diffusers (<= 0.39) and transformers (< 5). Everything else
-works with `StableDiffusion` (stateless modules and the tokenizer/scheduler) and a params
-dict `{"unet": ..., "vae": ..., "text_encoder": ...}`.
+The modules are hdb-jax's own (`hdb_jax/nn/`: UNet, VAE, CLIP text and vision, the DDIM
+schedule, the CLIP tokenizer); their parameter trees are those of the Flax classes
+diffusers (<= 0.39) and transformers (< 5) had, so folders written by either load
+unchanged. Everything else works with `StableDiffusion` (stateless modules, tokenizer
+and schedule) and a params dict `{"unet": ..., "vae": ..., "text_encoder": ...}`.
 
 Folder layout (diffusers): `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`.
 Weights are read as Flax msgpack (`diffusion_flax_model.msgpack`, `flax_model.msgpack`)
 or as PyTorch safetensors (`diffusion_pytorch_model.safetensors`, `model.safetensors`, or
-their `.fp16` variants, cast on load), converted on load; PyTorch pickles (`.bin`) only
-with `allow_pickle`. Only local paths are accepted: no model hub.
+their `.fp16` variants, cast on load), converted on load by our key map
+(`hdb_jax/nn/torch_keys.py`); PyTorch pickles (`.bin`) only with `allow_pickle` (and
+torch installed). Only local paths are accepted: no model hub.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 from typing import Any, Mapping
 
@@ -28,52 +29,8 @@ import numpy as np
 from hdb_jax import params as params_lib
 from hdb_jax.model_folder import COMPONENTS, FLAX_WEIGHTS, SUBFOLDERS, TORCH_WEIGHTS  # noqa: F401
 from hdb_jax.model_folder import FP16_TORCH_WEIGHTS, PICKLE_WEIGHTS
-
-from diffusers.utils import logging as diffusers_logging
-from transformers.utils import logging as transformers_logging
-
-
-# Quiet the deprecation notices that diffusers 0.39 and transformers 4.x log for every
-# Flax object: the pins in setup.cfg are deliberate. Other messages pass.
-class _DropFlaxDeprecation(logging.Filter):
-  def filter(self, record):
-    message = record.getMessage()
-    return not ("Flax classes are deprecated" in message
-                or "TensorFlow and JAX classes are deprecated" in message)
-
-
-for _library in (diffusers_logging.get_logger("diffusers"),
-                 transformers_logging.get_logger("transformers")):
-  for _handler in _library.handlers:
-    _handler.addFilter(_DropFlaxDeprecation())
-
-from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxUNet2DConditionModel  # noqa: E402
-from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig, FlaxCLIPTextModel  # noqa: E402
-from transformers.models.clip.modeling_flax_clip import FlaxCLIPVisionModule  # noqa: E402
-from transformers.modeling_flax_pytorch_utils import (  # noqa: E402
-    rename_key_and_reshape_tensor as transformers_rename_key)
-
-from diffusers.models import attention_flax  # noqa: E402
-
-
-class _ExactGELUFlaxGEGLU(attention_flax.FlaxGEGLU):
-  """The UNet feed-forward's GEGLU with the exact (erf) GELU.
-
-  diffusers' Flax GEGLU calls `flax.linen.gelu`, whose default is the tanh
-  approximation; SD1.5 and diffusers' PyTorch UNet use the exact GELU, and the
-  difference shows as ~3e-4 on UNet outputs. Same parameters, same names.
-  """
-
-  def __call__(self, hidden_states, deterministic=True):
-    hidden_states = self.proj(hidden_states)
-    hidden_linear, hidden_gelu = jnp.split(hidden_states, 2, axis=2)
-    return self.dropout_layer(hidden_linear * jax.nn.gelu(hidden_gelu, approximate=False),
-                              deterministic=deterministic)
-
-
-# FlaxFeedForward.setup looks the class up by this module-level name.
-attention_flax.FlaxGEGLU = _ExactGELUFlaxGEGLU
+from hdb_jax.nn import clip, ddim, torch_keys, unet, vae
+from hdb_jax.nn.tokenizer import CLIPTokenizer
 
 # A CLIP vision model folder (the hypernetwork's pretrained encoder), not an SD component.
 VISION_WEIGHTS = {"flax": "flax_model.msgpack", "torch": "model.safetensors"}
@@ -86,11 +43,11 @@ class ModelLoadError(ValueError):
 @dataclasses.dataclass(frozen=True, eq=False)
 class StableDiffusion:
   """Stateless SD components. Params live outside, in a dict keyed by `COMPONENTS`."""
-  unet: FlaxUNet2DConditionModel
-  vae: FlaxAutoencoderKL
-  text_encoder: FlaxCLIPTextModel  # created with _do_init=False: holds no weights
-  tokenizer: CLIPTokenizer
-  scheduler: FlaxDDIMScheduler
+  unet: unet.UNet2DConditionModel
+  vae: vae.AutoencoderKL
+  text_encoder: clip.CLIPTextModel
+  tokenizer: CLIPTokenizer | None
+  scheduler: ddim.DDIMConfig
 
   @property
   def latent_channels(self) -> int:
@@ -110,42 +67,33 @@ class StableDiffusion:
 
   @property
   def prediction_type(self) -> str:
-    return self.scheduler.config.prediction_type
+    return self.scheduler.prediction_type
 
   def tokenize(self, prompts: list[str]) -> np.ndarray:
-    """Prompts -> token ids [B, max_length] (padded, truncated), on the host."""
-    return self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                          max_length=self.max_length, return_tensors="np").input_ids
+    """Prompts -> token ids int32 [B, max_length] (padded, truncated), on the host."""
+    return self.tokenizer(list(prompts), max_length=self.max_length)["input_ids"]
 
   def encode_text(self, text_params, input_ids):
     """Token ids [B, L] -> hidden states [B, L, D] (last layer, as SD1.5)."""
-    batch, length = input_ids.shape
-    position_ids = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
-    out = self.text_encoder.module.apply(
-        {"params": text_params}, input_ids, jnp.ones_like(input_ids), position_ids,
-        deterministic=True)
-    return out[0]
+    hidden, _ = self.text_encoder.apply({"params": text_params}, input_ids)
+    return hidden
 
   def predict(self, unet_params, latents, timesteps, context):
     """UNet output [B, C, h, w] for noisy latents [B, C, h, w], timesteps [B], context [B, L, D]."""
-    return self.unet.apply({"params": unet_params}, latents, timesteps, context).sample
+    return self.unet.apply({"params": unet_params}, latents, timesteps, context)
 
   def encode_images(self, vae_params, images):
     """Images [B, H, W, 3] in [-1, 1] -> (latent mean, latent std), each [B, C, h, w], scaled."""
-    dist = self.vae.apply({"params": vae_params}, jnp.transpose(images, (0, 3, 1, 2)),
-                          method=self.vae.encode).latent_dist
+    mean, std = self.vae.apply({"params": vae_params}, images, method=self.vae.encode)
     scale = self.vae.config.scaling_factor
-    # Flax VAE returns NHWC latents; the UNet takes NCHW.
-    to_nchw = lambda x: jnp.transpose(x, (0, 3, 1, 2)) * scale
-    return to_nchw(dist.mean), to_nchw(dist.std)
+    to_nchw = lambda x: jnp.transpose(x, (0, 3, 1, 2)) * scale  # the UNet takes NCHW
+    return to_nchw(mean), to_nchw(std)
 
   def decode_latents(self, vae_params, latents):
     """Scaled latents [B, C, h, w] -> images [B, H, W, 3] in [-1, 1]."""
     latents = jnp.transpose(latents / self.vae.config.scaling_factor, (0, 2, 3, 1))
-    # NHWC in: the Flax VAE only transposes when the last axis is not the channel axis,
-    # a guess that fails for NCHW latents whose width equals the channel count.
-    images = self.vae.apply({"params": vae_params}, latents, method=self.vae.decode).sample
-    return jnp.clip(jnp.transpose(images, (0, 2, 3, 1)), -1.0, 1.0)
+    images = self.vae.apply({"params": vae_params}, latents, method=self.vae.decode)
+    return jnp.clip(images, -1.0, 1.0)
 
 
 # ------------------------------------------------------------------------------------
@@ -156,32 +104,26 @@ def _as_dict(cfg) -> dict:
 
 
 def _make(unet_cfg, vae_cfg, text_cfg, scheduler_cfg, tokenizer, dtype) -> StableDiffusion:
-  unet = FlaxUNet2DConditionModel.from_config(_as_dict(unet_cfg), dtype=dtype)
-  vae = FlaxAutoencoderKL.from_config(_as_dict(vae_cfg), dtype=dtype)
-  text_config = CLIPTextConfig(**{k: v for k, v in _as_dict(text_cfg).items()
-                                  if not k.startswith("_")})
-  text_encoder = FlaxCLIPTextModel(text_config, _do_init=False, dtype=dtype)
-  scheduler = FlaxDDIMScheduler.from_config(_as_dict(scheduler_cfg))
-  return StableDiffusion(unet, vae, text_encoder, tokenizer, scheduler)
+  """Components from config dicts (as in the folder's config.json files)."""
+  return StableDiffusion(
+      unet=unet.UNet2DConditionModel(unet.UNetConfig.from_dict(_as_dict(unet_cfg)), dtype),
+      vae=vae.AutoencoderKL(vae.VAEConfig.from_dict(_as_dict(vae_cfg)), dtype),
+      text_encoder=clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(_as_dict(text_cfg)), dtype),
+      tokenizer=tokenizer,
+      scheduler=ddim.DDIMConfig.from_dict(_as_dict(scheduler_cfg)))
 
 
 def abstract_params(sd: StableDiffusion) -> dict:
   """Parameter shapes of every component via jax.eval_shape (nothing allocated)."""
-  rng = jax.random.PRNGKey(0)
-  text_len = sd.text_encoder.config.max_position_embeddings
-  return flax.core.unfreeze({
-      "unet": jax.eval_shape(sd.unet.init_weights, rng),
-      "vae": jax.eval_shape(sd.vae.init_weights, rng),
-      "text_encoder": jax.eval_shape(
-          lambda r: sd.text_encoder.init_weights(r, (1, text_len)), rng),
-  })
+  return {"unet": unet.param_shapes(sd.unet), "vae": vae.param_shapes(sd.vae),
+          "text_encoder": clip.param_shapes(sd.text_encoder)}
 
 
 def from_config(model_cfg, tokenizer: CLIPTokenizer | None = None):
   """Components and their abstract params from a config's architecture (no weights).
 
-  `model_cfg` has `unet`, `vae`, `text_encoder`, `scheduler` (constructor kwargs, as in
-  the diffusers `config.json` files), `dtype`, and optionally `tokenizer_path`.
+  `model_cfg` has `unet`, `vae`, `text_encoder`, `scheduler` (as in the diffusers
+  `config.json` files), `dtype`, and optionally `tokenizer_path`.
   """
   dtype = jnp.dtype(model_cfg.get("dtype", "float32"))
   if tokenizer is None and model_cfg.get("tokenizer_path"):
@@ -241,8 +183,8 @@ def _load_tokenizer(folder: str) -> CLIPTokenizer:
   for name in ("vocab.json", "merges.txt"):
     _require(os.path.join(folder, name), "CLIP tokenizer file")
   try:
-    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-  except Exception as e:  # the tokenizer raises many types on bad files
+    return CLIPTokenizer.from_folder(folder)
+  except Exception as e:  # the tokenizer files can be broken in many ways
     raise ModelLoadError(f"{folder}: cannot load the CLIP tokenizer ({e})") from e
 
 
@@ -265,7 +207,8 @@ def _read_pickle(path: str, allow_pickle: bool) -> dict:
   try:
     import torch
   except ImportError as e:
-    raise ModelLoadError(f"{path}: reading a PyTorch pickle needs torch installed") from e
+    raise ModelLoadError(f"{path}: reading a PyTorch pickle needs torch (pip install torch, "
+                         "or the [test] extra); safetensors files need nothing more") from e
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:
@@ -273,11 +216,13 @@ def _read_pickle(path: str, allow_pickle: bool) -> dict:
   return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
 
 
-def _read_weights(component: str, folder: str, expected, allow_pickle: bool = False) -> dict:
+def _read_weights(component: str, folder: str, expected, allow_pickle: bool = False,
+                  names: Mapping[str, str] | None = None) -> dict:
   """Weights of one component from `folder`, the first found of: Flax msgpack, PyTorch
-  safetensors, its fp16 variant (cast on load), a PyTorch pickle (only if allowed)."""
-  flax_name = FLAX_WEIGHTS.get(component, VISION_WEIGHTS["flax"])
-  torch_name = TORCH_WEIGHTS.get(component, VISION_WEIGHTS["torch"])
+  safetensors, its fp16 variant (cast on load), a PyTorch pickle (only if allowed).
+  `names`: {"flax": file, "torch": file} for a component outside the SD folder layout."""
+  flax_name = (names or FLAX_WEIGHTS)["flax" if names else component]
+  torch_name = (names or TORCH_WEIGHTS)["torch" if names else component]
   flax_file, torch_file = os.path.join(folder, flax_name), os.path.join(folder, torch_name)
   if os.path.exists(flax_file):
     try:
@@ -293,48 +238,14 @@ def _read_weights(component: str, folder: str, expected, allow_pickle: bool = Fa
   for path, read in candidates:
     if not os.path.exists(path):
       continue
-    torch_state = read(path)
     try:
-      return _torch_to_flax(component, torch_state, expected)
+      return torch_keys.torch_to_flax(component, read(path), expected)
     except ModelLoadError:
       raise
     except Exception as e:
       raise ModelLoadError(f"{path}: cannot convert PyTorch weights ({e})") from e
   raise ModelLoadError(
       f"{folder}: no weights ({flax_name}, {torch_name} or its .fp16 variant)")
-
-
-def torch_key_to_flax(torch_key: str, shape, expected_flat: Mapping,
-                      component: str = "unet") -> tuple[str, ...]:
-  """The PyTorch->Flax name rule of diffusers (UNet, VAE) or transformers (CLIP) for one
-  weight -> Flax key tuple. `expected_flat`: {Flax key tuple: array or shape struct}."""
-  dummy = np.empty(shape, np.float32)
-  if component in ("text_encoder", "vision_encoder"):
-    prefix = "text_model" if component == "text_encoder" else "vision_model"
-    return transformers_rename_key(tuple(torch_key.split(".")), dummy, expected_flat,
-                                   prefix)[0]
-  return rename_key_and_reshape_tensor(tuple(rename_key(torch_key).split(".")), dummy,
-                                       expected_flat)[0]
-
-
-def _torch_to_flax(component: str, torch_state: dict, expected) -> dict:
-  """PyTorch state dict (numpy arrays) -> Flax params: renamed, transposed.
-
-  The library converters random-init the Flax model and need torch tensors; their
-  renaming rules only need the expected shapes, so they are applied here directly.
-  """
-  expected_flat = flax.traverse_util.flatten_dict(expected)
-  flat = {}
-  for torch_key, tensor in torch_state.items():
-    if torch_key.endswith("position_ids"):  # a buffer of CLIP's PyTorch module, not a weight
-      continue
-    flax_key = torch_key_to_flax(torch_key, tensor.shape, expected_flat, component)
-    if flax_key[-1] == "kernel" and tensor.ndim == 4:
-      tensor = tensor.transpose(2, 3, 1, 0)  # [out, in, kh, kw] -> [kh, kw, in, out]
-    elif flax_key[-1] == "kernel":
-      tensor = tensor.T                      # [out, in] -> [in, out]
-    flat[flax_key] = tensor
-  return flax.traverse_util.unflatten_dict(flat)
 
 
 def _check_fits(component: str, folder: str, loaded: dict, expected: dict) -> dict:
@@ -406,18 +317,36 @@ def load_or_build(model_cfg):
 # ------------------------------------------------------------------------------------
 # Saving
 
+def config_dicts(sd: StableDiffusion) -> dict[str, dict]:
+  """{subfolder: config.json dict} of every component, as PyTorch diffusers and
+  transformers read them (and `load` does)."""
+  return {"unet": sd.unet.config.to_dict(), "vae": sd.vae.config.to_dict(),
+          "text_encoder": sd.text_encoder.config.to_dict(),
+          "scheduler": sd.scheduler.to_dict()}
+
+
+def _write_json(path: str, value) -> None:
+  with open(path, "w") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
 def save(sd: StableDiffusion, params: Mapping[str, Any], path: str) -> None:
   """Write a diffusers-format folder with Flax weights, atomically (temp dir + rename)."""
   from hdb_jax import files
+  configs = config_dicts(sd)
   with files.atomic_dir(path) as tmp:
-    for name, model in (("unet", sd.unet), ("vae", sd.vae)):
-      model.save_pretrained(os.path.join(tmp, name), params=params[name])
-    sd.text_encoder.save_pretrained(os.path.join(tmp, "text_encoder"),
-                                    params=params["text_encoder"])
-    sd.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-    sd.scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
-    with open(os.path.join(tmp, "model_index.json"), "w") as f:
-      json.dump(MODEL_INDEX, f, indent=2)
+    for component in COMPONENTS:
+      folder = os.path.join(tmp, component)
+      os.makedirs(folder)
+      _write_json(os.path.join(folder, "config.json"), configs[component])
+      state = jax.tree_util.tree_map(np.asarray, dict(params[component]))
+      with open(os.path.join(folder, FLAX_WEIGHTS[component]), "wb") as f:
+        f.write(flax.serialization.msgpack_serialize(state))
+    sd.tokenizer.save(os.path.join(tmp, "tokenizer"))
+    os.makedirs(os.path.join(tmp, "scheduler"))
+    _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), configs["scheduler"])
+    _write_json(os.path.join(tmp, "model_index.json"), MODEL_INDEX)
 
 
 # What PyTorch tools (diffusers StableDiffusionPipeline) expect at the folder root.
@@ -445,7 +374,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class ClipVisionTokens(flax.linen.Module):
   """Images [B, H, W, 3] in [-1, 1] -> the CLIP vision tower's last hidden states
   [B, 1 + patches, D]: resized to its image size (bicubic) and CLIP-normalized first."""
-  config: Any  # transformers CLIPVisionConfig
+  config: clip.CLIPVisionConfig
   dtype: Any = jnp.float32
 
   @flax.linen.compact
@@ -455,14 +384,14 @@ class ClipVisionTokens(flax.linen.Module):
     if x.shape[1:3] != (size, size):
       x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bicubic")
     x = (x - jnp.array(CLIP_MEAN)) / jnp.array(CLIP_STD)
-    out = FlaxCLIPVisionModule(self.config, dtype=self.dtype, name="clip")(x.astype(self.dtype))
-    return out.last_hidden_state
+    hidden, _ = clip.CLIPVisionModel(self.config, self.dtype, name="clip")(x.astype(self.dtype))
+    return hidden
 
 
 def vision_encoder_from_config(config: Mapping, dtype: str = "float32") -> ClipVisionTokens:
   """The encoder module of a CLIP vision config (dict of its config.json)."""
   vision = dict(config.get("vision_config", config))  # a full CLIP config holds it inside
-  return ClipVisionTokens(CLIPVisionConfig(**vision), jnp.dtype(dtype))
+  return ClipVisionTokens(clip.CLIPVisionConfig.from_dict(vision), jnp.dtype(dtype))
 
 
 def load_vision_encoder(path: str, dtype: str = "float32"):
@@ -480,6 +409,6 @@ def load_vision_encoder(path: str, dtype: str = "float32"):
   size = module.config.image_size
   expected = jax.eval_shape(lambda: module.init(
       jax.random.key(0), jnp.zeros((1, size, size, 3))))["params"]["clip"]
-  loaded = _read_weights("vision_encoder", path, expected)
+  loaded = _read_weights("vision_encoder", path, expected, names=VISION_WEIGHTS)
   params = _check_fits("vision_encoder", path, loaded, expected)
   return module, {"clip": params}, dict(config.get("vision_config", config))

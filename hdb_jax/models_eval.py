@@ -1,8 +1,9 @@
 """The evaluation's pretrained encoders: CLIP (CLIP-I, CLIP-T) and a DINO ViT, from local
 folders.
 
-With `models.py`, whose loading rules and errors these share, the only module that
-imports Flax model classes of transformers (< 5). Only local folders, no model hub:
+The modules are hdb-jax's own (`hdb_jax/nn/clip.py`, `hdb_jax/nn/vit.py`), with the
+parameter trees transformers' Flax classes had; loading rules and errors are shared with
+`models.py`. Only local folders, no model hub:
 
   CLIP   config.json (model_type "clip": text_config + vision_config), the weights of a
          CLIPModel as flax_model.msgpack or model.safetensors, and its tokenizer
@@ -29,12 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdb_jax import models  # first: it quiets the Flax deprecation notices
+from hdb_jax import models
 from hdb_jax.models import CLIP_MEAN, CLIP_STD, ModelLoadError
-
-from transformers import CLIPConfig, CLIPTokenizer, FlaxCLIPModel, FlaxViTModel, ViTConfig
-from transformers.modeling_flax_pytorch_utils import (
-    rename_key_and_reshape_tensor as transformers_rename_key)
+from hdb_jax.nn import clip, torch_keys, vit
+from hdb_jax.nn.tokenizer import CLIPTokenizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,7 +54,7 @@ class ImagePreprocessing:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Clip:
   """A CLIPModel without weights (params live outside), its tokenizer and preprocessing."""
-  model: FlaxCLIPModel  # created with _do_init=False
+  model: clip.CLIPModel
   tokenizer: CLIPTokenizer
   preprocessing: ImagePreprocessing
 
@@ -66,31 +65,30 @@ class Clip:
 
   def tokenize(self, prompts: list[str]) -> dict:
     """Prompts -> {"input_ids", "attention_mask"}: int32 [B, max_length] each, on the host."""
-    out = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                         max_length=self.max_length, return_tensors="np")
-    return {"input_ids": out.input_ids.astype(np.int32),
-            "attention_mask": out.attention_mask.astype(np.int32)}
+    out = self.tokenizer(list(prompts), max_length=self.max_length)
+    return {"input_ids": out["input_ids"].astype(np.int32),
+            "attention_mask": out["attention_mask"].astype(np.int32)}
 
   def image_features(self, params, pixels):
     """Preprocessed images [B, S, S, 3] -> projected image embeddings [B, D] (not unit)."""
-    return self.model.get_image_features(jnp.transpose(pixels, (0, 3, 1, 2)), params=params)
+    return self.model.apply({"params": params}, pixels, method=self.model.image_features)
 
   def text_features(self, params, input_ids, attention_mask):
     """Token ids and mask [B, L] -> projected text embeddings [B, D] (not unit)."""
-    return self.model.get_text_features(input_ids, attention_mask, params=params)
+    return self.model.apply({"params": params}, input_ids, attention_mask,
+                            method=self.model.text_features)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dino:
   """A ViTModel (no pooler) without weights, and its preprocessing."""
-  model: FlaxViTModel  # created with _do_init=False, add_pooling_layer=False
+  model: vit.ViTModel
   preprocessing: ImagePreprocessing
 
   def cls_features(self, params, pixels):
     """Preprocessed images [B, S, S, 3] -> the CLS token's last hidden state [B, D]
     (after the final layer norm: DINO's image embedding)."""
-    out = self.model(jnp.transpose(pixels, (0, 3, 1, 2)), params=params)
-    return out.last_hidden_state[:, 0]
+    return self.model.apply({"params": params}, pixels)[:, 0]
 
 
 # ------------------------------------------------------------------------------------
@@ -120,29 +118,14 @@ def read_preprocessing(folder: str, size: int, mean, std, resample: str) -> Imag
   return ImagePreprocessing(int(size), mean, std, resample)
 
 
-def _torch_to_flax(torch_state: dict, expected_flat: dict, prefix: str) -> dict:
-  """PyTorch state dict (numpy) -> flat Flax params, by transformers' renaming rule
-  (layer norm -> scale, embeddings, linear and conv kernels transposed). Keys under a
-  head model's `prefix.` (e.g. "vit." of ViTForImageClassification) lose it."""
-  flat = {}
-  for torch_key, tensor in torch_state.items():
-    if torch_key.endswith("position_ids"):  # a buffer of the PyTorch module, not a weight
-      continue
-    parts = tuple(torch_key.split("."))
-    if parts[0] == prefix and len(parts) > 1:
-      parts = parts[1:]
-    flax_key, tensor = transformers_rename_key(parts, tensor, expected_flat, prefix)
-    flat[flax_key] = tensor
-  return flat
-
-
-def _read_weights(folder: str, expected: dict, prefix: str, optional: tuple[str, ...],
+def _read_weights(folder: str, expected: dict, component: str, prefix: str,
                   what: str) -> dict:
-  """The folder's weights (Flax msgpack, else PyTorch safetensors) fitted to `expected`;
-  top-level groups in `optional` (e.g. a pooler the metric does not use) are dropped."""
+  """The folder's weights (Flax msgpack, else PyTorch safetensors) fitted to `expected`.
+  A head model's Flax weights under `prefix` (e.g. "vit") are unwrapped; PyTorch keys are
+  mapped by our key map (`torch_keys`: for a ViT, a "vit." prefix, pooler and classifier
+  are dropped)."""
   flax_file = os.path.join(folder, WEIGHTS["flax"])
   torch_file = os.path.join(folder, WEIGHTS["torch"])
-  expected_flat = flax.traverse_util.flatten_dict(expected)
   if os.path.exists(flax_file):
     try:
       with open(flax_file, "rb") as f:
@@ -151,19 +134,17 @@ def _read_weights(folder: str, expected: dict, prefix: str, optional: tuple[str,
       raise ModelLoadError(f"{flax_file}: not a readable Flax msgpack file ({e})") from e
     if prefix in tree and not set(expected) & set(tree):  # a head model's base
       tree = tree[prefix]
-    flat = flax.traverse_util.flatten_dict(tree)
+    tree = {k: v for k, v in tree.items() if k in expected or k not in ("pooler", "classifier")}
   elif os.path.exists(torch_file):
-    import safetensors.numpy
+    state = models._read_safetensors(torch_file)
     try:
-      torch_state = safetensors.numpy.load_file(torch_file)
-    except Exception as e:
-      raise ModelLoadError(f"{torch_file}: not a readable safetensors file ({e})") from e
-    flat = _torch_to_flax(torch_state, expected_flat, prefix)
+      tree = torch_keys.torch_to_flax(component, state, expected)
+    except ValueError as e:
+      raise ModelLoadError(f"{torch_file}: weights do not fit the {what} config ({e})") from e
   else:
     raise ModelLoadError(f"{folder}: no weights ({WEIGHTS['flax']} or {WEIGHTS['torch']}; "
                          "pytorch_model.bin is not read: convert it to safetensors)")
-  flat = {k: v for k, v in flat.items() if not (k[0] in optional and k not in expected_flat)}
-  return models._check_fits(what, folder, flax.traverse_util.unflatten_dict(flat), expected)
+  return models._check_fits(what, folder, tree, expected)
 
 
 def _config(folder: str, model_type: str, config_class, example: str):
@@ -181,15 +162,12 @@ def _config(folder: str, model_type: str, config_class, example: str):
 def load_clip(path: str, dtype: str = "float32") -> tuple[Clip, dict]:
   """A local CLIP folder -> (Clip, its params)."""
   folder = _folder(path, "CLIP model (a CLIPModel with its tokenizer)")
-  config = _config(folder, "clip", CLIPConfig, "a CLIPModel, e.g. openai/clip-vit-base-patch32")
+  config = _config(folder, "clip", clip.CLIPConfig,
+                   "a CLIPModel, e.g. openai/clip-vit-base-patch32")
   tokenizer = models._load_tokenizer(folder)
-  try:
-    model = FlaxCLIPModel(config, _do_init=False, dtype=jnp.dtype(dtype))
-  except Exception as e:
-    raise ModelLoadError(f"{folder}/config.json: not a supported CLIP model ({e})") from e
-  expected = jax.eval_shape(lambda rng: model.init_weights(rng, model.input_shape),
-                            jax.random.key(0))
-  params = _read_weights(folder, flax.core.unfreeze(expected), "clip", (), "CLIP")
+  model = clip.CLIPModel(config, jnp.dtype(dtype))
+  expected = clip.param_shapes(model)
+  params = _read_weights(folder, expected, "clip", "clip", "CLIP")
   preprocessing = read_preprocessing(folder, config.vision_config.image_size, CLIP_MEAN,
                                      CLIP_STD, "bicubic")
   return Clip(model, tokenizer, preprocessing), params
@@ -199,16 +177,10 @@ def load_dino(path: str, dtype: str = "float32") -> tuple[Dino, dict]:
   """A local DINO (ViT) folder -> (Dino, its params). A pooler or classifier in the
   weights is ignored: the metric is the CLS token's embedding."""
   folder = _folder(path, "DINO ViT model (a ViTModel)")
-  config = _config(folder, "vit", ViTConfig, "a ViTModel, e.g. facebook/dino-vits16")
-  try:
-    model = FlaxViTModel(config, _do_init=False, add_pooling_layer=False,
-                         dtype=jnp.dtype(dtype))
-  except Exception as e:
-    raise ModelLoadError(f"{folder}/config.json: not a supported ViT model ({e})") from e
-  expected = jax.eval_shape(lambda rng: model.init_weights(rng, model.input_shape),
-                            jax.random.key(0))
-  params = _read_weights(folder, flax.core.unfreeze(expected), "vit",
-                         ("pooler", "classifier"), "DINO ViT")
+  config = _config(folder, "vit", vit.ViTConfig, "a ViTModel, e.g. facebook/dino-vits16")
+  model = vit.ViTModel(config, jnp.dtype(dtype))
+  expected = vit.param_shapes(model)
+  params = _read_weights(folder, expected, "vit", "vit", "DINO ViT")
   preprocessing = read_preprocessing(folder, config.image_size, IMAGENET_MEAN, IMAGENET_STD,
                                      "bilinear")
   return Dino(model, preprocessing), params

@@ -1,12 +1,11 @@
 """Programs traced once per machine: `jax.export` on disk, XLA's persistent cache beside it.
 
 JAX's persistent compilation cache skips XLA's compile in a new process, but not the
-tracing and lowering of the Python functions (for the UNet, the VAE and the text encoder
-of diffusers' Flax modules: most of a warm `hdb personalize`), nor the imports those
-need. A `Store` keeps each program as serialized StableHLO (`jax.export`), under a key
+tracing and lowering of the Python functions (for the UNet, the VAE and the text encoder:
+most of a warm `hdb personalize`), nor the imports those need. A `Store` keeps each program as serialized StableHLO (`jax.export`), under a key
 that covers everything that shapes it: the caller's settings, the array shapes, and
-`code_version()` (this package's source and the versions of JAX and the libraries that
-build the models). A new process deserializes the programs and compiles them, which the
+`code_version()` (this package's source, the models' included, and the versions of JAX
+and the libraries that build the programs). A new process deserializes the programs and compiles them, which the
 persistent cache answers, without importing or tracing any model code.
 
     store = programs.Store(folder)
@@ -33,7 +32,7 @@ import time
 
 import jax
 
-LIBRARIES = ("jax", "jaxlib", "flax", "optax", "diffusers", "transformers")
+LIBRARIES = ("jax", "jaxlib", "flax", "optax")
 META_FILE = "meta.json"
 SUFFIX = ".jaxexport"
 

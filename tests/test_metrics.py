@@ -1,6 +1,6 @@
 """The SD1.5 metrics (hdb_jax/metrics.py, hdb_jax/models_eval.py) on tiny random CLIP and
 DINO ViT models saved as PyTorch safetensors (by transformers' PyTorch classes) and as
-Flax msgpack (transformers' own PyTorch -> Flax conversion): both load to the same
+Flax msgpack (the layout transformers' Flax classes saved): both load to the same
 weights, the embeddings match the PyTorch models' own, identical images score 1, the
 image metrics are symmetric; and train/evaluate.py with configs/evaluate_sd15.py on the
 tiny model (2 photos x 2 prompts x 2 methods, scored against the reference photos)."""
@@ -16,7 +16,10 @@ import pytest
 import skimage.data
 from PIL import Image
 
+import safetensors.numpy
+
 from hdb_jax import evaluate, faces, metrics, models, models_eval
+from hdb_jax.nn import torch_keys
 from hdb_jax import params as params_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,8 +46,9 @@ def _photo(name, size=64):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
   """{"clip_torch", "clip_flax", "dino_torch", "dino_flax": folder} and the PyTorch models."""
+  import flax
   import torch
-  from transformers import CLIPConfig, CLIPModel, FlaxCLIPModel, FlaxViTModel, ViTConfig, ViTModel
+  from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
   root = tmp_path_factory.mktemp("encoders")
   out = {name: str(root / name) for name in ("clip_torch", "clip_flax", "dino_torch", "dino_flax")}
   torch.manual_seed(0)
@@ -53,8 +57,19 @@ def folders(tmp_path_factory):
   dino = ViTModel(ViTConfig(**TINY_VISION)).eval()  # with its pooler, which is not read
   clip.save_pretrained(out["clip_torch"], safe_serialization=True)
   dino.save_pretrained(out["dino_torch"], safe_serialization=True)
-  FlaxCLIPModel.from_pretrained(out["clip_torch"], from_pt=True).save_pretrained(out["clip_flax"])
-  FlaxViTModel.from_pretrained(out["dino_torch"], from_pt=True).save_pretrained(out["dino_flax"])
+  # Flax folders as transformers' Flax classes saved them: config.json and the params
+  # tree as msgpack (converted here by our key map; the PyTorch outputs check both).
+  for kind, module, component in (("clip", models_eval.clip, "clip"),
+                                  ("dino", models_eval.vit, "vit")):
+    config = (module.CLIPConfig if kind == "clip" else module.ViTConfig).from_dict(
+        json.load(open(os.path.join(out[f"{kind}_torch"], "config.json"))))
+    model = module.CLIPModel(config) if kind == "clip" else module.ViTModel(config)
+    state = safetensors.numpy.load_file(os.path.join(out[f"{kind}_torch"], "model.safetensors"))
+    params = torch_keys.torch_to_flax(component, state, module.param_shapes(model))
+    os.makedirs(out[f"{kind}_flax"])
+    shutil.copy(os.path.join(out[f"{kind}_torch"], "config.json"), out[f"{kind}_flax"])
+    with open(os.path.join(out[f"{kind}_flax"], "flax_model.msgpack"), "wb") as f:
+      f.write(flax.serialization.msgpack_serialize(params))
   for name in ("clip_torch", "clip_flax"):
     for file in os.listdir(TOKENIZER):
       shutil.copy(os.path.join(TOKENIZER, file), out[name])
@@ -84,11 +99,12 @@ def test_torch_and_flax_folders_load_the_same_weights_and_match_pytorch(folders,
   tokens = from_flax.clip.tokenize(prompts)
   with torch.no_grad():
     clip_pixels = np.asarray(metrics.preprocess(images, from_flax.clip.preprocessing))
+    # transformers 5: the projected features are the outputs' pooler_output
     want_images = torch_models["clip"].get_image_features(
-        torch.from_numpy(clip_pixels.transpose(0, 3, 1, 2).copy())).numpy()
+        torch.from_numpy(clip_pixels.transpose(0, 3, 1, 2).copy())).pooler_output.numpy()
     want_texts = torch_models["clip"].get_text_features(
         torch.from_numpy(tokens["input_ids"]).long(),
-        torch.from_numpy(tokens["attention_mask"]).long()).numpy()
+        torch.from_numpy(tokens["attention_mask"]).long()).pooler_output.numpy()
     dino_pixels = np.asarray(metrics.preprocess(images, from_flax.dino.preprocessing))
     want_cls = torch_models["dino"](torch.from_numpy(dino_pixels.transpose(0, 3, 1, 2).copy())
                                     ).last_hidden_state[:, 0].numpy()
@@ -186,7 +202,7 @@ def test_missing_and_wrong_folders_are_named(folders, tmp_path):
   with open(wider / "config.json", "w") as f:
     json.dump(config, f)
   with pytest.raises(models.ModelLoadError,
-                     match=r"wider: weights do not fit the DINO ViT.*wrong shape"):
+                     match=r"wider(/model.safetensors)?: weights do not fit the DINO ViT.*wrong shape"):
     models_eval.load_dino(str(wider))
   corrupt = tmp_path / "corrupt"
   shutil.copytree(paths["dino_torch"], corrupt)

@@ -65,7 +65,7 @@ def tokenize_variants(config, sd, captions) -> np.ndarray:
   variants = captions_lib.caption_variants(captions, num_variants, config.pretrain.seed)
   distinct = sorted({text for row in variants for text in row})
   ids = dict(zip(distinct, sd.tokenize(distinct)))
-  longest = max(len(sd.tokenizer(text).input_ids) for text in distinct)  # with BOS, EOS
+  longest = max(len(sd.tokenizer.encode(text)) for text in distinct)  # with BOS, EOS
   if longest > sd.max_length:
     raise ValueError(f"caption variants of {longest} tokens exceed the text encoder's "
                      f"{sd.max_length} positions")

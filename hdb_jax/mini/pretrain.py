@@ -21,13 +21,13 @@ from hdb_jax import diffusion
 def vae_loss(sd, vae_params, images, rng, kl_weight: float):
   """Reconstruction MSE + kl_weight * KL per latent value; images [B, H, W, 3] in [-1, 1]."""
   vae = sd.vae
-  dist = vae.apply({"params": vae_params}, jnp.transpose(images, (0, 3, 1, 2)),
-                   method=vae.encode).latent_dist
-  latents = dist.sample(rng)                                    # [B, h, w, C] (NHWC)
-  recon = vae.apply({"params": vae_params}, latents, method=vae.decode).sample  # [B, 3, H, W]
-  recon = jnp.transpose(recon, (0, 2, 3, 1))
+  mean, std = vae.apply({"params": vae_params}, images, method=vae.encode)  # [B, h, w, C]
+  latents = mean + std * jax.random.normal(rng, mean.shape)
+  recon = vae.apply({"params": vae_params}, latents, method=vae.decode)     # [B, H, W, 3]
   mse = jnp.mean((recon - images) ** 2)
-  kl = jnp.mean(dist.kl()) / latents[0].size
+  # KL(N(mean, std^2) || N(0, 1)) summed over each latent, then per latent value
+  kl_per_image = 0.5 * jnp.sum(mean ** 2 + std ** 2 - 1.0 - 2.0 * jnp.log(std), axis=(1, 2, 3))
+  kl = jnp.mean(kl_per_image) / latents[0].size
   return mse + kl_weight * kl, {"mse": mse, "kl": kl}
 
 
@@ -59,10 +59,8 @@ def encode_dataset(sd, vae_params, images, batch_size: int = 512):
 def with_vae_scaling(sd, scaling_factor: float):
   """The same components with the VAE's latent scaling factor replaced (SD's 0.18215 is
   1/std of its latents; a new VAE gets its own)."""
-  vae_config = dict(sd.vae.config)
-  vae_config["scaling_factor"] = float(scaling_factor)
-  vae = type(sd.vae).from_config(vae_config, dtype=sd.vae.dtype)
-  return dataclasses.replace(sd, vae=vae)
+  vae_config = dataclasses.replace(sd.vae.config, scaling_factor=float(scaling_factor))
+  return dataclasses.replace(sd, vae=sd.vae.clone(config=vae_config))
 
 
 def diffusion_loss(sd, params, data, uncond_ids, rng, batch_size: int, caption_dropout: float):

@@ -2,8 +2,9 @@
 
 `build_clip_tokenizer(words, out_dir)` trains a byte-level BPE with HF `tokenizers` on a
 word list until every word is a single token, then writes `vocab.json` + `merges.txt` in
-the layout of OpenAI's CLIP tokenizer, so that `transformers.CLIPTokenizer` (the SD1.5
-tokenizer class) loads it: one loading path for SD1.5 and the mini world.
+the layout of OpenAI's CLIP tokenizer, so that the CLIP tokenizer SD1.5 uses
+(`hdb_jax/nn/tokenizer.py`, and transformers' `CLIPTokenizer`) loads it: one loading
+path for SD1.5 and the mini world.
 
 Rare words in the list that never appear in captions make good `[V]` identifiers.
 """
