@@ -13,6 +13,11 @@ what its cache folder holds:
            base (exported once by `hdb export-base`), photo, LoRA init (the hypernetwork's
            prediction relaxed to rank 4, exported once with `hdb export --format peft`),
            steps, batch, learning rate and samples; prepared before the rounds, untimed
+  import   `python -c "import hdb_jax.models"`: the model code's import alone
+With `--before_repo` (a checkout of an earlier commit) and `--before_python` (its
+virtualenv's python), the rows cold_before, warm_before and import_before run that code
+in the same rounds, so that a change is measured against what it replaces on the same
+machine under the same load.
 Rounds are interleaved (cold, traced, warm, cold, ...) and the median of each row is
 reported, with the stage times of its timings.json and the peak resident memory of the
 process. Targets (issue "Personalize"): warm <= 10 s, cold <= 30 s on a 2-core CPU.
@@ -38,31 +43,49 @@ flags.DEFINE_integer("rounds", 3, "Runs of each row (interleaved); the median is
 flags.DEFINE_list("rows", ["cold", "traced", "warm", "torch"], "Rows to measure.")
 flags.DEFINE_list("set", [], "Config overrides passed as --set KEY=VALUE.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
+flags.DEFINE_string("before_repo", "", "A checkout of earlier code, for the *_before rows.")
+flags.DEFINE_string("before_python", "", "The python that runs --before_repo's code.")
 flags.DEFINE_string("prepare_torch", "", "Internal: write the PyTorch route's inputs to this "
                     "folder and print its command as JSON (run in a child process, so that "
                     "the parent stays small: a forked child's peak memory counts the parent's).")
 FLAGS = flags.FLAGS
 
 
-def run_once(cache: str, out: str) -> dict:
-  """One `hdb personalize` process -> wall seconds, its timings.json, peak RSS (MB)."""
-  command = [sys.executable, "-m", "hdb_jax.cli", "personalize", "--config", FLAGS.config,
-             "--image", FLAGS.image, "--out", out, "--cache-dir", cache, "--overwrite"]
-  for pair in FLAGS.set:
-    command += ["--set", pair]
+def _timed(command: list[str], cwd: str):
+  """Run `command` -> (wall seconds, stderr, exit code, peak RSS in MB of the child)."""
   began = time.perf_counter()
-  child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+  child = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            text=True)
   stderr = child.stderr.read()
   _, status, usage = os.wait4(child.pid, 0)  # this child's own peak resident memory
-  wall = time.perf_counter() - began
-  child.returncode = os.waitstatus_to_exitcode(status)
-  if child.returncode:
+  return (time.perf_counter() - began, stderr, os.waitstatus_to_exitcode(status),
+          usage.ru_maxrss / 1024)
+
+
+def run_import(before: bool = False) -> dict:
+  """`import hdb_jax.models` in a new process -> wall seconds, peak RSS (MB)."""
+  python, repo = (FLAGS.before_python, FLAGS.before_repo) if before else (sys.executable, REPO)
+  wall, stderr, code, rss = _timed([python, "-c", "import hdb_jax.models"], repo)
+  if code:
+    raise RuntimeError(f"import failed:\n{stderr[-3000:]}")
+  return {"wall": wall, "stages": {}, "final_loss": None, "programs_stored": None,
+          "peak_rss_mb": rss}
+
+
+def run_once(cache: str, out: str, before: bool = False) -> dict:
+  """One `hdb personalize` process -> wall seconds, its timings.json, peak RSS (MB)."""
+  python, repo = (FLAGS.before_python, FLAGS.before_repo) if before else (sys.executable, REPO)
+  command = [python, "-m", "hdb_jax.cli", "personalize", "--config", FLAGS.config,
+             "--image", FLAGS.image, "--out", out, "--cache-dir", cache, "--overwrite"]
+  for pair in FLAGS.set:
+    command += ["--set", pair]
+  wall, stderr, code, rss = _timed(command, repo)
+  if code:
     raise RuntimeError(f"hdb personalize failed:\n{stderr[-3000:]}")
   with open(os.path.join(out, "timings.json")) as f:
     timings = json.load(f)
   return {"wall": wall, "stages": timings["seconds"], "final_loss": timings["final_loss"],
-          "programs_stored": timings["programs_stored"], "peak_rss_mb": usage.ru_maxrss / 1024}
+          "programs_stored": timings["programs_stored"], "peak_rss_mb": rss}
 
 
 def prepare_torch_route(work: str) -> list[str]:
@@ -145,15 +168,23 @@ def main(argv):
           print(f"round {round_index + 1} torch   {results[row][-1]['wall']:6.1f} s  "
                 f"{json.dumps(results[row][-1]['stages'])}", flush=True)
           continue
-        if row == "cold":
-          shutil.rmtree(cache, ignore_errors=True)
-        elif row == "traced":
-          shutil.rmtree(os.path.join(cache, "programs"), ignore_errors=True)
-        if row != "cold" and not os.path.isdir(os.path.join(cache, "xla")):
-          run_once(cache, out)  # fill the cache first
-        result = run_once(cache, out)
+        before = row.endswith("_before")
+        kind = row[:-len("_before")] if before else row
+        if kind == "import":
+          result = run_import(before)
+          results[row].append(result)
+          print(f"round {round_index + 1} {row:13s} {result['wall']:6.1f} s", flush=True)
+          continue
+        row_cache = cache + ("_before" if before else "")
+        if kind == "cold":
+          shutil.rmtree(row_cache, ignore_errors=True)
+        elif kind == "traced":
+          shutil.rmtree(os.path.join(row_cache, "programs"), ignore_errors=True)
+        if kind != "cold" and not os.path.isdir(os.path.join(row_cache, "xla")):
+          run_once(row_cache, out, before)  # fill the cache first
+        result = run_once(row_cache, out, before)
         results[row].append(result)
-        print(f"round {round_index + 1} {row:7s} {result['wall']:6.1f} s  "
+        print(f"round {round_index + 1} {row:13s} {result['wall']:6.1f} s  "
               f"{json.dumps(result['stages'])}", flush=True)
   finally:
     shutil.rmtree(work, ignore_errors=True)
@@ -182,6 +213,10 @@ def main(argv):
       if row in summary:
         report[f"torch_over_{row}"] = round(summary["torch"]["wall_seconds_median"]
                                             / summary[row]["wall_seconds_median"], 2)
+  for row in ("cold", "warm", "import"):
+    if row in summary and row + "_before" in summary:
+      report[f"{row}_before_over_{row}"] = round(
+          summary[row + "_before"]["wall_seconds_median"] / summary[row]["wall_seconds_median"], 2)
   if "warm" in summary and "traced" in summary:
     report["warm_speedup_over_traced"] = round(
         summary["traced"]["wall_seconds_median"] / summary["warm"]["wall_seconds_median"], 2)

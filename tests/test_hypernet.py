@@ -82,12 +82,14 @@ def test_pretrained_clip_encoder_loads_frozen_and_round_trips(mini_spec, tmp_pat
   """A local CLIP vision folder as the encoder: its weights go into params["encoder"],
   encoder_lr_scale=0 keeps them fixed, and a saved hypernetwork rebuilds it."""
   import optax
-  from transformers import CLIPVisionConfig, FlaxCLIPVisionModel
+  import torch
+  from transformers import CLIPVisionConfig, CLIPVisionModel
   from hdb_jax import hypernet_train
-  clip_dir = str(tmp_path / "clip")
-  FlaxCLIPVisionModel(CLIPVisionConfig(
+  clip_dir = str(tmp_path / "clip")  # a PyTorch CLIPVisionModel folder, as users have them
+  torch.manual_seed(0)
+  CLIPVisionModel(CLIPVisionConfig(
       hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-      image_size=16, patch_size=8), seed=0).save_pretrained(clip_dir)
+      image_size=16, patch_size=8)).save_pretrained(clip_dir, safe_serialization=True)
   cfg = ml_collections.ConfigDict(dict(
       width=32, depth=1, heads=2, iterations=1, encoder=dict(kind="clip", path=clip_dir)))
   encoder, encoder_params, encoder_config = hypernet.make_encoder(cfg.encoder)
