@@ -202,7 +202,9 @@ def main(argv):
         "peak_rss_mb_max": round(max(r["peak_rss_mb"] for r in runs), 1)}
   import jax
   report = {
-      "command": "python benchmarks/personalize.py " + " ".join(sys.argv[1:]),
+      # the earlier checkout and its python are machine paths: named relative to REPO
+      "command": "python benchmarks/personalize.py " + " ".join(
+          os.path.relpath(arg, REPO) if os.path.isabs(arg) else arg for arg in sys.argv[1:]),
       "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                   "python": platform.python_version(), "jax": jax.__version__},
       "config": FLAGS.config, "image": FLAGS.image, "rounds": FLAGS.rounds,
