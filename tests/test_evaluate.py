@@ -161,3 +161,27 @@ def test_committed_table_supports_what_docs_results_md_says():
     assert table[name + "_prior"]["class_identity"] < table[name]["class_identity"] - 0.15
   # Textual Inversion: far below the full method on identity, paired.
   assert table["textual_inversion"]["minus_full"]["identity_plain"]["ci95"][1] < 0
+
+
+def test_committed_frontier_rows_recompute_from_their_raw_results():
+  """docs/mini_frontier: each row of summary.json is what evaluate.summarize makes of its
+  raw results, on the table's 50 identities, for exactly configs/evaluate_frontier.py's
+  methods as configured."""
+  from hdb_jax import config_file
+  folder = os.path.join(REPO, "docs", "mini_frontier")
+  with open(os.path.join(folder, "summary.json")) as f:
+    summary = json.load(f)
+  config = config_file.load(os.path.join(REPO, "configs", "evaluate_frontier.py"))
+  assert sorted(summary["table"]) == sorted(config.methods)
+  with open(os.path.join(REPO, "docs", "mini_results.json")) as f:
+    table_settings = {k: v for k, v in json.load(f).items() if k in ("identities", "prompts",
+                                                                     "seeds", "sample_steps")}
+  assert {k: summary[k] for k in table_settings} == table_settings
+  for name, row in summary["table"].items():
+    assert summary["methods"][name] == config.methods[name].to_dict(), name
+    with open(os.path.join(folder, "results", f"{name}.jsonl")) as f:
+      lines = [json.loads(line) for line in f]
+    again = evaluate.summarize(lines, summary["seeds"])
+    assert row["identities"] == again["identities"] == 50, name
+    for metric in ("identity_plain", "identity", "background", "style"):
+      assert abs(row[metric] - again[metric]) < 1e-12, (name, metric)
