@@ -228,7 +228,7 @@ def _write_personalization(folder, config, lora_tree, photo, samples, prompts, m
 
 
 def _personalize_folder(args, config, prompts, size, face_probability, began) -> dict:
-  """`--image FOLDER`: every photo, `--block` at a time trained together
+  """`--image FOLDER`: every photo, `--block` at a time personalized together
   (hdb_jax/personalize_block.py); --out gets a folder per photo (its name without the
   extension) with its personalization.safetensors and samples.png, and timings.json.
   A photo that is refused stops the command before any work, naming it."""
@@ -333,11 +333,7 @@ def main(argv=None) -> int:
   p.add_argument("--hypernet", required=True,
                  help="trained hypernetwork folder (train/train_hypernet.py), e.g. "
                       "assets/mini_hypernet")
-  p.add_argument("--image", required=True,
-                 help="the face photo, or a folder of photos (one person each) personalized "
-                 "--block at a time, trained together")
-  p.add_argument("--block", type=int, default=8,
-                 help="with a folder: photos trained together in one batch (default 8)")
+  p.add_argument("--image", required=True, help="the face photo")
   p.add_argument("--out", required=True, help="output LiDB .safetensors file")
   p.add_argument("--iterations", type=int, default=None,
                  help="refinement iterations s (default: as trained)")
@@ -347,9 +343,9 @@ def main(argv=None) -> int:
                  help="config with a `personalize` section, e.g. configs/mini.py")
   p.add_argument("--image", required=True,
                  help="the face photo, or a folder of photos (one person each) personalized "
-                 "--block at a time, trained together")
+                 "--block at a time, predicted and finetuned together in one batch")
   p.add_argument("--block", type=int, default=8,
-                 help="with a folder: photos trained together in one batch (default 8)")
+                 help="with a folder: photos personalized together in one batch (default 8)")
   p.add_argument("--out", required=True, help="output folder (created)")
   p.add_argument("--steps", type=int, default=None,
                  help="fast finetuning steps (default: the config's; 0: hypernetwork only)")
