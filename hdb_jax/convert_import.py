@@ -22,7 +22,7 @@ Formats read (SD1.x; safetensors; detected from the keys):
 Text-encoder names come in two spellings, both read: `text_model.encoder.layers.<i>...`
 (checkpoints, transformers 4, kohya's `lora_te_text_model_encoder_...`, `hdb export`) and
 `encoder.layers.<i>...` (transformers 5's modules: what diffusers / PEFT training scripts
-save today; kohya `lora_te_encoder_...`). Both are the same layer (`convert.module_name`);
+save today; kohya `lora_te_encoder_...`). Both are the same layer (`lora_names.module_name`);
 a file giving one factor under both is refused.
 
 Scale, as diffusers applies it: `dW_torch [out, in] = alpha / r * up @ down`. kohya: alpha
@@ -52,7 +52,8 @@ from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 
-from hdb_jax import convert, lidb
+from hdb_jax import lidb
+from hdb_jax import lora_names
 from hdb_jax import lora as lora_lib
 
 FORMATS = ("peft", "diffusers", "diffusers-old", "kohya")
@@ -111,9 +112,9 @@ def detect_format(tensors: Mapping, metadata: Mapping[str, str]) -> str:
 
 def _peft_style_modules(tensors: Mapping[str, np.ndarray], where: str) -> tuple[dict, dict]:
   """PEFT, diffusers and diffusers-old keys -> ({(component, module): {factor: (key, value)}},
-  {(component, module): name in the file}); modules named as `convert.module_name` gives
+  {(component, module): name in the file}); modules named as `lora_names.module_name` gives
   them. Unprefixed files are UNet files."""
-  prefixes = {prefix: component for component, prefix in convert.PEFT_PREFIX.items()}
+  prefixes = {prefix: component for component, prefix in lora_names.PEFT_PREFIX.items()}
   prefixed = any(k.partition(".")[0] in prefixes for k in tensors)
   modules, labels = {}, {}
   for key, value in tensors.items():
@@ -134,7 +135,7 @@ def _peft_style_modules(tensors: Mapping[str, np.ndarray], where: str) -> tuple[
     else:
       module, factor = new.group("module"), FACTOR_SPELLINGS[new.group("spelling")]
     label = f"{prefix}.{module}" if prefix else module
-    module = convert.module_name(component, module)
+    module = lora_names.module_name(component, module)
     factors = modules.setdefault((component, module), {})
     if factor in factors:
       raise ValueError(f"{where}: {key!r} and {factors[factor][0]!r} are the same factor of "
@@ -184,10 +185,10 @@ def _kind(kernel_shape: tuple[int, ...]) -> str:
 
 
 def _split_layers(base: Mapping[str, Mapping]) -> tuple[dict, dict]:
-  """`convert.torch_kernel_names(base)` split into the layers a LoRA can be applied to
+  """`lora_names.torch_kernel_names(base)` split into the layers a LoRA can be applied to
   (`lora.changeable_kernels`: dense and 1x1 convolutions) and the others."""
   applicable, other = {}, {}
-  for component, modules in convert.torch_kernel_names(base).items():
+  for component, modules in lora_names.torch_kernel_names(base).items():
     changeable = lora_lib.changeable_kernels(base[component])
     applicable[component], other[component] = {}, {}
     for module, (layer, shape) in modules.items():
@@ -199,7 +200,7 @@ def lora_layers(base: Mapping[str, Mapping]) -> dict[str, dict[str, tuple[str, t
   """{component: {PyTorch module: (Flax layer, Flax kernel shape)}} of the base's layers a
   LoRA can be applied to: dense layers [in, out] and 1x1 convolutions [1, 1, in, out].
   Modules named as in current diffusers / transformers, checked against the base's key
-  map (`convert.torch_kernel_names`)."""
+  map (`lora_names.torch_kernel_names`)."""
   return _split_layers(base)[0]
 
 
@@ -214,7 +215,7 @@ def _fit(where: str, key: str, value: np.ndarray, kernel_shape: tuple[int, ...],
          what: str) -> np.ndarray:
   """Check a PyTorch factor (down `A [r, in]`, up `B [out, r]`; for a 1x1 convolution
   `[r, in, 1, 1]`, `[out, r, 1, 1]`) against the base layer's Flax kernel shape
-  ([in, out] or [1, 1, in, out]) -> the factor in Flax layout (`convert.flax_layout`,
+  ([in, out] or [1, 1, in, out]) -> the factor in Flax layout (`lora_names.flax_layout`,
   float32): down [(1, 1,) in, r], up [(1, 1,) r, out]."""
   *spatial, in_dim, out_dim = kernel_shape
   if value.ndim != len(kernel_shape) or tuple(value.shape[2:]) != tuple(spatial):
@@ -227,12 +228,12 @@ def _fit(where: str, key: str, value: np.ndarray, kernel_shape: tuple[int, ...],
                      f"base model's layer ([out, in] = {[out_dim, in_dim]})")
   if not np.all(np.isfinite(value)):
     raise ValueError(f"{where}: {key} has NaN or Inf values")
-  return convert.flax_layout(value)
+  return lora_names.flax_layout(value)
 
 
 def _peft_scale(config: Mapping, names: tuple[str, ...], rank: int) -> float:
   """alpha / r of one module under a PEFT LoraConfig dict (PEFT's pattern rules); `names`:
-  the module's spellings (`convert.file_spellings`), a pattern matching any applies."""
+  the module's spellings (`lora_names.file_spellings`), a pattern matching any applies."""
   def lookup(patterns, default):
     for pattern, value in (patterns or {}).items():
       # As peft.utils.other.get_pattern_key; peft is a test dependency only.
@@ -245,13 +246,13 @@ def _peft_scale(config: Mapping, names: tuple[str, ...], rank: int) -> float:
 
 def _adapter_configs(metadata: Mapping[str, str], where: str) -> dict[str, dict]:
   """{component: PEFT LoraConfig dict} from `lora_adapter_metadata` (empty without it)."""
-  raw = metadata.get(convert.ADAPTER_METADATA_KEY)
+  raw = metadata.get(lora_names.ADAPTER_METADATA_KEY)
   try:
     adapter = json.loads(raw) if raw else {}
   except json.JSONDecodeError as e:
-    raise ValueError(f"{where}: metadata {convert.ADAPTER_METADATA_KEY} is not JSON ({e})") from e
+    raise ValueError(f"{where}: metadata {lora_names.ADAPTER_METADATA_KEY} is not JSON ({e})") from e
   configs = {}
-  for component, prefix in convert.PEFT_PREFIX.items():
+  for component, prefix in lora_names.PEFT_PREFIX.items():
     configs[component] = {k[len(prefix) + 1:]: v for k, v in adapter.items()
                           if k.startswith(prefix + ".")}
     if configs[component].get("use_dora"):
@@ -321,7 +322,7 @@ def from_peft_style(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, st
   modules, labels = _peft_style_modules(tensors, where)
   return _to_lora(modules, labels, lora_layers(base), unsupported_layers(base), where,
                   lambda component, module, _, rank: _peft_scale(
-                      configs[component], convert.file_spellings(component, module), rank),
+                      configs[component], lora_names.file_spellings(component, module), rank),
                   skip_unsupported)
 
 
@@ -333,8 +334,8 @@ def from_kohya(tensors: Mapping[str, np.ndarray], base: Mapping[str, Mapping],
   for table in (layers, other):
     for component, modules in table.items():
       for module in modules:
-        for spelling in convert.file_spellings(component, module):
-          names[convert.KOHYA_PREFIX[component] + spelling.replace(".", "_")] = (component, module)
+        for spelling in lora_names.file_spellings(component, module):
+          names[lora_names.KOHYA_PREFIX[component] + spelling.replace(".", "_")] = (component, module)
   modules, labels = _kohya_modules(tensors, names, where)
   return _to_lora(modules, labels, layers, other, where,
                   lambda _, __, factors, rank: _kohya_alpha(where, factors, rank) / rank,
