@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 import numpy as np
@@ -361,6 +362,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   file_commands = {"export": export, "import": import_lora, "export-base": export_base,
                    "predict": predict, "personalize": personalize}
+  # SIGTERM stops a command as Ctrl-C does: the temporary outputs are removed on the way
+  # out (files.atomic_dir / atomic_path), so nothing partial is left beside --out.
+  previous_handler = signal.signal(signal.SIGTERM, _interrupt)
   try:
     if getattr(args, "out", None):  # an unwritable output is reported before any work
       from hdb_jax import files
@@ -374,7 +378,18 @@ def main(argv=None) -> int:
     # temporary files renamed into place, so nothing partial is left).
     print(f"hdb {args.command}: error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt as e:
+    print(f"hdb {args.command}: stopped ({e or 'Ctrl-C'}); nothing written", file=sys.stderr)
+    return 130
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
   return 0
+
+
+def _interrupt(signum, frame):
+  """SIGTERM -> KeyboardInterrupt in the main thread, so cleanup runs as for Ctrl-C."""
+  del frame
+  raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def console_main() -> None:

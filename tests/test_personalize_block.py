@@ -78,3 +78,41 @@ def test_folder_command_writes_one_result_per_photo(tmp_path, photos):
                    str(tmp_path / "refused"), "--cache-dir", str(tmp_path / "cache")]
                   + overrides) == 1
   assert not (tmp_path / "refused").exists() or not os.listdir(tmp_path / "refused")
+
+
+@pytest.fixture(scope="module")
+def program_cache(tmp_path_factory):
+  """One program cache for the runs below: the first compiles, the second reads."""
+  return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.mark.parametrize("stop_signal", ["SIGTERM", "SIGINT"])
+def test_a_stopped_folder_run_leaves_nothing(tmp_path, photos, stop_signal, program_cache):
+  """`hdb personalize --image FOLDER` stopped by SIGTERM or Ctrl-C (SIGINT) while its
+  results are being written: exit 130, no --out and no temporary folder beside it."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  folder = tmp_path / "faces"
+  folder.mkdir()
+  for i in range(3):
+    for j, photo in enumerate(photos):
+      Image.fromarray(files.to_uint8(photo)).save(folder / f"person_{i}{j}.png")
+  runs = tmp_path / "runs"
+  runs.mkdir()
+  overrides = [x for key, value in SETTINGS.items() for x in ("--set", f"{key}={value}")]
+  command = [sys.executable, "-m", "hdb_jax.cli", "personalize", "--config", MINI,
+             "--image", str(folder), "--out", str(runs / "out"), "--block", "1",
+             "--cache-dir", program_cache] + overrides
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  deadline = time.monotonic() + 300
+  while not [p for p in os.listdir(runs) if p.startswith(".tmp-")]:  # writing has begun
+    assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+    time.sleep(0.02)
+  process.send_signal(getattr(signal, stop_signal))
+  out, _ = process.communicate(timeout=120)
+  assert process.returncode == 130, out[-2000:]
+  assert "stopped" in out and "nothing written" in out
+  assert os.listdir(runs) == [], os.listdir(runs)
