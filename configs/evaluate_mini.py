@@ -16,15 +16,18 @@ Methods (`kind`):
                 rank-4 relaxation -> 40 steps), hypernetwork only (steps 0), k = 1
                 (iterations 1), s = 6 at inference (iterations 6), without relaxation
                 (rank 1), and with `from_zero` the
-                "no hypernetwork" ablation (40 steps from a zero residual)
+                "no hypernetwork" ablation (40 steps from the usual LoRA init: peft's
+                default, kaiming-uniform `down`, zero `up`; finetune.random_start)
   lidb_dreambooth   LiDB (rank 1) DreamBooth on the one photo and its mirror image, Adam,
                     `steps` steps; prior preservation when `prior_images` > 0
   lora_dreambooth   LoRA (rank 4) DreamBooth: the fast finetuning's LoRA and optimizer
-                    (config.personalize) from a zero residual, `steps` steps; prior
+                    (config.personalize: Adam 5e-3, batch 4, text encoder included)
+                    from the usual LoRA init (as `from_zero`), `steps` steps; prior
                     preservation when `prior_images` > 0
   dreambooth    DreamBooth proper (hdb_jax/baselines.py): the whole UNet, Adam, prior
                 preservation on `prior_images` class images the base made ("a face")
   textual_inversion   the identifier token's embedding row only
+The fast finetuning's optimizer is Adam (optax.adamw with weight decay 0: no decay).
 LoRA DreamBooth without prior preservation (rank 4, 400 steps) is the personalize kind
 from zero with 400 steps (the same training as kind lora_dreambooth with no prior).
 The learnable-aux rows use assets/mini_hypernet_aux (hypernet.learnable_aux=True, beta = 0,
@@ -69,7 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
       "lidb_dreambooth_400_prior": dict(kind="lidb_dreambooth", steps=400, learning_rate=5e-3,
                                         batch_size=1, hflip=True, prior_images=16,
                                         prior_weight=1.0),
-      # LoRA DreamBooth (rank 4): the fast finetuning's LoRA from a zero residual, 400 steps
+      # LoRA DreamBooth (rank 4): the fast finetuning's LoRA from the usual LoRA init
+      # (kaiming-uniform down, zero up), 400 steps
       "lora_dreambooth_400": dict(kind="personalize", from_zero=True, steps=400),
       "lora_dreambooth_400_prior": dict(kind="lora_dreambooth", steps=400, prior_images=16,
                                         prior_weight=1.0),

@@ -72,7 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # One photo -> a personalization (`hdb personalize`, hdb_jax/personalize.py): the
   # hypernetwork predicts LiDB weights, relaxed to a rank-`rank` LoRA, finetuned `steps`
-  # steps (0: hypernetwork only) with AdamW at `learning_rate` on the photo (+ mirror).
+  # steps (0: hypernetwork only) with Adam (no weight decay) at `learning_rate` on the
+  # photo (+ mirror).
   config.personalize = dict(
       hypernet=os.path.join(REPO, "assets", "mini_hypernet"), iterations=0,  # 0: as trained
       rank=4, steps=40, learning_rate=5e-3, batch_size=4, train_text_encoder=True,

@@ -1,9 +1,12 @@
 """Rank-relaxed fast finetuning: a predicted LiDB residual -> a rank-r' LoRA -> ~40 steps.
 
 HyperDreamBooth's second stage (docs/method.md): the hypernetwork's prediction is
-re-parameterized as a LoRA of higher rank (`relax.relax_lora`: the same residual, with
-extra components free to learn) and trained with the diffusion loss on the one photo
-(and its mirror image), prompt "a [V] <class>". The result is a normal LoRA pytree
+re-parameterized as a LoRA of higher rank (`initial_lora`: `relax.relax_lora`, the same
+residual, with extra components free to learn) and trained with Adam and the diffusion
+loss on the one photo (and its mirror image), prompt "a [V] <class>". Runs without a
+prediction (the "no hypernetwork" ablation, LoRA DreamBooth) start from `random_start`
+instead: the usual LoRA init as peft makes it (`lora.random_init`: kaiming-uniform
+`down`, zero `up`). The result is a normal LoRA pytree
 ({component: {layer: {"down" [in, r'], "up" [r', out]}}}) that `lora.save` writes and
 `hdb export` converts as it is.
 
@@ -29,6 +32,22 @@ def initial_lora(train: Mapping, aux: Mapping, rank: int) -> dict:
   return relax.relax_lora(lora.lidb_factors(train, aux), rank)
 
 
+def layer_shapes(aux: Mapping) -> dict:
+  """{component: {layer: (in, out)}} of the layers a LiDB residual (and so the
+  personalization's LoRA) changes, read from the aux matrices D_aux [in, a], U_aux [b, out]."""
+  return {component: {layer: (int(np.shape(m["D_aux"])[0]), int(np.shape(m["U_aux"])[-1]))
+                      for layer, m in layers.items()}
+          for component, layers in aux.items()}
+
+
+def random_start(aux: Mapping, rank: int, seed: int) -> dict:
+  """The start of finetuning without a prediction: the usual LoRA init (peft's default:
+  down [in, rank] ~ U(-1/sqrt(in), 1/sqrt(in)), up = 0; `lora.random_init`, keys from
+  `seed` and each layer's path) on the layers of `aux`. Its residual is zero, as a relaxed
+  zero prediction's, but its directions are random rather than the first unit vectors."""
+  return lora.random_init(layer_shapes(aux), rank, seed)
+
+
 def split(lora_tree: Mapping, train_text_encoder: bool) -> tuple[dict, dict]:
   """-> (trained layers, fixed layers): the text encoder's are fixed unless trained."""
   trained = {c: dict(layers) for c, layers in lora_tree.items()
@@ -44,7 +63,10 @@ def loss_fn(sd, trained, fixed, frozen, pools, rng, batch_size: int):
 
 
 def optimizer(learning_rate: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
-  """AdamW at a constant rate (the public ports: 1e-4 on SD1.5, ~40 steps)."""
+  """Adam at a constant rate (the public ports: 1e-4 on SD1.5, ~40 steps): `optax.adamw`
+  with the default weight decay 0 is Adam exactly. `weight_decay` > 0 makes it AdamW
+  (benchmarks/finetune_step.py uses torch's 1e-2 on both sides); personalization and
+  the evaluation's LoRA rows use 0."""
   return optax.adamw(learning_rate, weight_decay=weight_decay)
 
 

@@ -58,6 +58,46 @@ def from_lidb(train: Mapping, spec: lidb.LiDBSpec, aux: Mapping | None = None) -
 
 
 CONV_1X1 = (1, 1)  # leading axes of the kernel and factors of a 1x1 convolution
+RANDOM_INIT_SALT = "lora.random_init"  # keeps its keys apart from other uses of the seed
+
+
+def random_init(shapes: Mapping, rank: int, seed: int) -> dict:
+  """The usual LoRA initialization, as peft initializes `lora_A` / `lora_B` by default
+  (`init_lora_weights=True`, after microsoft/LoRA): a zero residual with a random `down`.
+
+      down [in, r] ~ U(-1/sqrt(in), 1/sqrt(in))    up [r, out] = 0    (dW = down @ up = 0)
+
+  The bound is torch's `kaiming_uniform_(lora_A.weight, a=sqrt(5))` on lora_A [r, in]
+  (fan_in = in): gain sqrt(2 / (1 + a^2)) = sqrt(1/3), bound gain * sqrt(3 / fan_in) =
+  1 / sqrt(in). No alpha / rank scale (peft's with lora_alpha = r, diffusers' DreamBooth
+  LoRA script's default). `shapes`: {component: {layer: kernel shape}} as `layer_shapes`
+  gives, (in, out) or (1, 1, in, out) (a 1x1 convolution: fan_in = in as well).
+
+  Deterministic: layer "<component>/<layer>" draws from threefry key
+  fold_in(fold_in(key(seed), stable_hash32(RANDOM_INIT_SALT)),
+  stable_hash32("<component>/<layer>")), so a layer's values depend on the seed, its path
+  and its shape only. -> float32 NumPy LoRA pytree.
+  """
+  if rank < 1:
+    raise ValueError(f"rank must be >= 1, got {rank}")
+  base = jax.random.fold_in(jax.random.key(seed, impl="threefry2x32"),
+                            params_lib.stable_hash32(RANDOM_INIT_SALT))
+  out = {}
+  for component, layers in shapes.items():
+    out[component] = {}
+    for layer, shape in layers.items():
+      shape = tuple(int(d) for d in shape)
+      if not (len(shape) == 2 or (len(shape) == 4 and shape[:2] == CONV_1X1)):
+        raise ValueError(f"{component}/{layer}: kernel shape {list(shape)} is neither "
+                         "[in, out] nor [1, 1, in, out]")
+      in_dim, out_dim = shape[-2:]
+      key = jax.random.fold_in(base, params_lib.stable_hash32(f"{component}/{layer}"))
+      bound = 1.0 / np.sqrt(in_dim)
+      down = jax.random.uniform(key, shape[:-1] + (rank,), np.float32, -bound, bound)
+      out[component][layer] = {
+          "down": np.asarray(down, np.float32),                              # [.., in, r]
+          "up": np.zeros(shape[:-2] + (rank, out_dim), np.float32)}          # [.., r, out]
+  return out
 
 
 def kernel_shape(factors: Mapping) -> tuple[int, ...]:

@@ -338,8 +338,12 @@ def _pools(p: Personalizer, photo: np.ndarray):
 
 def run(p: Personalizer, photo: np.ndarray, progress=None, from_zero: bool = False) -> Result:
   """photo [S, S, 3] in [-1, 1] -> the personalization (and seconds per stage).
-  `from_zero`: the prediction replaced by zeros, so finetuning starts from a zero
-  residual (the "no hypernetwork" ablation; the relaxed LoRA keeps its unit basis)."""
+  `from_zero`: no prediction (the "no hypernetwork" ablation, LoRA DreamBooth): the
+  prediction is replaced by zeros and finetuning starts from the usual LoRA init
+  (`finetune.random_start`: as peft's default, kaiming-uniform `down` [in, r'] from
+  `personalize.seed` and the layer's path, zero `up`), made on the host with a fresh
+  optimizer state; the stored programs are the same as without it. With steps 0 it is
+  the zero residual."""
   seconds = {}
   began = time.perf_counter()
   batched = p.predict(p.net_params, np.asarray(photo, np.float32)[None])
@@ -349,7 +353,12 @@ def run(p: Personalizer, photo: np.ndarray, progress=None, from_zero: bool = Fal
   seconds["predict"] = time.perf_counter() - began
   began = time.perf_counter()
   if p.cfg.steps:
-    trained, fixed, opt_state = p.start(batched, p.aux)
+    if from_zero:
+      trained, fixed = finetune.split(finetune.random_start(p.aux, p.cfg.rank, p.cfg.seed),
+                                      p.cfg.train_text_encoder)
+      opt_state = finetune.optimizer(p.cfg.learning_rate).init(trained)
+    else:
+      trained, fixed, opt_state = p.start(batched, p.aux)
     tuned, losses = finetune.train(p.step, trained, opt_state, fixed, p.frozen,
                                    _pools(p, photo), steps=p.cfg.steps, seed=p.cfg.seed,
                                    progress=progress)

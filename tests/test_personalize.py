@@ -58,6 +58,39 @@ def test_writes_every_artefact_and_nothing_else(tmp_path, steps, cache):
   jax.tree_util.tree_map(np.testing.assert_array_equal, weights_again, weights)
 
 
+def test_from_zero_starts_from_the_usual_lora_init_with_the_same_programs(cache):
+  """personalize.run(from_zero=True) (no_hypernet, LoRA DreamBooth): the same programs as
+  the CLI's run with --steps 3 (stored or traced), finetuning from lora.random_init
+  (peft's default: kaiming-uniform down, zero up), bit-identical from stored programs."""
+  from hdb_jax import config_file, finetune, personalize
+  config = config_file.load(MINI, {"personalize.per_prompt": 1,
+                                   "personalize.sample_steps": 2, "personalize.upscale": 1})
+  config.personalize.steps = 3
+  words = dict(token=config.token, class_name=config.class_name)
+  prompts = [prompt.format(**words) for prompt in config.personalize.prompts]
+  dirs = personalize.cache_dirs(cache)
+  photo = files.square_resize(files.read_rgb(PHOTO), personalize.photo_size(config.personalize))
+  results = []
+  for _ in range(2):  # the second load reads the stored programs
+    p = personalize.load(config, prompts, dirs)
+    results.append(personalize.run(p, photo, from_zero=True))
+  assert p.stored
+  zero, again = results
+  jax.tree_util.tree_map(np.testing.assert_array_equal, again.lora, zero.lora)
+  assert len(zero.losses) == 3 and np.all(np.isfinite(zero.losses))
+  assert not any(np.any(x) for x in jax.tree_util.tree_leaves(zero.predicted))
+  init = finetune.random_start(p.aux, config.personalize.rank, config.personalize.seed)
+  assert lora.layer_shapes(zero.lora) == lora.layer_shapes(init)
+  step = 4 * 3 * config.personalize.learning_rate  # Adam moves each value ~lr per step
+  for component, layers in init.items():
+    for layer, f in layers.items():
+      tuned = zero.lora[component][layer]
+      np.testing.assert_allclose(tuned["down"], f["down"], atol=step)
+      assert np.abs(tuned["up"]).max() <= step and np.abs(tuned["up"]).max() > 0
+  guided = personalize.run(p, photo)  # the hypernetwork's start: another LoRA
+  assert not np.allclose(guided.lora["unet"][layer]["down"], zero.lora["unet"][layer]["down"])
+
+
 def _bad_images(folder):
   text = folder / "notes.png"
   text.write_text("not an image")

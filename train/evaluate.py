@@ -178,15 +178,14 @@ def lidb_dreambooth_method(config, method, sd, frozen, generate_base):
 
 def lora_dreambooth_method(config, method, sd, frozen, generate_base):
   """A trainer for kind "lora_dreambooth": the fast finetuning's LoRA (config.personalize:
-  rank, optimizer, batch, text encoder) from a zero residual, `steps` steps, with prior
-  preservation when `prior_images` > 0. Without it, the same as kind "personalize" with
-  `from_zero`."""
+  rank, Adam, batch, text encoder) from the usual LoRA init (`finetune.random_start`:
+  peft's default, kaiming-uniform `down`, zero `up`, seeded by `personalize.seed`),
+  `steps` steps, with prior preservation when `prior_images` > 0. Without it, the same
+  as kind "personalize" with `from_zero`."""
   cfg = config.personalize
   spec = lidb.make_spec(frozen, seed=config.lidb.seed, a=config.lidb.a, b=config.lidb.b,
                         rank=config.lidb.rank, targets=dict(config.lidb.targets))
-  aux = lidb.make_aux(spec)
-  zero = jax.tree_util.tree_map(np.zeros_like, lidb.init(spec, jax.random.key(0)))
-  start = finetune.initial_lora(zero, aux, method.get("rank", cfg.rank))
+  start = finetune.random_start(lidb.make_aux(spec), method.get("rank", cfg.rank), cfg.seed)
   learning_rate = method.get("learning_rate", cfg.learning_rate)
   step = finetune.make_step(sd, finetune.optimizer(learning_rate), cfg.batch_size)
   ids = sd.tokenize([config.instance_prompt.format(token=config.token,
