@@ -362,12 +362,14 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   file_commands = {"export": export, "import": import_lora, "export-base": export_base,
                    "predict": predict, "personalize": personalize}
-  # SIGTERM stops a command as Ctrl-C does: the temporary outputs are removed on the way
-  # out (files.atomic_dir / atomic_path), so nothing partial is left beside --out.
-  previous_handler = signal.signal(signal.SIGTERM, _interrupt)
+  # SIGTERM and Ctrl-C stop a command the same way: the temporary outputs are removed on
+  # the way out (files.atomic_dir / atomic_path), so nothing partial is left beside --out.
+  from hdb_jax import files
+  files.request_stop(None)
+  previous_handlers = {sig: signal.signal(sig, _interrupt)
+                       for sig in (signal.SIGTERM, signal.SIGINT)}
   try:
     if getattr(args, "out", None):  # an unwritable output is reported before any work
-      from hdb_jax import files
       files.check_writable(args.out)
     if args.command == "info":
       print(json.dumps(info(args), indent=2))
@@ -382,13 +384,19 @@ def main(argv=None) -> int:
     print(f"hdb {args.command}: stopped ({e or 'Ctrl-C'}); nothing written", file=sys.stderr)
     return 130
   finally:
-    signal.signal(signal.SIGTERM, previous_handler)
+    files.request_stop(None)
+    for sig, handler in previous_handlers.items():
+      signal.signal(sig, handler)
   return 0
 
 
 def _interrupt(signum, frame):
-  """SIGTERM -> KeyboardInterrupt in the main thread, so cleanup runs as for Ctrl-C."""
+  """SIGTERM -> KeyboardInterrupt in the main thread, so cleanup runs as for Ctrl-C. The
+  stop is also recorded: if the exception is dropped (raised inside a GC callback), the
+  atomic renames still refuse to publish anything."""
   del frame
+  from hdb_jax import files
+  files.request_stop(f"signal {signal.Signals(signum).name}")
   raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 

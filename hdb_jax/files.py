@@ -15,6 +15,24 @@ from PIL import Image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+# Set by a stop signal (hdb_jax.cli installs the handler). The handler also raises
+# KeyboardInterrupt, but Python drops an exception raised while it runs a GC callback or a
+# __del__; this flag still stops the rename that would publish an output.
+_stop_reason: str | None = None
+
+
+def request_stop(reason: str | None) -> None:
+  """Refuse every later atomic rename (None clears it)."""
+  global _stop_reason
+  _stop_reason = reason
+
+
+def check_not_stopped() -> None:
+  """KeyboardInterrupt when a stop was requested: call before publishing an output."""
+  if _stop_reason is not None:
+    raise KeyboardInterrupt(_stop_reason)
+
+
 def _umask() -> int:
   mask = os.umask(0)  # the only way to read it is to set it
   os.umask(mask)
@@ -32,6 +50,7 @@ def atomic_path(path: str):
   try:
     yield tmp
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
+    check_not_stopped()
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -103,6 +122,7 @@ def atomic_dir(path: str):
   os.chmod(tmp, 0o755)
   try:
     yield tmp
+    check_not_stopped()
     if os.path.exists(path):
       old = path + ".old"
       os.replace(path, old)

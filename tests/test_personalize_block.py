@@ -116,3 +116,25 @@ def test_a_stopped_folder_run_leaves_nothing(tmp_path, photos, stop_signal, prog
   assert process.returncode == 130, out[-2000:]
   assert "stopped" in out and "nothing written" in out
   assert os.listdir(runs) == [], os.listdir(runs)
+
+
+def test_a_stop_whose_exception_was_dropped_still_publishes_nothing(tmp_path):
+  """The stop handler raises KeyboardInterrupt, but Python drops an exception raised
+  inside a GC callback (seen in CI: the run then finished and wrote --out). The recorded
+  stop must still refuse the rename that publishes a folder or a file."""
+  try:
+    with files.atomic_dir(str(tmp_path / "out")) as tmp:
+      open(os.path.join(tmp, "lora.safetensors"), "w").close()
+      files.request_stop("signal SIGTERM")  # as the handler does; its exception is lost
+    raise AssertionError("atomic_dir published after a stop")
+  except KeyboardInterrupt as e:
+    assert "SIGTERM" in str(e)
+  try:
+    with files.atomic_path(str(tmp_path / "x.json")) as tmp:
+      open(tmp, "w").close()
+    raise AssertionError("atomic_path published after a stop")
+  except KeyboardInterrupt:
+    pass
+  finally:
+    files.request_stop(None)
+  assert os.listdir(tmp_path) == []
