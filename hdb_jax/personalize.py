@@ -43,9 +43,11 @@ PROGRAMS = ("predict", "start", "encode", "step", "generate")
 
 def cache_dirs(path: str | None = None) -> dict[str, str]:
   """The cache folders under `path` ($HDB_CACHE, else ~/.cache/hdb-jax): "xla" (XLA's
-  compiled code) and "programs" (exported programs), created; the XLA one is enabled."""
+  compiled code) and "programs" (exported programs), created; the XLA one is enabled.
+  A JAX compilation cache the user set ($JAX_COMPILATION_CACHE_DIR) is kept as "xla"."""
   root = os.path.expanduser(path or os.environ.get("HDB_CACHE") or DEFAULT_CACHE)
-  dirs = {"xla": os.path.join(root, "xla"), "programs": os.path.join(root, "programs")}
+  dirs = {"xla": os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(root, "xla"),
+          "programs": os.path.join(root, "programs")}
   for folder in dirs.values():
     os.makedirs(folder, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", dirs["xla"])
