@@ -17,7 +17,8 @@ that nothing shows when the page is rendered:
   (`+0.195`, `-0.057`), thousands commas.
 - `<!--? expr -->`: a claim the text beside it makes; it must hold (e.g. that an interval
   holds 0: "a tie").
-- `<!-- table: docs/x.md -->` ... `<!-- end table -->`: a copy of a generated file.
+- `<!-- table: docs/x.md -->` ... `<!-- end table -->`: a copy of a generated file
+  (GENERATED), or `<!-- table: NAME -->` a table made from results (BLOCKS).
 
 Expressions are Python on the sources: dict keys read as attributes
 (`t.lora_dreambooth_400.minus_full.background.mean`), with abs, min, max, round, len,
@@ -49,6 +50,56 @@ def _table(summary_path: str) -> str:
 GENERATED = {
     "docs/mini_results_table.md": lambda: _table("docs/mini_results.json"),
     "docs/mini_frontier/table.md": lambda: _table("docs/mini_frontier/summary.json"),
+}
+
+def _hypernet_table(rows: list[tuple[str, str, str]], bold=()) -> str:
+  """A table of train/eval_hypernet.py rows: (label, JSON file, key path of the row);
+  the first row is the base the others' gains and drops are against."""
+  def row_of(path, keys):
+    value = load_source(f"{path}:{keys}")
+    return value
+  base = row_of(*rows[0][1:])
+  lines = ["| row | identity, plain prompt | identity, all prompts | background acc. (drop) "
+           "| style acc. (drop) | face validity |", "|---|---|---|---|---|---|"]
+  for label, path, keys in rows:
+    r = row_of(path, keys)
+    plain = f"{r.identity_accuracy_plain:.3f}"
+    if r is not base and keys != rows[0][2]:
+      plain += f" ({r.identity_accuracy_plain - base.identity_accuracy_plain:+.3f})"
+    context = [f"{r[k]:.3f}" + (f" ({base[k] - r[k]:.3f})" if keys != rows[0][2] else "")
+               for k in ("background_accuracy", "style_accuracy")]
+    cells = [label, plain, f"{r.identity_accuracy_all_prompts:.3f}", *context,
+             f"{r.face_validity:.3f}"]
+    if label in bold:
+      cells = [f"**{c}**" for c in cells[:3]] + cells[3:]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+_EVAL = "docs/mini_hypernet_eval.json"
+_VARIANTS = "docs/mini_hypernet_variants.json"
+_STANDARD = "docs/mini_hypernet_standard_eval.json"
+# Tables that live only inside a page: name -> function making their text.
+BLOCKS = {
+    "hypernet_eval": lambda: _hypernet_table(
+        [("base model", _EVAL, "rows.base")]
+        + [(f"hypernetwork s = {s}" + (" (as trained)" if s == 4 else ""), _EVAL,
+            f"rows.hypernet_s{s}") for s in (1, 2, 3, 4, 5, 6, 8)],
+        bold=("hypernetwork s = 4 (as trained)", "hypernetwork s = 6")),
+    "hypernet_earlier": lambda: _hypernet_table(
+        [("base model", _STANDARD, "rows.base")]
+        + [(f"hypernetwork s = {s}" + (" (as trained)" if s == 4 else ""), _STANDARD,
+            f"rows.hypernet_s{s}") for s in (1, 2, 4, 8)]
+        + [("beta = 0, s = 4 (2,000 steps)", _VARIANTS, "beta0.rows.hypernet_s4"),
+           ("learnable aux, beta = 0, s = 4 (2,000 steps)", _VARIANTS,
+            "learnable_aux.rows.hypernet_s4")],
+        bold=("hypernetwork s = 4 (as trained)",)),
+    "hypernet_masked": lambda: _hypernet_table(
+        [("base model", _VARIANTS, "standard_2000.rows.base"),
+         ("standard (alpha = beta = 1), 2,000 steps", _VARIANTS, "standard_2000.rows.hypernet_s4"),
+         ("face-masked, 2,000 steps", _VARIANTS, "face_masked_2000.rows.hypernet_s4"),
+         ("face-masked, 5,000 steps", _VARIANTS, "face_masked_5000.rows.hypernet_s4")],
+        bold=("face-masked, 2,000 steps", "face-masked, 5,000 steps")),
 }
 
 SOURCES = re.compile(r"<!--\s*numbers:(.*?)-->", re.S)
@@ -140,9 +191,11 @@ def render(text: str, where: str) -> tuple[str, list[str]]:
 
   def block(match):
     head, path, _, tail = match.groups()
-    if path not in GENERATED:
-      raise ValueError(f"{where}: table {path} is not a generated file ({sorted(GENERATED)})")
-    return head + GENERATED[path]() + tail
+    make = GENERATED.get(path) or BLOCKS.get(path)
+    if make is None:
+      raise ValueError(f"{where}: table {path} is neither a generated file nor a block "
+                       f"({sorted(GENERATED) + sorted(BLOCKS)})")
+    return head + make() + tail
 
   return BLOCK.sub(block, out), problems
 
