@@ -14,6 +14,14 @@ With 2 host devices (the 2 cores) the batch is split over the mesh's `data` axis
         --config configs/hypernet_mini.py --workdir workdir/hypernet
 
 Kill it any time (SIGTERM/Ctrl-C checkpoint first); the same command continues.
+
+`configs/hypernet_mini.py:learnable_aux` is the committed learnable-aux network's recipe
+(assets/mini_hypernet_aux): aux matrices learned with the network, no weight-space loss,
+2,000 steps, the plain diffusion loss (it was trained before the face mask became this
+config's default):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.train_hypernet \
+        --config configs/hypernet_mini.py:learnable_aux --workdir workdir/hypernet_aux
 """
 
 import os
@@ -25,7 +33,11 @@ from hdb_jax import config_file
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  """variant "" (the committed standard network's recipe) or "learnable_aux"."""
+  if variant not in ("", "learnable_aux"):
+    raise ValueError(f"configs/hypernet_mini.py: unknown variant {variant!r} "
+                     "(known: '', 'learnable_aux')")
   config = ml_collections.ConfigDict()
   config.model = config_file.sibling(__file__, "mini").mini_model()
   config.token = "sks"
@@ -69,4 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh = dict(data=-1, fsdp=1)  # devices on data x fsdp; -1: all
   config.distributed = dict(initialize=False, coordinator_address="", num_processes=0,
                             process_id=-1, cpu_collectives="")
+  if variant == "learnable_aux":
+    config.hypernet.learnable_aux = True
+    config.train.beta = 0.0
+    config.train.steps = 2000
+    config.train.face_background_weight = None
   return config

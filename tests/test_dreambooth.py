@@ -71,8 +71,13 @@ def _signalling_step(steps: int):
   return make_train_step
 
 
-def test_run_writes_artefacts_and_resumes(run_config, tmp_path, monkeypatch):
-  uninterrupted = lidb_dreambooth.run(run_config, str(tmp_path / "full"))
+@pytest.fixture(scope="module")
+def uninterrupted(run_config, tmp_path_factory):
+  """The weights of an uninterrupted run of run_config."""
+  return lidb_dreambooth.run(run_config, str(tmp_path_factory.mktemp("full")))
+
+
+def test_run_writes_artefacts_and_resumes(run_config, uninterrupted, tmp_path, monkeypatch):
 
   # SIGTERM during step 2, between checkpoints: it checkpoints step 2 and
   # returns without artefacts; the same command then continues from step 2.
@@ -99,6 +104,57 @@ def test_run_writes_artefacts_and_resumes(run_config, tmp_path, monkeypatch):
     assert grid.size == (2 * 32 * run_config.sample.upscale, 32 * run_config.sample.upscale)
   assert os.path.exists(os.path.join(workdir, "subject.png"))
   assert os.path.exists(os.path.join(workdir, "prior.png"))
+
+
+# A child process: run_config's run, whose 5th step sends the process SIGKILL (after the
+# checkpoint of step 3, before the one of step 6): no handler, no chance to save more.
+_KILLED_CHILD = """
+import os, signal, sys, time
+from hdb_jax import config_file, dreambooth
+from train import lidb_dreambooth
+config = config_file.load(os.path.join("configs", "tiny.py"))
+config.images, config.train.steps, config.train.checkpoint_every = sys.argv[2], 6, 3
+config.train.log_every, config.sample.prompts, config.sample.per_prompt = 1, ("a sks face",), 2
+config.sample.num_steps, config.prior.num_images, config.prior.num_steps = 2, 2, 2
+make = dreambooth.make_train_step
+def make_train_step(*args, **kwargs):
+  step_fn, calls = make(*args, **kwargs), []
+  def step(*step_args):
+    out = step_fn(*step_args)
+    calls.append(1)
+    if len(calls) == 5:  # once step 3's checkpoint is complete (orbax finishes it
+      done = os.path.join(sys.argv[1], "checkpoints", "3")  # in the background)
+      while not os.path.isdir(done):
+        time.sleep(0.01)
+      os.kill(os.getpid(), signal.SIGKILL)
+    return out
+  return step
+dreambooth.make_train_step = make_train_step
+lidb_dreambooth.run(config, sys.argv[1])
+"""
+
+
+def test_sigkill_then_the_same_command_equals_an_uninterrupted_run(run_config, uninterrupted,
+                                                                     tmp_path):
+  """A real SIGKILL at step 5 of 6 (checkpoints every 3 steps): the process dies with
+  checkpoint 3 and no artefacts; the same run then resumes from it and ends with the
+  uninterrupted run's weights."""
+  import subprocess
+  import sys
+  workdir = str(tmp_path / "killed")
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  child = subprocess.run([sys.executable, "-c", _KILLED_CHILD, workdir, SUBJECT], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
+  assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+  assert not os.path.exists(os.path.join(workdir, "lidb.safetensors"))
+  resumed = lidb_dreambooth.run(run_config, workdir)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                         resumed, uninterrupted)
+  train, _, _ = lidb.load(os.path.join(workdir, "lidb.safetensors"))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                         train, jax.tree_util.tree_map(np.asarray, resumed))
 
 
 def test_missing_images_are_a_clear_error(tmp_path):

@@ -131,8 +131,21 @@ def test_paired_difference_uses_the_shared_identities():
 
 
 def test_committed_table_supports_what_docs_results_md_says():
+  """docs/results.md reads its numbers from docs/mini_results.json: its table is the
+  JSON's, each marked number is the JSON's value, each marked claim (ties, wins, ranges)
+  holds (train/update_docs.py); then the table's main findings, asserted directly."""
+  from train import evaluate_report, update_docs
   with open(os.path.join(REPO, "docs", "mini_results.json")) as f:
     summary = json.load(f)
+  with open(os.path.join(REPO, "docs", "results.md")) as f:
+    page = f.read()
+  assert "t=docs/mini_results.json:table" in page
+  assert evaluate_report.markdown_table(summary) in page
+  numbers, claims = update_docs.NUMBER.findall(page), update_docs.CLAIM.findall(page)
+  assert len(numbers) > 100 and len(claims) > 10
+  rendered, problems = update_docs.render(page, "docs/results.md")
+  assert not problems, problems
+  assert rendered == page, update_docs.differences(page, rendered)[:10]
   table = summary["table"]
   assert summary["identities"] >= 50 and summary["seeds"] == 2 and len(summary["prompts"]) == 12
   for name in ("base", "hypernet_only", "full", "full_k1", "full_rank1", "no_hypernet",

@@ -1,7 +1,7 @@
 """Hypernetwork training (hdb_jax/hypernet_train.py, train/train_hypernet.py) on a model
 smaller than configs/tiny.py and synthetic_faces/tiny, with stand-in targets: steps lower
 the loss, the entry point writes TensorBoard scalars and a loadable hypernetwork, a run
-killed with SIGKILL and resumed equals an uninterrupted one, and 8 devices equal 1.
+stopped by SIGTERM, then killed with SIGKILL, and resumed equals an uninterrupted one, and 8 devices equal 1.
 
 Tolerances as in test_preopt.py: the same compiled program 1e-6, another program (8
 devices) 1e-3 (AdamW's first steps move a value by up to lr = 1e-3).
@@ -166,15 +166,36 @@ def test_run_writes_tensorboard_and_a_loadable_hypernetwork(reference_run, stand
   assert jax.tree_util.tree_structure(predicted) == jax.tree_util.tree_structure(reference)
 
 
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path, stand_in, reference_run):
+def _steps_saved(workdir):
+  folder = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+
+
+def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path, stand_in,
+                                                               reference_run):
+  """A real SIGTERM between checkpoints: the run checkpoints the step in hand and exits 0
+  saying so. The same command again, killed with SIGKILL after its next checkpoint: nothing
+  more is saved. The same command then finishes with the uninterrupted run's weights."""
+  import signal
   import train.train_hypernet as entry
   process = _launch(tmp_path, {**RUN, **stand_in})
-  first = os.path.join(tmp_path, "checkpoints", "5")
-  while process.poll() is None and not os.path.exists(first):
+  while process.poll() is None and not _steps_saved(tmp_path):
+    time.sleep(0.02)
+  time.sleep(0.3)  # a few steps on, between checkpoints (every 5)
+  process.send_signal(signal.SIGTERM)
+  out, _ = process.communicate()
+  assert process.returncode == 0, out[-3000:]
+  assert "rerun the same command to continue" in out, out[-3000:]
+  stopped_at = _steps_saved(tmp_path)[-1]
+  assert stopped_at < RUN["train.steps"], "finished before the SIGTERM"
+  assert not os.path.exists(os.path.join(tmp_path, "hypernet"))
+
+  process = _launch(tmp_path, {**RUN, **stand_in})
+  while process.poll() is None and _steps_saved(tmp_path)[-1] == stopped_at:
     time.sleep(0.02)
   process.kill()  # SIGKILL: no chance to save anything more
   out, _ = process.communicate()
-  assert os.path.exists(first), out[-3000:]
+  assert _steps_saved(tmp_path)[-1] > stopped_at, out[-3000:]
   assert not os.path.exists(os.path.join(tmp_path, "hypernet")), "finished before the kill"
   assert entry.run(_config({**RUN, **stand_in}), str(tmp_path))
   _assert_same_params(reference_run, tmp_path, SAME_PROGRAM_ATOL)
