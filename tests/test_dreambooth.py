@@ -134,6 +134,7 @@ lidb_dreambooth.run(config, sys.argv[1])
 """
 
 
+@pytest.mark.slow  # launches processes: .ci/run runs it after the README command
 def test_sigkill_then_the_same_command_equals_an_uninterrupted_run(run_config, uninterrupted,
                                                                      tmp_path):
   """A real SIGKILL at step 5 of 6 (checkpoints every 3 steps): the process dies with

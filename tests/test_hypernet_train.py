@@ -143,6 +143,7 @@ def _steps_saved(workdir):
   return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
 
 
+@pytest.mark.slow  # launches processes: .ci/run runs it after the README command
 def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path, stand_in,
                                                                reference_run):
   """A real SIGTERM between checkpoints: the run checkpoints the step in hand and exits 0
@@ -173,6 +174,7 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path, stand_i
   _assert_same_params(reference_run, tmp_path, SAME_PROGRAM_ATOL)
 
 
+@pytest.mark.slow  # launches processes: .ci/run runs it after the README command
 def test_eight_devices_equal_one(tmp_path, stand_in, reference_run):
   process = _launch(tmp_path, {**RUN, **stand_in}, devices=8)
   out, _ = process.communicate(timeout=900)

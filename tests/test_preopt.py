@@ -228,10 +228,12 @@ def test_reference_run_writes_dataset_and_summary(reference_run):
   assert lidb.load(path)[1] == dataset.spec
 
 
+@pytest.mark.slow  # launches processes: .ci/run runs it after the README command
 def test_one_vs_eight_devices(reference_run, eight_device_run):
   _assert_same_weights(reference_run, eight_device_run, OTHER_PROGRAM_ATOL)
 
 
+@pytest.mark.slow  # launches processes: .ci/run runs it after the README command
 def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path, data_dir,
                                                                reference_run):
   workdir = str(tmp_path / "killed")
@@ -279,6 +281,7 @@ def test_extend_a_finished_dataset_equals_one_run(tmp_path, data_dir, reference_
               str(tmp_path / "fewer"))
 
 
+@pytest.mark.slow  # launches processes: .ci/run runs it after the README command
 def test_two_processes_equal_one(tmp_path, data_dir, eight_device_run):
   """2 processes x 4 devices (gloo) == 1 process x 8 devices: the same global blocks."""
   workdir = str(tmp_path / "two")
