@@ -200,6 +200,18 @@ def inversion_method(config, method, sd, frozen):
   return train
 
 
+def instance_draws(config, method) -> int:
+  """Photo draws a method trains on (batch x steps; prior draws not counted): the kinds
+  that run the fast finetuning (personalize, lora_dreambooth) take config.personalize's
+  batch, the others their own."""
+  if method.kind == "base":
+    return 0
+  if method.kind in ("personalize", "lora_dreambooth"):
+    steps = method.get("steps", config.personalize.steps)
+    return steps * method.get("batch_size", config.personalize.batch_size)
+  return method.steps * method.batch_size
+
+
 def make_trainer(config, name: str, method, sd, frozen, generate_base, cache):
   """The trainer of `method` (config.methods[name]), or None for kind "base"."""
   if method.kind == "base":

@@ -2,6 +2,8 @@
 train/update_docs.py makes the docs' tables with `markdown_table`): summary.json, table.md,
 samples.png, plot.png and the table as text."""
 
+from __future__ import annotations
+
 import os
 import sys
 
@@ -50,6 +52,9 @@ def write_summary(config, workdir: str, prompts: list[str]) -> dict:
         row["minus_" + reference] = {
             metric: evaluate.paired_difference(raw[name], raw[reference], config.seeds, metric)
             for metric in spec["paired"]}
+  from train import evaluate_methods
+  for name, row in table.items():
+    row["draws"] = evaluate_methods.instance_draws(config, config.methods[name])
   if "base" in table:
     base = table["base"]
     for name, row in table.items():
@@ -115,9 +120,12 @@ def write_plot(summary: dict, path: str) -> None:
   plt.close(fig)
 
 
-def markdown_table(summary: dict) -> str:
+def markdown_table(summary: dict, seconds: dict | None = None) -> str:
   """The table for docs: mean [95% CI] over identities; paired differences against the
-  reference method. One table per scoring present (its columns: evaluate.SCORINGS)."""
+  reference method. One table per scoring present (its columns: evaluate.SCORINGS).
+  `seconds` {method: seconds per personalization} from one benchmark run
+  (benchmarks/method_seconds.py) replaces the harness's medians, which were measured
+  while it sampled and scored, at whatever load each row ran under."""
   def cell(row, name, ci=True):
     value = row.get(name)
     if value is None:
@@ -131,15 +139,19 @@ def markdown_table(summary: dict) -> str:
     rows = [(n, r) for n, r in summary["table"].items() if evaluate.scoring_of(r) == scoring]
     if not rows:
       continue
+    draws = any("draws" in r for _, r in rows)
     header = ("| method | identities | " + " | ".join(h for _, h, _ in spec["columns"])
-              + " | seconds per personalization (median) |")
+              + (" | instance draws (batch x steps)" if draws else "")
+              + (" | seconds per personalization (one benchmark run) |" if seconds else
+                 " | seconds per personalization (median) |"))
     lines += ([""] if lines else []) + [header, "|" + "---|" * (header.count("|") - 1)]
     for name, row in rows:
-      seconds = row.get("seconds_median")
+      timed = (seconds or {}).get(name) if seconds else row.get("seconds_median")
       lines.append(" | ".join(
           [f"| {name}", str(row["identities"])]
           + [cell(row, key, ci) for key, _, ci in spec["columns"]]
-          + ["-" if seconds is None else f"{seconds:.2f}"]) + " |")
+          + ([str(row.get("draws", "-"))] if draws else [])
+          + ["-" if timed is None else f"{timed:.2f}"]) + " |")
     paired = [(name, row) for name, row in rows if any(k.startswith("minus_") for k in row)]
     if paired:
       reference = next(k for k in paired[0][1] if k.startswith("minus_"))[len("minus_"):]

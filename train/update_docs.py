@@ -39,10 +39,18 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+SECONDS = "benchmarks/results/method_seconds.json"  # one run for every mini method
+
+
 def _table(summary_path: str) -> str:
   from train import evaluate_report
   with open(os.path.join(REPO, summary_path)) as f:
-    return evaluate_report.markdown_table(json.load(f)) + "\n"
+    summary = json.load(f)
+  seconds = None
+  if os.path.exists(os.path.join(REPO, SECONDS)):
+    with open(os.path.join(REPO, SECONDS)) as f:
+      seconds = {k: v["seconds"] for k, v in json.load(f)["methods"].items()}
+  return evaluate_report.markdown_table(summary, seconds) + "\n"
 
 
 # Generated files: path -> function making their text (train/evaluate.py writes the same
