@@ -140,7 +140,9 @@ def test_committed_table_supports_what_docs_results_md_says():
   with open(os.path.join(REPO, "docs", "results.md")) as f:
     page = f.read()
   assert "t=docs/mini_results.json:table" in page
-  assert evaluate_report.markdown_table(summary) in page
+  with open(os.path.join(REPO, update_docs.SECONDS)) as f:  # the table's seconds column
+    seconds = {k: v["seconds"] for k, v in json.load(f)["methods"].items()}
+  assert evaluate_report.markdown_table(summary, seconds) in page
   numbers, claims = update_docs.NUMBER.findall(page), update_docs.CLAIM.findall(page)
   assert len(numbers) > 100 and len(claims) > 10
   rendered, problems = update_docs.render(page, "docs/results.md")
@@ -198,3 +200,26 @@ def test_committed_frontier_rows_recompute_from_their_raw_results():
     assert row["identities"] == again["identities"] == 50, name
     for metric in ("identity_plain", "identity", "background", "style"):
       assert abs(row[metric] - again[metric]) < 1e-12, (name, metric)
+
+
+def test_committed_lever_rows_recompute_from_their_raw_results():
+  """docs/mini_levers: each row measured so far is a method of configs/evaluate_levers.py
+  as configured, on the table's 50 identities, and is what evaluate.summarize makes of its
+  raw results; its `full` row is the table's own (the same results file)."""
+  from hdb_jax import config_file
+  folder = os.path.join(REPO, "docs", "mini_levers")
+  with open(os.path.join(folder, "summary.json")) as f:
+    summary = json.load(f)
+  config = config_file.load(os.path.join(REPO, "configs", "evaluate_levers.py"))
+  assert set(summary["table"]) <= set(config.methods) and "full" in summary["table"]
+  for name, row in summary["table"].items():
+    assert summary["methods"][name] == config.methods[name].to_dict(), name
+    with open(os.path.join(folder, "results", f"{name}.jsonl")) as f:
+      lines = [json.loads(line) for line in f]
+    again = evaluate.summarize(lines, summary["seeds"])
+    assert row["identities"] == again["identities"] == 50, name
+    for metric in ("identity_plain", "identity", "background", "style"):
+      assert abs(row[metric] - again[metric]) < 1e-12, (name, metric)
+  with open(os.path.join(folder, "results", "full.jsonl")) as a, \
+       open(os.path.join(REPO, "docs", "mini_results", "full.jsonl")) as b:
+    assert a.read() == b.read()
