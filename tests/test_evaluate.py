@@ -46,6 +46,10 @@ def test_two_identities_two_prompts_two_methods_and_resume(uninterrupted):
   with open(workdir / "summary.json") as f:
     summary = json.load(f)
   assert summary["prompts"] == ["a sks face", "a sketch of a sks face"]
+  from hdb_jax import hypernet  # hypernet_only predicts with the config's network
+  assert summary["hypernet_fingerprints"] == {
+      "assets/mini_hypernet": hypernet.weights_fingerprint(
+          os.path.join(REPO, "assets", "mini_hypernet"))}
   table = summary["table"]
   assert sorted(table) == ["base", "hypernet_only"]
   for row in table.values():
@@ -176,6 +180,12 @@ def test_committed_table_supports_what_docs_results_md_says():
   methods = config_file.load(os.path.join(REPO, "configs", "evaluate_mini.py")).methods
   assert sorted(table) == sorted(methods)
   assert all(row["identities"] == 50 for row in table.values())
+  # The rows that predict with a hypernetwork were made with the committed networks.
+  config = config_file.load(os.path.join(REPO, "configs", "evaluate_mini.py"))
+  assert summary["hypernet_fingerprints"] == evaluate_report.hypernet_fingerprints(
+      config, table)
+  assert sorted(summary["hypernet_fingerprints"]) == ["assets/mini_hypernet",
+                                                      "assets/mini_hypernet_aux"]
   # Agg-1 (whole UNet, high lr) breaks the prompts; DreamBooth proper does not.
   assert table["dreambooth_agg1"]["background_drop"] > 0.3
   assert table["dreambooth_400"]["background_drop"] < 0.05
