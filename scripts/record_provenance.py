@@ -74,7 +74,7 @@ def base_record(folder="assets/mini_base"):
   return {
       "artefact": folder, "written": WRITTEN, "committed_in": made,
       "command": ["python -m train.pretrain_base --config configs/mini.py "
-                  "--workdir workdir/mini_base", "cp -r workdir/mini_base/base assets/mini_base"],
+                  "--workdir workdir/mini_base", "rm -r assets/mini_base && cp -r workdir/mini_base/base assets/mini_base"],
       "config_today": _portable(config.to_dict()),
       "recorded_settings_equal_today": check(recorded, today),
       "steps": {"vae": config.pretrain.vae.steps, "diffusion": config.pretrain.diffusion.steps,
