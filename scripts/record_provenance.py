@@ -106,7 +106,7 @@ def recognizer_record(folder="assets/recognizer"):
   return {
       "artefact": folder, "written": WRITTEN, "committed_in": made,
       "command": ["python -m train.train_recognizer --config configs/recognizer.py "
-                  "--workdir /tmp/recognizer --config.out=assets/recognizer"],
+                  "--workdir workdir/recognizer --config.out=assets/recognizer"],
       "config_today": _portable(config.to_dict()),
       "recorded_settings_equal_today": check(recorded, today),
       "steps": info["train"]["steps"],

@@ -1,6 +1,6 @@
 r"""Train the mini world's recognizer on renderer ground truth (hdb_jax/mini/recognizer.py).
 
-    python -m train.train_recognizer --config configs/recognizer.py --workdir /tmp/recognizer
+    python -m train.train_recognizer --config configs/recognizer.py --workdir workdir/recognizer
 
 Writes to --workdir:
   recognizer/        weights (safetensors) + recognizer.json (architecture, training,
