@@ -57,6 +57,7 @@ class Personalization:
   losses: list              # finetuning loss per step
   seconds: dict             # per stage
   upscale: int = 1          # of samples.png
+  together: int = 1         # photos personalized in the same block run (personalize_many)
 
   @property
   def stem(self) -> str:
@@ -265,7 +266,7 @@ class Pipeline:
                                     self.cfg.rank if self.cfg.steps else lidb_rank,
                                     block=block),
             losses=[float(x) for x in out["losses"][:, g]], seconds=seconds,
-            upscale=self.cfg.upscale)
+            upscale=self.cfg.upscale, together=len(group))
       if progress:
         progress(len(group))
 

@@ -228,7 +228,8 @@ def demo(args) -> dict:
   began = time.perf_counter()
   _, startup = demo_page.serve(
       config, host=args.host, port=args.port, share=args.share, cache_dir=args.cache_dir,
-      crop=not args.no_crop, batch=args.batch, max_upload_mb=args.max_upload_mb)
+      crop=not args.no_crop, batch=args.batch, max_upload_mb=args.max_upload_mb,
+      example=args.example)
   return {"served_seconds": round(time.perf_counter() - began, 1),
           "startup_seconds": round(startup, 2)}
 
@@ -335,6 +336,9 @@ def main(argv=None) -> int:
   p.add_argument("--max-upload-mb", type=float, default=10.0,
                  help="uploads above this size are refused before decoding (default 10)")
   p.add_argument("--no-crop", action="store_true", help="as personalize's --no-crop")
+  p.add_argument("--example", default=os.path.join(REPO, "assets", "mini_subject", "photo_0.png"),
+                 help="the photo of the page's example button (default: the mini world's "
+                 "assets/mini_subject/photo_0.png; give a real face photo for SD1.5)")
   for name, sub in commands.choices.items():
     if name in ("info", "import", "export-base", "predict", "personalize", "demo"):
       sub.add_argument("--allow-download", action="store_true",
