@@ -232,16 +232,19 @@ class Pipeline:
                                 p.hypernet_info["fingerprint"], p.prompt, rank),
         losses=result.losses, seconds=seconds, upscale=self.cfg.upscale)
 
-  def personalize_many(self, images, *, block: int = 8, progress=None):
+  def personalize_many(self, images, *, block: int = 8, progress=None,
+                       fixed_block: bool = False):
     """Photos (paths or `Photo`s) -> their `Personalization`s, yielded in order, `block`
     at a time through one batch (`personalize_block`; each equals its single-photo run
     up to float reassociation). All photos are read (and refused, naming the file)
-    before any work. `progress(count)` is told of each finished block."""
+    before any work. `progress(count)` is told of each finished block. The block is
+    `block` or the number of photos if smaller; `fixed_block`: always `block` (fewer
+    photos are padded), so that any number of photos runs the same compiled programs."""
     from hdb_jax import personalize_block
     photos = [self._photo(image) for image in images]
     if not photos:
       return
-    block = max(1, min(block, len(photos)))
+    block = max(1, block if fixed_block else min(block, len(photos)))
     tick = time.perf_counter()
     p = self.block_programs(block)
     load_seconds = time.perf_counter() - tick

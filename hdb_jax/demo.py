@@ -138,7 +138,8 @@ class Worker:
   def _run_block(self, jobs: list[Job]) -> None:
     for job in jobs:
       job.stage, job.fraction = f"personalizing as a block of {len(jobs)}", 0.1
-    results = self.pipeline.personalize_many([job.photo for job in jobs], block=self.batch)
+    results = self.pipeline.personalize_many([job.photo for job in jobs], block=self.batch,
+                                             fixed_block=True)
     for job, result in zip(jobs, results):
       job.result = result
 
@@ -228,9 +229,8 @@ class Demo:
     return path
 
   def check_photo(self, upload, request=None):
-    """An upload (or the example) -> (crop to show, the Photo, message). The upload itself
-    is deleted either way: a refused photo leaves nothing, an accepted one its crop (in
-    this session's state)."""
+    """An upload (or the example) -> (crop to show, the Photo, message). A refused upload
+    is deleted: nothing of it is kept."""
     if upload is None:
       return None, None, ""
     path = upload if isinstance(upload, str) else getattr(upload, "name", str(upload))
@@ -245,8 +245,9 @@ class Demo:
       if not is_example:
         _remove(path)  # nothing of a refused photo is kept
       return None, None, f"**Refused:** {_short(e, path)}"
-    if not is_example:
-      _remove(path)
+    # An accepted upload stays in Gradio's cache (deleted after half an hour, `build`):
+    # identical uploads of two sessions share one file there (named by its content's
+    # hash), so the first session's check must not delete it from under the second's.
     message = (f"Photo **{photo.name}** read: this {photo.pixels.shape[0]} px crop is what "
                "the hypernetwork sees. Press **Personalize**.")
     return self._display(photo.pixels), photo, message

@@ -28,8 +28,8 @@ def build(handlers: demo_lib.Demo):
   pipeline = handlers.pipeline
   defaults = handlers.defaults()
   token = pipeline.config.token
-  # delete_cache: Gradio's copies of uploads no handler read go after an hour
-  with gr.Blocks(title="hdb-jax: personalize from one photo", delete_cache=(600, 3600)) as page:
+  # delete_cache: Gradio's copies of uploads go after half an hour
+  with gr.Blocks(title="hdb-jax: personalize from one photo", delete_cache=(300, 1800)) as page:
     gr.Markdown(
         "# hdb-jax: one photo in, a personalized model out\n"
         "HyperDreamBooth: a hypernetwork predicts a person's LiDB weights from one "
@@ -63,13 +63,13 @@ def build(handlers: demo_lib.Demo):
         download_kohya = gr.DownloadButton("PyTorch LoRA: kohya (A1111, ComfyUI)",
                                            value=None, elem_id=ELEM["download_kohya"])
     gallery = gr.Gallery(label="Samples of the six prompts (as in samples.png)", columns=3,
-                         height="auto", object_fit="contain", elem_id=ELEM["gallery"])
+                         height=560, object_fit="contain", elem_id=ELEM["gallery"])
     with gr.Row():
       prompt = gr.Textbox(label=f"Your prompt (use {token!r} for the person)",
                           value=f"a painting of a {token} {pipeline.config.class_name}",
                           elem_id=ELEM["prompt"], scale=4)
       render = gr.Button("Render", elem_id=ELEM["render"], scale=1)
-    rendered = gr.Gallery(label="Your prompt", columns=3, height="auto",
+    rendered = gr.Gallery(label="Your prompt", columns=3, height=320,
                           object_fit="contain", elem_id=ELEM["rendered"])
 
     def check(upload, request: gr.Request):  # the upload box is emptied: nothing is kept
@@ -116,7 +116,7 @@ def serve(config, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
   if batch > 1:  # the block programs are traced and compiled now, not at the first block
     photo = api.Photo(np.zeros((pipeline.image_size,) * 2 + (3,), np.float32), "warm-up",
                       "", {})
-    list(pipeline.personalize_many([photo] * batch, block=batch))
+    list(pipeline.personalize_many([photo] * batch, block=batch, fixed_block=True))
   worker = demo_lib.Worker(pipeline, batch)
   cache = os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "gradio")
   files_root = os.path.join(cache, demo_lib.SESSIONS)
@@ -134,4 +134,7 @@ def serve(config, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
               app_kwargs={"middleware": [Middleware(demo_lib.SessionFiles, root=files_root)]},
               prevent_thread_lock=not block_thread, quiet=not block_thread,
               show_error=False)
+  if block_thread:  # the server has stopped: no session's files outlive it
+    import shutil
+    shutil.rmtree(files_root, ignore_errors=True)
   return page, startup

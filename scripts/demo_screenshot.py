@@ -21,7 +21,7 @@ def main():
   executable = os.environ.get("HDB_CHROMIUM") or next(p for p in CHROMIUM if os.path.exists(p))
   with sync_playwright() as p:
     browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
     page.set_default_timeout(300_000)
     page.goto(args.url)
     page.locator("#hdb-example").click()

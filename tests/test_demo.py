@@ -38,10 +38,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-  """`hdb demo` on a free port; its URL once the page is served."""
+  """`hdb demo` on a free port -> (its URL once the page is served, Gradio's folder)."""
   port = _free_port()
   cache = str(tmp_path_factory.mktemp("demo-cache"))
-  env = dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path_factory.mktemp("gradio")),
+  uploads = str(tmp_path_factory.mktemp("gradio"))
+  env = dict(os.environ, GRADIO_TEMP_DIR=uploads,
              GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=REPO)
   log = open(tmp_path_factory.mktemp("demo-log") / "server.log", "w+")
   process = subprocess.Popen(
@@ -57,8 +58,8 @@ def server(tmp_path_factory):
     assert process.poll() is None, text[-3000:]
     assert time.monotonic() < deadline, text[-3000:]
     time.sleep(0.5)
-  yield url
-  process.terminate()
+  yield url, uploads
+  process.kill()  # nothing of the server's is kept (its folders are the test's)
   process.wait(timeout=30)
   log.close()
 
@@ -68,7 +69,8 @@ def browser():
   from playwright.sync_api import sync_playwright
   assert CHROMIUM, "chromium is missing: apt-get install chromium (or set $HDB_CHROMIUM)"
   with sync_playwright() as p:
-    chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    chromium = p.chromium.launch(executable_path=CHROMIUM,
+                                 args=["--no-sandbox", "--disable-dev-shm-usage"])
     yield chromium
     chromium.close()
 
@@ -90,6 +92,7 @@ def _message(page):
 def test_the_page_personalizes_renders_downloads_and_refuses_bad_photos(
     server, browser, tmp_path):
   import safetensors.numpy
+  server, uploads = server
   page = browser.new_page()
   page.set_default_timeout(TIMEOUT_MS)
   page.goto(server)
@@ -100,6 +103,7 @@ def test_the_page_personalizes_renders_downloads_and_refuses_bad_photos(
   page.get_by_text("Personalized photo_0.png").wait_for()
   gallery = page.locator("#hdb-gallery")
   assert gallery.locator("img").count() >= 1
+  assert "a cartoon of a sks face on a green background" in gallery.inner_text()  # captions
   assert "Done in" in page.locator("#hdb-timings").inner_text()
   assert re.search(r"finetune \d+\.\d+ s", page.locator("#hdb-timings").inner_text())
 
@@ -134,6 +138,8 @@ def test_the_page_personalizes_renders_downloads_and_refuses_bad_photos(
     page.get_by_text(f"Refused: {name}").wait_for()
     text = _message(page).inner_text()
     assert words in text and "Traceback" not in text, (name, text)
+  kept = [name for _, _, names in os.walk(uploads) for name in names if name in expected]
+  assert not kept, kept  # a refused upload is deleted
   # Over --max-upload-mb: refused before it is sent (the server refuses it too: 413)
   page.locator("#hdb-upload input[type=file]").set_input_files(str(tmp_path / "big.png"))
   page.get_by_text("exceed the maximum allowed size").wait_for()
@@ -144,6 +150,7 @@ def test_the_page_personalizes_renders_downloads_and_refuses_bad_photos(
 def test_two_clients_personalize_at_once_each_with_its_own_result(server):
   """gradio_client: two sessions personalize two photos at the same time; the queue runs
   both, each gets the result of its own photo, and neither can fetch the other's files."""
+  server, _ = server
   import httpx
   from gradio_client import Client, handle_file
   photos = [PHOTO, os.path.join(REPO, "assets", "mini_subject", "photo_1.png")]
