@@ -14,17 +14,23 @@
                                             one photo -> personalization.safetensors,
                                             samples.png, timings.json (hypernetwork +
                                             rank-relaxed fast finetuning)
+    hdb demo [--config configs/mini.py] [--host 127.0.0.1] [--port 7860]
+                                            the same in a web page (Gradio, [demo] extra)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 
 import numpy as np
 from PIL import Image
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -44,7 +50,7 @@ def info(args) -> dict:
   """Parameter counts of the base components and of the LiDB residual (jax.eval_shape)."""
   from hdb_jax import config_file, lidb, models
   from hdb_jax import params as params_lib
-  config = config_file.load(args.config, _parse_overrides(args.set))
+  config = config_file.load(args.config, _parse_overrides(args.set), args.allow_download)
   _, abstract = models.from_config(config.model, tokenizer=None)
   spec = lidb.make_spec(abstract, seed=config.lidb.seed, a=config.lidb.a, b=config.lidb.b,
                         rank=config.lidb.rank, targets=dict(config.lidb.targets))
@@ -104,7 +110,7 @@ def import_lora(args) -> dict:
   import os
   from hdb_jax import config_file, convert_import, lora
   from hdb_jax import params as params_lib
-  config = config_file.load(args.config, _parse_overrides(args.set))
+  config = config_file.load(args.config, _parse_overrides(args.set), args.allow_download)
   abstract = _abstract_base(config.model)
   weights, fmt, skipped = convert_import.load(args.lora, abstract, args.skip_unsupported)
   if skipped:
@@ -125,7 +131,7 @@ def export_base(args) -> dict:
   if args.model:
     sd, params = models.load(args.model)
   else:
-    config = config_file.load(args.config, _parse_overrides(args.set))
+    config = config_file.load(args.config, _parse_overrides(args.set), args.allow_download)
     sd, params = models.load_or_build(config.model)
   torch_export.export_base(sd, params, args.out)
   return {"out": args.out}
@@ -135,12 +141,12 @@ def predict(args) -> dict:
   """One face photo -> a LiDB file by the hypernetwork alone (no finetuning). The file
   loads like any LiDB file (`lidb.load`, `hdb export`); its metadata names the
   hypernetwork and the iterations."""
-  from hdb_jax import hypernet
-  return hypernet.predict_file(args.hypernet, args.image, args.out, args.iterations)
+  from hdb_jax import hub, hypernet
+  folder = hub.resolve(args.hypernet, "--hypernet", args.allow_download)
+  return hypernet.predict_file(folder, args.image, args.out, args.iterations)
 
 
-PERSONALIZATION_FILE, SAMPLES_FILE, TIMINGS_FILE = (
-    "personalization.safetensors", "samples.png", "timings.json")
+from hdb_jax.api import PERSONALIZATION_FILE, SAMPLES_FILE, TIMINGS_FILE  # noqa: E402
 
 
 def personalize(args) -> dict:
@@ -150,152 +156,104 @@ def personalize(args) -> dict:
   hypernetwork predicts LiDB weights, they are relaxed to a rank-r' LoRA and finetuned on
   the photo for `personalize.steps` steps (--steps 0: the hypernetwork alone). Compiled
   programs are stored on disk (--cache-dir), so a second run in a new process neither
-  traces nor compiles them."""
+  traces nor compiles them. The job itself is hdb_jax/api.py's."""
   import os
   import time
   from tqdm import tqdm
-  from hdb_jax import config_file, files, personalize as personalize_lib
+  from hdb_jax import api, config_file
   began = time.perf_counter()
-  config = config_file.load(args.config, _parse_overrides(args.set))
-  if "personalize" not in config:
-    raise ValueError(f"{args.config}: no `personalize` section (configs/mini.py has one)")
-  cfg = config.personalize
+  config = config_file.load(args.config, _parse_overrides(args.set), args.allow_download)
   if args.steps is not None:
     if args.steps < 0:
       raise ValueError(f"--steps must be >= 0, got {args.steps}")
-    cfg.steps = args.steps
+    if "personalize" in config:
+      config.personalize.steps = args.steps
   if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
     raise ValueError(f"{args.out}: exists and is not empty (--overwrite replaces it)")
-  cache = personalize_lib.cache_dirs(args.cache_dir)
-
-  words = dict(token=config.token, class_name=config.class_name)
-  prompts = [prompt.format(**words) for prompt in cfg.prompts]
-  size = personalize_lib.photo_size(cfg)
-  face_probability = None
-  if cfg.face_check == "mini_recognizer":
-    from hdb_jax import programs
-    from hdb_jax.mini import recognizer  # the mini world's face check, picked by config
-    face_probability = recognizer.face_check_program(
-        size, store=programs.Store(cache["programs"]))
+  if "personalize" not in config:
+    raise ValueError(f"{args.config}: no `personalize` section (configs/mini.py has one)")
+  hdb = api.load(config, cache_dir=args.cache_dir, crop=not args.no_crop)
   if os.path.isdir(args.image):
-    return _personalize_folder(args, config, prompts, size, face_probability, began)
-  photo, seconds = personalize_lib.read_photo(args.image, cfg, size, crop=not args.no_crop,
-                                              face_probability=face_probability)
-  photo_hash = _sha256(args.image)
+    return _personalize_folder(args, hdb, began)
+  photo = hdb.read_photo(args.image)  # a refused photo stops the command before any work
   # The programs compile in background threads: the photo is predicted and the finetuning
   # runs while the sampler is still compiling.
-  personalizer = personalize_lib.load(config, prompts, cache)
-  seconds.update(personalizer.seconds)
-  result = personalize_lib.run(personalizer, photo, progress=lambda steps: tqdm(
+  result = hdb.personalize(photo, progress=lambda steps: tqdm(
       steps, desc="fast finetuning", unit="step", leave=False))
-  seconds.update(result.seconds)
-  tick = time.perf_counter()
-  samples = personalize_lib.sample(personalizer, result.lora, prompts, cfg.seed)
-  seconds["sample"] = time.perf_counter() - tick
-  seconds["compile"] = personalizer.ready()  # overlapped with the stages above
-
-  with files.atomic_dir(args.out) as tmp:
-    _write_personalization(tmp, config, result.lora, photo, samples, prompts, {
-        "base_fingerprint": personalizer.fingerprint,
-        "hypernet_fingerprint": personalizer.hypernet_info["fingerprint"],
-        "prompt": personalizer.prompt,
-        "rank": cfg.rank if cfg.steps else personalizer.spec.rank,
-        "image": os.path.basename(args.image), "image_sha256": photo_hash})
-    seconds["total"] = time.perf_counter() - began
-    files.write_json(os.path.join(tmp, TIMINGS_FILE), {
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "steps": cfg.steps, "programs_stored": personalizer.stored,
-        "final_loss": result.losses[-1] if result.losses else None})
-  return {"out": args.out, "steps": cfg.steps, "seconds": round(seconds["total"], 2),
-          "files": [PERSONALIZATION_FILE, SAMPLES_FILE, TIMINGS_FILE]}
+  written = api.write(args.out, result, began, programs_stored=hdb.programs().stored)
+  return {"out": args.out, "steps": config.personalize.steps,
+          "seconds": round(time.perf_counter() - began, 2), "files": written}
 
 
-def _sha256(path: str) -> str:
-  import hashlib
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
-
-
-def _write_personalization(folder, config, lora_tree, photo, samples, prompts, metadata):
-  """personalization.safetensors and samples.png (the photo, then each prompt's row)."""
-  import os
-  from hdb_jax import files, lora
-  lora.save(os.path.join(folder, PERSONALIZATION_FILE), lora_tree, metadata={
-      "source": "hdb personalize", "token": config.token, "class_name": config.class_name,
-      "steps": config.personalize.steps, **metadata})
-  rows = [np.concatenate([photo[None], row]) for row in samples]
-  grid = files.labelled_rows(rows, prompts, upscale=config.personalize.upscale)
-  Image.fromarray(grid).save(os.path.join(folder, SAMPLES_FILE))
-
-
-def _personalize_folder(args, config, prompts, size, face_probability, began) -> dict:
+def _personalize_folder(args, hdb, began) -> dict:
   """`--image FOLDER`: every photo, `--block` at a time personalized together
   (hdb_jax/personalize_block.py); --out gets a folder per photo (its name without the
   extension) with its personalization.safetensors and samples.png, and timings.json.
   A photo that is refused stops the command before any work, naming it."""
   import os
-  import time
   from tqdm import tqdm
-  from hdb_jax import files, personalize as personalize_lib, personalize_block
-  cfg = config.personalize
+  from hdb_jax import api, files
   paths = files.list_images(args.image)
   names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
   if len(set(names)) < len(names):
     raise ValueError(f"{args.image}: two photos share a name without extension")
-  seconds = {"read": 0.0, "detect": 0.0}
-  photos = []
-  for path in paths:
-    photo, stages = personalize_lib.read_photo(path, cfg, size, crop=not args.no_crop,
-                                               face_probability=face_probability)
-    photos.append(photo)
-    for stage in ("read", "detect"):
-      seconds[stage] += stages[stage]
-  tick = time.perf_counter()
+  photos = [hdb.read_photo(path) for path in paths]
   block = min(args.block, len(photos))
-  p = personalize_block.load(config, prompts, block)
-  seconds["load"] = time.perf_counter() - tick
-  lidb_rank = p.hypernet_info["lidb_spec"].rank
   bar = tqdm(total=len(photos), desc="personalizing", unit="photo")
-  # Each block's files go into the temporary folder as soon as they exist (nothing piles
-  # up in memory); the folder is renamed into place only when every photo is done.
-  with files.atomic_dir(args.out) as tmp:
-    for first in range(0, len(photos), block):
-      out = personalize_block.run(p, np.stack(photos[first:first + block]))
-      tick = time.perf_counter()
-      samples = personalize_block.sample(p, out["lora"], prompts, cfg.seed)
-      out["seconds"]["sample"] = time.perf_counter() - tick
-      for stage, value in out["seconds"].items():
-        seconds[stage] = seconds.get(stage, 0.0) + value
-      for g in range(len(samples)):
-        index = first + g
-        folder = os.path.join(tmp, names[index])
-        os.makedirs(folder)
-        _write_personalization(folder, config, _identity_row(out["lora"], g), photos[index],
-                               samples[g], prompts, {
-                                   "base_fingerprint": p.fingerprint,
-                                   "hypernet_fingerprint": p.hypernet_info["fingerprint"],
-                                   "prompt": p.instance_prompt,
-                                   "rank": cfg.rank if cfg.steps else lidb_rank,
-                                   "image": os.path.basename(paths[index]),
-                                   "image_sha256": _sha256(paths[index]), "block": block})
-      bar.update(len(samples))
-    bar.close()
-    seconds["total"] = time.perf_counter() - began
-    files.write_json(os.path.join(tmp, TIMINGS_FILE), {
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "photos": len(photos), "block": block, "steps": cfg.steps,
-        "photos_per_second": round(len(photos) / seconds["total"], 3)})
-  return {"out": args.out, "photos": len(photos), "block": block,
-          "seconds": round(seconds["total"], 2)}
+  done = api.write_many(args.out, hdb.personalize_many(photos, block=block,
+                                                      progress=bar.update),
+                        began, block=block, steps=hdb.cfg.steps)
+  bar.close()
+  return {"out": args.out, "photos": done["photos"], "block": block,
+          "seconds": round(done["seconds"], 2)}
 
 
-def _identity_row(tree, index: int):
-  """Identity `index`'s LoRA of a block's (leaves [G, ...] -> [...])."""
-  return {c: {layer: {k: v[index] for k, v in f.items()} for layer, f in layers.items()}
-          for c, layers in tree.items()}
+def demo(args) -> dict:
+  """The web page (Gradio; pip install -e '.[demo]'): upload a face photo or pick the
+  example, see the crop it will use, personalize it with a progress bar, look at the
+  samples, render your own prompts and download the personalization and its PyTorch
+  LoRAs (PEFT/diffusers, kohya). Binds 127.0.0.1 unless --host says otherwise; --share
+  (a public gradio.live link) is off unless asked for. The programs are loaded (from
+  the cache when stored) before the page is served. Ctrl-C stops it."""
+  import time
+  from hdb_jax import config_file
+  try:
+    from hdb_jax import demo_page
+    import gradio  # noqa: F401
+  except ImportError as e:
+    raise ValueError(f"hdb demo needs the [demo] extra: pip install -e '.[demo]' ({e})") from e
+  config = config_file.load(args.config, _parse_overrides(args.set), args.allow_download)
+  if "personalize" not in config:
+    raise ValueError(f"{args.config}: no `personalize` section (configs/mini.py has one)")
+  began = time.perf_counter()
+  _, startup = demo_page.serve(
+      config, host=args.host, port=args.port, share=args.share, cache_dir=args.cache_dir,
+      crop=not args.no_crop, batch=args.batch, max_upload_mb=args.max_upload_mb,
+      example=args.example)
+  return {"served_seconds": round(time.perf_counter() - began, 1),
+          "startup_seconds": round(startup, 2)}
+
+
+def _config_flags(argv: list[str]) -> list[str]:
+  """`--config.model.path=X` (ml_collections' flag style, as train/ takes it) -> `--set
+  model.path=X`, so both spellings work."""
+  out, items = [], list(argv)
+  while items:
+    item = items.pop(0)
+    if item.startswith("--config."):
+      key, sep, value = item[len("--config."):].partition("=")
+      if not sep:
+        if not items:
+          raise SystemExit(f"hdb: {item} needs a value")
+        value = items.pop(0)
+      out += ["--set", f"{key}={value}"]
+    else:
+      out.append(item)
+  return out
 
 
 def main(argv=None) -> int:
+  argv = _config_flags(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(prog="hdb", description="hdb-jax: HyperDreamBooth in JAX.")
   commands = parser.add_subparsers(dest="command", required=True)
   p = commands.add_parser("info", help="model and LiDB sizes as JSON (no weights allocated)",
@@ -359,9 +317,37 @@ def main(argv=None) -> int:
   p.add_argument("--no-crop", action="store_true",
                  help="use the photo's centre square as it is (face_check 'dlib' otherwise "
                  "cuts an aligned square around the face; the face must still be found)")
+  p = commands.add_parser("demo", help="the web page: a photo in, samples and LoRAs out "
+                          "(Gradio)", description=demo.__doc__)
+  p.add_argument("--config", default=os.path.join(REPO, "configs", "mini.py"),
+                 help="config with a `personalize` section (default: configs/mini.py)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config value, e.g. --set model.path=DIR (repeatable; "
+                 "--config.model.path=DIR works too)")
+  p.add_argument("--host", default="127.0.0.1",
+                 help="address to bind (default 127.0.0.1: this machine only)")
+  p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+  p.add_argument("--share", action="store_true",
+                 help="also serve through a public gradio.live link (off by default)")
+  p.add_argument("--cache-dir", default=None, help="cache of stored programs (as personalize)")
+  p.add_argument("--batch", type=int, default=1,
+                 help="personalize up to this many waiting requests as one block "
+                 "(faster on accelerators; default 1: one at a time, docs/demo.md)")
+  p.add_argument("--max-upload-mb", type=float, default=10.0,
+                 help="uploads above this size are refused before decoding (default 10)")
+  p.add_argument("--no-crop", action="store_true", help="as personalize's --no-crop")
+  p.add_argument("--example", default=os.path.join(REPO, "assets", "mini_subject", "photo_0.png"),
+                 help="the photo of the page's example button (default: the mini world's "
+                 "assets/mini_subject/photo_0.png; give a real face photo for SD1.5)")
+  for name, sub in commands.choices.items():
+    if name in ("info", "import", "export-base", "predict", "personalize", "demo"):
+      sub.add_argument("--allow-download", action="store_true",
+                       help="a model given as a Hugging Face repo id (owner/name) that is "
+                       "not in the local Hugging Face cache is fetched (off: only the cache "
+                       "is read, nothing goes to the network)")
   args = parser.parse_args(argv)
   file_commands = {"export": export, "import": import_lora, "export-base": export_base,
-                   "predict": predict, "personalize": personalize}
+                   "predict": predict, "personalize": personalize, "demo": demo}
   # SIGTERM and Ctrl-C stop a command the same way: the temporary outputs are removed on
   # the way out (files.atomic_dir / atomic_path), so nothing partial is left beside --out.
   from hdb_jax import files

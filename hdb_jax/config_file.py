@@ -26,10 +26,13 @@ def sibling(config_path: str, name: str) -> types.ModuleType:
   return module(os.path.join(os.path.dirname(os.path.abspath(config_path)), f"{name}.py"))
 
 
-def load(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+def load(path: str, overrides: dict | None = None,
+         allow_download: bool = False) -> ml_collections.ConfigDict:
   """`get_config()` of the file at `path` ("file.py:arg" calls `get_config("arg")`, as
   absl's --config flag does), with dotted-key overrides applied. An override of a key the
-  config does not have, or with a value of another type, is a ValueError naming it."""
+  config does not have, or with a value of another type, is a ValueError naming it.
+  Model folders given as Hugging Face repo ids are resolved from the local cache
+  (`hub.resolve_config`; fetched only with `allow_download`)."""
   argument = None
   if not os.path.isfile(path) and ":" in path:
     path, argument = path.rsplit(":", 1)
@@ -52,4 +55,6 @@ def load(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
       node[parts[-1]] = value
     except (TypeError, ValueError) as e:
       raise ValueError(f"{path}: config key {key!r} cannot take {value!r} ({e})") from None
+  from hdb_jax import hub
+  hub.resolve_config(config, allow_download)
   return config

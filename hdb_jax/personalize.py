@@ -121,6 +121,7 @@ class Personalizer:
   encode: object            # (vae params, images [V, S, S, 3]) -> latent (mean, std)
   step: object              # finetune.make_step's; None when steps == 0
   generate: object          # (frozen, lora, cond [N, L], uncond [N, L], rng, guidance) -> images
+  render: object            # generate's for N = `render_batch` rows (None: not loaded)
   seconds: dict             # load
   stored: bool              # the programs came from the store (no tracing)
   compile_began: float      # perf_counter when the programs began compiling
@@ -128,7 +129,7 @@ class Personalizer:
   def ready(self) -> float:
     """Wait until every program is compiled -> seconds from the start of compiling to the
     last one ready. `load` returns while they compile: the first call of each waits."""
-    pending = [self.predict, self.start, self.encode, self.step, self.generate]
+    pending = [self.predict, self.start, self.encode, self.step, self.generate, self.render]
     for program in pending:
       if program is not None:
         program.result()
@@ -143,7 +144,7 @@ class Result:
   seconds: dict[str, float]
 
 
-def _program_key(config, info, prompts: list[str]) -> str:
+def _program_key(config, info, prompts: list[str], render_batch: int = 0) -> str:
   """Everything that shapes the programs (weights are arguments, so not them)."""
   model = config.model.to_dict()
   folder_configs = model_folder.read_config_texts(model["path"]) if model.get("path") else {}
@@ -158,7 +159,8 @@ def _program_key(config, info, prompts: list[str]) -> str:
   return programs.key_of(
       "personalize", model, folder_configs, tokenizer, cfg, config.instance_prompt,
       config.token, config.class_name, list(prompts), info["hypernet"],
-      weights_dataset.spec_to_json(info["lidb_spec"]), info.get("image_size"))
+      weights_dataset.spec_to_json(info["lidb_spec"]), info.get("image_size"),
+      *([render_batch] if render_batch else []))
 
 
 def check_pair(spec, frozen, info, where: str, image_size: int) -> str:
@@ -196,7 +198,8 @@ def _stored_frozen(config, bundle: programs.Bundle):
     return None
 
 
-def _trace(config, cfg, spec, aux, net_params, info, prompts, exported_one=None):
+def _trace(config, cfg, spec, aux, net_params, info, prompts, exported_one=None,
+           render_batch: int = 0):
   """Build the models and export the five programs -> (exported, meta, frozen), in the
   order they run; `exported_one(name, program)` is told of each as soon as it exists."""
   from hdb_jax import diffusion, dreambooth, models  # the model code: first runs only
@@ -254,6 +257,10 @@ def _trace(config, cfg, spec, aux, net_params, info, prompts, exported_one=None)
   cond = np.zeros((len(prompts) * cfg.per_prompt, sd.max_length), np.int32)
   export("generate", generate, frozen, lora_shapes, cond, cond, jax.random.key(0),
          np.float32(cfg.guidance_scale))
+  if render_batch:  # any prompt, `render_batch` samples (hdb demo's prompt box)
+    cond = np.zeros((render_batch, sd.max_length), np.int32)
+    export("render", generate, frozen, lora_shapes, cond, cond, jax.random.key(0),
+           np.float32(cfg.guidance_scale))
   meta = {"tokens": tokens, "image_size": size, "instance_prompt": instance}
   return exported, meta, frozen
 
@@ -273,11 +280,13 @@ def encoder_of(info):
                                            encoder.get("dtype", "float32"))
 
 
-def load(config, prompts: list[str], cache: dict | None = None) -> Personalizer:
+def load(config, prompts: list[str], cache: dict | None = None,
+         render_batch: int = 0) -> Personalizer:
   """The base model, the hypernetwork (checked to belong together) and the programs,
   compiling in background threads (`Personalizer.ready()` waits for them); `prompts`
   (formatted) are the ones `sample` will get. `cache`: `cache_dirs()` (None: no stored
-  programs; XLA's cache as configured)."""
+  programs; XLA's cache as configured). `render_batch` > 0 adds a sixth program, the
+  sampler for that many rows of any prompt (`render`)."""
   cfg = config.personalize
   began = time.perf_counter()
   params, info = hypernet.read(cfg.hypernet)
@@ -289,7 +298,7 @@ def load(config, prompts: list[str], cache: dict | None = None) -> Personalizer:
   programs.register_namedtuples(jax.eval_shape(finetune.optimizer(cfg.learning_rate).init,
                                                {"x": jax.ShapeDtypeStruct((1,), np.float32)}))
   store = programs.Store(cache["programs"]) if cache else None
-  key = _program_key(config, info, prompts)
+  key = _program_key(config, info, prompts, render_batch)
   bundle = store.load(key) if store else None
   frozen = _stored_frozen(config, bundle) if bundle else None
   donate = {"step": (0, 1)}
@@ -300,7 +309,8 @@ def load(config, prompts: list[str], cache: dict | None = None) -> Personalizer:
     # the order they are needed on the other, so that the photo is predicted while the
     # step compiles and the sampler compiles while the finetuning runs.
     compiled = programs.compile_all(exported, donate=donate,
-                                    order=("step", "predict", "start", "encode", "generate"))
+                                    order=("step", "predict", "start", "encode", "generate",
+                                           "render"))
   else:
     # Each program compiles in the background as soon as it is traced, beside the tracing
     # of the next one.
@@ -309,7 +319,8 @@ def load(config, prompts: list[str], cache: dict | None = None) -> Personalizer:
     exported, meta, frozen = _trace(
         config, cfg, spec, aux, net_params, info, prompts,
         exported_one=lambda name, program: compiled.__setitem__(
-            name, compiler.submit(name, program, donate.get(name, ()))))
+            name, compiler.submit(name, program, donate.get(name, ()))),
+        render_batch=render_batch)
     compiler.close()
     loaded = time.perf_counter()
     stored = False
@@ -325,7 +336,7 @@ def load(config, prompts: list[str], cache: dict | None = None) -> Personalizer:
       hypernet_info=info, cfg=cfg, prompt=meta["instance_prompt"],
       image_size=int(meta["image_size"]), tokens=meta["tokens"],
       predict=compiled["predict"], start=compiled["start"], encode=compiled["encode"],
-      step=compiled.get("step"), generate=compiled["generate"],
+      step=compiled.get("step"), generate=compiled["generate"], render=compiled.get("render"),
       seconds={"load": loaded - began}, stored=stored, compile_began=compile_began)
 
 
@@ -338,8 +349,12 @@ def _pools(p: Personalizer, photo: np.ndarray):
                                1.0),)
 
 
-def run(p: Personalizer, photo: np.ndarray, progress=None, from_zero: bool = False) -> Result:
+def run(p: Personalizer, photo: np.ndarray, progress=None, from_zero: bool = False,
+        steps: int | None = None, seed: int | None = None, predict=None) -> Result:
   """photo [S, S, 3] in [-1, 1] -> the personalization (and seconds per stage).
+  `steps`, `seed`: the finetuning's, other than the config's (same programs; with a
+  config of steps > 0, steps 0 keeps the exact rank-r' relaxation of the prediction).
+  `predict`: another hypernetwork program (other iterations, `api`'s).
   `from_zero`: no prediction (the "no hypernetwork" ablation, LoRA DreamBooth): the
   prediction is replaced by zeros and finetuning starts from the usual LoRA init
   (`finetune.random_start`: as peft's default, kaiming-uniform `down` [in, r'] from
@@ -348,7 +363,12 @@ def run(p: Personalizer, photo: np.ndarray, progress=None, from_zero: bool = Fal
   the zero residual."""
   seconds = {}
   began = time.perf_counter()
-  batched = p.predict(p.net_params, np.asarray(photo, np.float32)[None])
+  steps = p.cfg.steps if steps is None else steps
+  seed = p.cfg.seed if seed is None else seed
+  if steps and not p.cfg.steps:
+    raise ValueError(f"{steps} finetuning steps asked of programs loaded for steps 0 "
+                     "(load with personalize.steps > 0)")
+  batched = (predict or p.predict)(p.net_params, np.asarray(photo, np.float32)[None])
   if from_zero:
     batched = jax.tree_util.tree_map(np.zeros_like, batched)
   predicted = jax.tree_util.tree_map(lambda x: np.asarray(x[0]), batched)
@@ -356,13 +376,13 @@ def run(p: Personalizer, photo: np.ndarray, progress=None, from_zero: bool = Fal
   began = time.perf_counter()
   if p.cfg.steps:
     if from_zero:
-      trained, fixed = finetune.split(finetune.random_start(p.aux, p.cfg.rank, p.cfg.seed),
+      trained, fixed = finetune.split(finetune.random_start(p.aux, p.cfg.rank, seed),
                                       p.cfg.train_text_encoder)
       opt_state = finetune.optimizer(p.cfg.learning_rate).init(trained)
     else:
       trained, fixed, opt_state = p.start(batched, p.aux)
     tuned, losses = finetune.train(p.step, trained, opt_state, fixed, p.frozen,
-                                   _pools(p, photo), steps=p.cfg.steps, seed=p.cfg.seed,
+                                   _pools(p, photo), steps=steps, seed=seed,
                                    progress=progress)
   else:
     tuned, losses = p.start(batched, p.aux), []
@@ -371,15 +391,29 @@ def run(p: Personalizer, photo: np.ndarray, progress=None, from_zero: bool = Fal
   return Result(lora=tuned, predicted=predicted, losses=losses, seconds=seconds)
 
 
-def sample(p: Personalizer, lora_tree, prompts: list[str], seed: int = 0) -> np.ndarray:
+def sample(p: Personalizer, lora_tree, prompts: list[str], seed: int = 0,
+           guidance: float | None = None) -> np.ndarray:
   """`per_prompt` samples of each of `prompts` (those given to `load`) in one batch ->
-  [len(prompts), per_prompt, H, W, 3]."""
+  [len(prompts), per_prompt, H, W, 3]; `guidance`: the scale (default the config's)."""
   unknown = [prompt for prompt in prompts if prompt not in p.tokens]
   if unknown:
     raise ValueError(f"sample: prompts not given to load: {unknown}")
   cond = np.repeat(np.asarray([p.tokens[prompt] for prompt in prompts], np.int32),
                    p.cfg.per_prompt, 0)
   uncond = np.repeat(np.asarray([p.tokens[""]], np.int32), len(cond), 0)
+  guidance = p.cfg.guidance_scale if guidance is None else guidance
   images = np.asarray(p.generate(p.frozen, lora_tree, cond, uncond, jax.random.key(seed),
-                                 np.float32(p.cfg.guidance_scale)))
+                                 np.float32(guidance)))
   return images.reshape((len(prompts), p.cfg.per_prompt) + images.shape[1:])
+
+
+def render(p: Personalizer, lora_tree, token_ids: np.ndarray, seed: int = 0,
+           guidance: float | None = None) -> np.ndarray:
+  """Samples of any prompt: token ids [N, L] (N = `render_batch` of `load`) -> images
+  [N, H, W, 3]."""
+  if p.render is None:
+    raise ValueError("render: load with render_batch > 0")
+  uncond = np.repeat(np.asarray([p.tokens[""]], np.int32), len(token_ids), 0)
+  guidance = p.cfg.guidance_scale if guidance is None else guidance
+  return np.asarray(p.render(p.frozen, lora_tree, np.asarray(token_ids, np.int32), uncond,
+                             jax.random.key(seed), np.float32(guidance)))

@@ -34,3 +34,17 @@ def test_values_of_the_wrong_type_are_refused(tmp_path):
   assert done.returncode != 0
   assert "identities" in done.stderr and "many" in done.stderr, done.stderr[-2000:]
   assert not (tmp_path / "w").exists()
+
+
+def test_hdb_takes_config_flags_as_the_train_scripts_do(tmp_path, capsys):
+  """`hdb ... --config.KEY=VALUE` (or `--config.KEY VALUE`) is `--set KEY=VALUE`: the
+  spelling of docs/demo.md's SD1.5 command; a wrong key is refused by name."""
+  from hdb_jax import cli
+  assert cli._config_flags(["demo", "--config", "configs/sd15.py", "--config.model.path=/m",
+                            "--config.personalize.hypernet", "/h"]) == [
+      "demo", "--config", "configs/sd15.py", "--set", "model.path=/m",
+      "--set", "personalize.hypernet=/h"]
+  assert cli.main(["personalize", "--config", os.path.join(REPO, "configs", "mini.py"),
+                   "--image", "x.png", "--out", str(tmp_path / "out"),
+                   "--config.personalize.rnak=8"]) == 1
+  assert "unknown config key 'personalize.rnak'" in capsys.readouterr().err

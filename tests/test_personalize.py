@@ -226,3 +226,24 @@ def test_committed_benchmark_meets_the_targets():
   assert rows["cold"]["wall_seconds_median"] <= 30.0
   assert all(rows["warm"]["programs_stored"]) and not any(rows["cold"]["programs_stored"])
   assert rows["torch"]["wall_seconds_median"] > rows["warm"]["wall_seconds_median"]
+
+
+def test_the_readme_python_lines(tmp_path, cache):
+  """README's three lines (hdb_jax/api.py): load, personalize the shipped photo, export a
+  PEFT LoRA; the in-memory result is what `save` writes and what the command writes."""
+  import safetensors.numpy
+  from hdb_jax import api
+  hdb = api.load(MINI, {"personalize.per_prompt": 1, "personalize.sample_steps": 2,
+                        "personalize.upscale": 1, "personalize.steps": 3}, cache_dir=cache)
+  me = hdb.personalize(PHOTO)
+  me.export(str(tmp_path / "me_peft.safetensors"), "peft")
+  tensors = safetensors.numpy.load_file(str(tmp_path / "me_peft.safetensors"))
+  assert any(k.startswith("unet.") for k in tensors) and any(
+      k.startswith("text_encoder.") for k in tensors)
+  assert me.samples.shape[:2] == (6, 1) and len(me.losses) == 3 and me.stem == "photo_0"
+  written = me.save(str(tmp_path / "saved"))
+  weights, metadata = lora.load(written[0])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, weights, me.lora)
+  assert metadata["image"] == "photo_0.png" and metadata["steps"] == "3"
+  again = hdb.personalize(PHOTO, steps=2, seed=1)  # other settings, the same programs
+  assert len(again.losses) == 2 and again.losses[0] != me.losses[0]

@@ -25,7 +25,8 @@ import numpy as np
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from hdb_jax import checkpoint, diffusion, dreambooth, evaluate, files, logs, models, personalize
+from hdb_jax import (checkpoint, diffusion, dreambooth, evaluate, files, hub, logs, models,
+                     personalize)
 from train import evaluate_methods, evaluate_report
 
 FLAGS = flags.FLAGS
@@ -38,6 +39,8 @@ def define_flags():
   flags.DEFINE_list("methods", [], "Methods to run (default: all of config.methods).")
   flags.DEFINE_string("cache_dir", None, "Program cache of hdb personalize (default "
                       "$HDB_CACHE or ~/.cache/hdb-jax).")
+  flags.DEFINE_bool("allow_download", False, "Fetch model folders given as Hugging Face "
+                    "repo ids that are not in the local cache (default: the cache only).")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -45,6 +48,7 @@ def main(argv):
   del argv
   logs.quiet_libraries()
   config, workdir = FLAGS.config, FLAGS.workdir
+  hub.resolve_config(config, FLAGS.allow_download)  # repo ids -> local cache folders
   results_dir = os.path.join(workdir, "results")
   os.makedirs(results_dir, exist_ok=True)
   os.makedirs(os.path.join(workdir, "shown"), exist_ok=True)
