@@ -71,9 +71,14 @@ def data_parts(cfg, image_size: int):
     raise app.UsageError(f"config.data.source must be 'synthetic_faces' or 'face_folder', "
                          f"got {cfg.source!r}")
 
+  opened = {}
+
   def photos(split, identities):
-    records = open_split(split)
-    starts = {identity: start for identity, start, _ in data.identity_ranges(records)}
+    if split not in opened:  # open a split once: later calls read only their rows
+      records = open_split(split)
+      opened[split] = records, {identity: start for identity, start, _ in
+                                data.identity_ranges(records)}
+    records, starts = opened[split]
     missing = [int(i) for i in identities if int(i) not in starts]
     if missing:
       raise ValueError(f"{cfg.source} {split}: no photos of identities {missing[:3]}")
@@ -118,8 +123,8 @@ def _run(config, workdir, stop) -> bool:
   identities = targets.identities[:config.data.max_identities or None]
   target_rows = jax.tree_util.tree_map(lambda x: x[:len(identities)], targets.train)
   photos, holdout_ids, score = data_parts(config.data, sd.image_size)
-  train_photos = photos(config.data.split, identities)
-  if cfg.face_background_weight is not None and "face_masks" not in train_photos:
+  first_photo = photos(config.data.split, identities[:1])  # the rest: by batch, below
+  if cfg.face_background_weight is not None and "face_masks" not in first_photo:
     raise ValueError(f"config.train.face_background_weight={cfg.face_background_weight}: "
                      f"the {config.data.source} records carry no face_mask")
   prompt = config.prompt.format(token=config.token, class_name=config.class_name)
@@ -136,7 +141,7 @@ def _run(config, workdir, stop) -> bool:
   encoder, encoder_params, encoder_config = hypernet.make_encoder(config.hypernet.encoder)
   net = hypernet.make(layout, config.hypernet, encoder)
   tx = hypernet_train.optimizer(cfg)
-  image_shape = train_photos["images"].shape[1:]
+  image_shape = first_photo["images"].shape[1:]
   params = jax.jit(lambda key: net.init(key, np.zeros((1,) + image_shape, np.float32),
                                         iterations=1)["params"])(
       jax.random.fold_in(jax.random.key(cfg.seed), PURPOSE_INIT))
@@ -165,15 +170,35 @@ def _run(config, workdir, stop) -> bool:
   evaluator = (Evaluator(config, sd, net, frozen, aux, photos, holdout_ids, score)
                if cfg.eval_every and len(holdout_ids) else None)
 
+  # This process's rows of every global batch: it reads the photos of those only.
+  local_rows = np.unique(np.concatenate([
+      np.arange(cfg.batch_size)[index[0]] for index in
+      fns.batch_sharding.addressable_devices_indices_map((cfg.batch_size,)).values()]))
+  rows_read = 0  # identity photos read by this process (logged at the end)
+  reads_file = (os.path.join(workdir, f"reads-p{jax.process_index()}.jsonl")
+                if cfg.get("log_reads", False) else None)
+
   def global_batch(step):
-    """The same global batch on every process (each keeps its own rows of it)."""
+    """The same global batch indices on every process; each reads and keeps its rows."""
+    nonlocal rows_read
     rng = np.random.default_rng([cfg.seed, PURPOSE_BATCH, step])
     index = rng.integers(0, len(identities), cfg.batch_size)
-    batch = {"images": train_photos["images"][index].astype(np.float32) / 127.5 - 1.0,
+    local = photos(config.data.split, identities[index[local_rows]])
+    rows_read += len(local_rows)
+    if reads_file:
+      with open(reads_file, "a") as f:
+        f.write(json.dumps({"step": step, "identities": [
+            int(i) for i in identities[index[local_rows]]]}) + "\n")
+
+    def spread(x):  # [len(local_rows), ...] -> [batch_size, ...], zeros in others' rows
+      out = np.zeros((cfg.batch_size,) + x.shape[1:], x.dtype)
+      out[local_rows] = x
+      return out
+    batch = {"images": spread(local["images"]).astype(np.float32) / 127.5 - 1.0,
              "input_ids": np.broadcast_to(input_ids, (cfg.batch_size, len(input_ids))),
              "target": jax.tree_util.tree_map(lambda x: x[index], target_rows)}
     if cfg.face_background_weight is not None:
-      batch["face_masks"] = train_photos["face_masks"][index]
+      batch["face_masks"] = spread(local["face_masks"])
     return jax.tree_util.tree_map(
         lambda x: jax.make_array_from_callback(x.shape, fns.batch_sharding,
                                                lambda i: x[i]), batch)
@@ -215,6 +240,9 @@ def _run(config, workdir, stop) -> bool:
       logging.warning("stopped at step %d: rerun the same command to continue", done)
       return False
   ckpt.wait_until_finished()
+  logging.info("process %d of %d: read the photos of %d of %d batch rows",
+               jax.process_index(), jax.process_count(), rows_read,
+               (cfg.steps - start) * cfg.batch_size)
   if is_main:
     hypernet.save(os.path.join(workdir, "hypernet"), jax.device_get(state["params"]),
                   config.hypernet, spec, fingerprint, prompt,
