@@ -17,6 +17,7 @@ frozen base replicated, or split along `fsdp`). Writes to --workdir:
 
 import json
 import os
+import sys
 import time
 
 from absl import app, flags, logging
@@ -152,7 +153,12 @@ def _run(config, workdir, stop) -> bool:
         jax.tree_util.tree_map(np.asarray, aux), layout)})
   state = {"params": params, "opt_state": tx.init(params)}
   logging.info("hypernetwork: %s parameters", f"{params_lib.count(params):,}")
-  frozen_sharding = hypernet_train.frozen_shardings(frozen, mesh)
+  frozen_sharding = hypernet_train.frozen_shardings(
+      frozen, mesh, config.mesh.get("fsdp_min_size", 2**18))
+  split = [s for s in jax.tree_util.tree_leaves(frozen_sharding) if not s.is_fully_replicated]
+  logging.info("mesh data=%d x fsdp=%d over %d processes; frozen base: %d of %d arrays "
+               "split over fsdp", num_devices // fsdp, fsdp, jax.process_count(), len(split),
+               len(jax.tree_util.tree_leaves(frozen_sharding)))
   fns = hypernet_train.make_step(
       net, sd, tx, mesh, frozen_sharding, seed=cfg.seed, loss_kwargs=dict(
           iterations=config.hypernet.iterations, alpha=cfg.alpha, beta=cfg.beta,
@@ -165,43 +171,50 @@ def _run(config, workdir, stop) -> bool:
 
   ckpt = checkpoint.manager(workdir)
   start, state = checkpoint.restore_latest(ckpt, state)
+  if start:
+    logging.info("resuming from the checkpoint of step %d", start)
   state = preopt.replicate(jax.tree_util.tree_map(np.asarray, state), fns.replicated)
   writer = tensorboard.Writer(os.path.join(workdir, "tensorboard")) if is_main else None
   evaluator = (Evaluator(config, sd, net, frozen, aux, photos, holdout_ids, score)
                if cfg.eval_every and len(holdout_ids) else None)
 
-  # This process's rows of every global batch: it reads the photos of those only.
+  # This process's rows of every global batch (its devices' slices of the data axis): it
+  # reads the photos of those only; the targets and token ids are small, kept whole.
+  row_of_position = np.arange(cfg.batch_size)
   local_rows = np.unique(np.concatenate([
-      np.arange(cfg.batch_size)[index[0]] for index in
+      row_of_position[index[0]] for index in
       fns.batch_sharding.addressable_devices_indices_map((cfg.batch_size,)).values()]))
-  rows_read = 0  # identity photos read by this process (logged at the end)
+  local_position = np.full(cfg.batch_size, -1)           # global row -> row of `local_rows`
+  local_position[local_rows] = np.arange(len(local_rows))
+  rows_read = 0  # photos read by this process this run (logged at the end)
   reads_file = (os.path.join(workdir, f"reads-p{jax.process_index()}.jsonl")
                 if cfg.get("log_reads", False) else None)
 
   def global_batch(step):
-    """The same global batch indices on every process; each reads and keeps its rows."""
+    """The same global batch indices on every process; each reads and places its rows."""
     nonlocal rows_read
     rng = np.random.default_rng([cfg.seed, PURPOSE_BATCH, step])
     index = rng.integers(0, len(identities), cfg.batch_size)
-    local = photos(config.data.split, identities[index[local_rows]])
+    local = photos(config.data.split, identities[index[local_rows]])  # [local rows, ...]
     rows_read += len(local_rows)
     if reads_file:
       with open(reads_file, "a") as f:
-        f.write(json.dumps({"step": step, "identities": [
+        f.write(json.dumps({"step": step, "rows": local_rows.tolist(), "identities": [
             int(i) for i in identities[index[local_rows]]]}) + "\n")
 
-    def spread(x):  # [len(local_rows), ...] -> [batch_size, ...], zeros in others' rows
-      out = np.zeros((cfg.batch_size,) + x.shape[1:], x.dtype)
-      out[local_rows] = x
-      return out
-    batch = {"images": spread(local["images"]).astype(np.float32) / 127.5 - 1.0,
-             "input_ids": np.broadcast_to(input_ids, (cfg.batch_size, len(input_ids))),
-             "target": jax.tree_util.tree_map(lambda x: x[index], target_rows)}
+    def place(x, local_only):  # -> global array [batch_size, ...] sharded over "data"
+      shape = (cfg.batch_size,) + x.shape[1:]
+      if local_only:
+        return jax.make_array_from_callback(
+            shape, fns.batch_sharding, lambda i: x[local_position[row_of_position[i[0]]]])
+      return jax.make_array_from_callback(shape, fns.batch_sharding, lambda i: x[i])
+    batch = {"images": place(local["images"].astype(np.float32) / 127.5 - 1.0, True),
+             "input_ids": place(np.broadcast_to(input_ids, (cfg.batch_size, len(input_ids))),
+                                False),
+             "target": jax.tree_util.tree_map(lambda x: place(x[index], False), target_rows)}
     if cfg.face_background_weight is not None:
-      batch["face_masks"] = spread(local["face_masks"])
-    return jax.tree_util.tree_map(
-        lambda x: jax.make_array_from_callback(x.shape, fns.batch_sharding,
-                                               lambda i: x[i]), batch)
+      batch["face_masks"] = place(local["face_masks"], True)
+    return batch
 
   bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="hypernetwork",
              unit="step", disable=not is_main)
@@ -311,7 +324,23 @@ def main(argv):
   del argv
   distributed.initialize(FLAGS.config.distributed)
   logs.quiet_libraries()
-  run(FLAGS.config, FLAGS.workdir)  # stopped by a signal: progress saved, exit 0
+  try:
+    run(FLAGS.config, FLAGS.workdir)  # stopped by a signal: progress saved, exit 0
+  except Exception:
+    if jax.process_count() == 1:
+      raise
+    # One of several processes: exit now. The usual exit waits in jax.distributed's
+    # shutdown barrier for every peer: for a dead one (a killed or lost host: here the
+    # error is "Gloo all-reduce failed") until its heartbeat times out (100 s), for a
+    # live one stuck in a collective with this process until the barrier's own timeout.
+    # Exiting makes every peer's next collective fail at once, so the whole job stops.
+    logging.exception("process %d of %d failed: stopping the job; rerun the same command "
+                      "on every process to resume from the last complete checkpoint",
+                      jax.process_index(), jax.process_count())
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":
