@@ -44,6 +44,10 @@ convolutions and attention only). "% of peak" divides the XLA FLOPs of the metho
 step (merge path) by each side's time: the same work for both sides. After its setup,
 each JAX worker traces --profile_steps steps with the profiler (`kernel_profile`): how
 many kernels a step runs and where their time goes.
+
+Here: the flags, the workers' protocol, the rounds and the report. The workers are beside
+it: `finetune_jax.py` (the models, the PyTorch folder and batches, the JAX steps and their
+profile) and `finetune_torch.py` (the PyTorch route, the matmul peak).
 """
 
 import json
@@ -61,14 +65,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-METHODS = {  # method -> (PyTorch counterpart, LoRA rank on the PyTorch side)
-    "lidb1": ("lidb1", 1), "lidb1-side": ("lidb1", 1),
-    "lora4": ("lora4", 4), "lora4-side": ("lora4", 4),
-}
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")         # peft names of lidb.DEFAULT_TARGETS
-TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-PROMPT = "a sks face"
-POOL_SIZE = 2  # a photo and its mirror image, as `hdb personalize`
+# The workers, beside this file: the models and JAX side, and the PyTorch side.
+import finetune_jax  # noqa: E402
+from finetune_jax import METHODS, read_json, rss_mb, rss_peak_reset  # noqa: E402
 
 flags.DEFINE_list("models", ["mini", "tiny"], "Models: mini (the committed base), tiny "
                   "(random init), sd15 (SD1.5's architecture, random init, reduced resolution).")
@@ -97,444 +96,25 @@ flags.DEFINE_string("work", "", "Internal: the run's scratch folder.")
 FLAGS = flags.FLAGS
 
 
-# ------------------------------------------------------------------------------------
-# Models
-
-def model_config(name: str):
-  """The model's ConfigDict (architecture; `path` set for the committed mini base)."""
-  if name == "mini":
-    from configs.mini import mini_model
-    return mini_model()
-  if name == "tiny":
-    from configs.tiny import tiny_model
-    return tiny_model()
-  if name == "sd15":
-    from configs.sd15 import sd15_model
-    config = sd15_model()
-    config.unet.sample_size = FLAGS.sd15_latent_size
-    config.vae.sample_size = FLAGS.sd15_latent_size * 8
-    # Any CLIP tokenizer gives ids for the timing; the prompt is padded to 77 tokens.
-    config.tokenizer_path = os.path.join(REPO, "assets", "mini_tokenizer")
-    return config
-  raise app.UsageError(f"unknown model {name!r} (mini, tiny, sd15)")
-
-
-def default_batch_size(name: str) -> int:
-  return FLAGS.batch_size or (1 if name == "sd15" else 4)
-
-
-def build_jax_model(name: str):
-  """(sd, params): the committed mini base, or random weights (`models.init_random`,
-  seeded per layer path: the export child and the JAX workers draw the same values)."""
-  from hdb_jax import models
-  return models.load_or_build(model_config(name))
-
-
-def prompt_ids(sd) -> "np.ndarray":
-  """The prompt's token ids [1, L], L = the text encoder's positions (77 for SD1.5)."""
-  length = sd.text_encoder.config.max_position_embeddings
-  return sd.tokenizer([PROMPT], max_length=length)["input_ids"].astype("int32")
-
-
-# ------------------------------------------------------------------------------------
-# The PyTorch folder and the shared batches
-
-def export_torch(sd, params, folder: str) -> None:
-  """Write `params`' UNet and text encoder as a diffusers / transformers PyTorch folder,
-  with the key map and configs `hdb export-base` uses (hdb_jax/nn/export.py; no torch)."""
-  from hdb_jax import models
-  from hdb_jax.nn import export
-  configs = models.config_dicts(sd)
-  for name in ("unet", "text_encoder"):
-    export.write_torch_component(os.path.join(folder, name), name, params.pop(name),
-                                 configs[name])
-
-
-def run_export(name: str, work: str) -> dict:
-  """Child `export`: the PyTorch folder, the pool and the fixed check batch of a model."""
-  import numpy as np
-  sd, params = build_jax_model(name)
-  batch_size = default_batch_size(name)
-  ids = prompt_ids(sd)
-  latent_shape = (sd.latent_channels, sd.latent_size, sd.latent_size)
-  rng = np.random.default_rng(0)
-  np.savez(os.path.join(work, "batches.npz"),
-           pool_mean=rng.standard_normal((POOL_SIZE,) + latent_shape).astype(np.float32),
-           pool_std=np.full((POOL_SIZE,) + latent_shape, 0.05, np.float32),
-           input_ids=ids,
-           check_latents=rng.standard_normal((batch_size,) + latent_shape).astype(np.float32),
-           check_noise=rng.standard_normal((batch_size,) + latent_shape).astype(np.float32),
-           check_timesteps=np.linspace(10, 990, batch_size).astype(np.int32),
-           check_ids=np.repeat(ids, batch_size, 0))
-  schedule = {k: getattr(sd.scheduler, k) for k in (
-      "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")}
-  from hdb_jax import params as params_lib
-  info = {"batch_size": batch_size, "latent_shape": list(latent_shape),
-          "text_length": int(ids.shape[1]), "scheduler": schedule,
-          "unet_params": params_lib.count(params["unet"]),
-          "text_encoder_params": params_lib.count(params["text_encoder"])}
-  export_torch(sd, params, os.path.join(work, "pytorch"))
-  return info
-
-
-# ------------------------------------------------------------------------------------
-# Workers: set up once, then time windows on request
-
-def _rss_peak_reset():
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # resets VmHWM, the peak resident set size (Linux >= 4.0)
-
-
-def _rss_mb(field: str) -> float:
-  """VmHWM (peak) or VmRSS (now) of this process, MB."""
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1]) / 1024
-  return float("nan")
-
-
-class JaxWorker:
-  """One of hdb-jax's steps on the shared pool; `window()` times it."""
-
-  def __init__(self, name: str, method: str, work: str):
-    import jax
-    import numpy as np
-    from hdb_jax import diffusion, dreambooth, finetune, lidb, params as params_lib
-    began = time.perf_counter()
-    self.jax = jax
-    sd, frozen = build_jax_model(name)
-    data = np.load(os.path.join(work, "batches.npz"))
-    info = _read_json(os.path.join(work, "export.json"))
-    batch_size = info["batch_size"]
-    spec = lidb.make_spec(frozen, seed=0, a=100, b=50, rank=1)
-    aux = lidb.make_aux(spec)
-    pools = (dreambooth.make_pool({"mean": jax.numpy.asarray(data["pool_mean"]),
-                                   "std": jax.numpy.asarray(data["pool_std"])},
-                                  data["input_ids"], 1.0),)
-    tx = finetune.optimizer(FLAGS.learning_rate, FLAGS.weight_decay)
-    lidb_train = lidb.init(spec, jax.random.key(0))  # U_train = 0: dW = 0, as PEFT's B = 0
-    if method.startswith("lidb1"):
-      trained = lidb_train
-      step = (dreambooth.make_train_step(sd, tx, batch_size) if method == "lidb1"
-              else _side_lidb_step(sd, tx, batch_size))
-      fixed_args = (frozen, aux, pools)
-    else:
-      lora_tree = jax.jit(finetune.initial_lora, static_argnums=2)(lidb_train, aux, 4)
-      trained, fixed = finetune.split(lora_tree, train_text_encoder=True)
-      step = (finetune.make_step(sd, tx, batch_size) if method == "lora4"
-              else _side_lora_step(sd, tx, batch_size))
-      fixed_args = (fixed, frozen, pools)
-    self.result = {"trainable_values": params_lib.count(trained),
-                   "adapted_layers": spec.num_layers}
-
-    # The fixed check batch: the base model's loss (every residual is zero at init).
-    def check_loss(frozen, ids, latents, noise, timesteps):
-      context = sd.encode_text(frozen["text_encoder"], ids)
-      return diffusion.loss_given_noise(sd, frozen["unet"], context, latents, noise,
-                                        timesteps).mean()
-    self.result["check_loss"] = float(jax.jit(check_loss)(
-        frozen, data["check_ids"], data["check_latents"], data["check_noise"],
-        data["check_timesteps"]))
-
-    opt_state = tx.init(trained)
-    start = time.perf_counter()
-    compiled = step.lower(trained, opt_state, *fixed_args, jax.random.key(0)).compile()
-    self.result["compile_seconds"] = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    self.result["xla_flops"] = float(cost["flops"])
-    self.result["xla_bytes_accessed"] = float(cost["bytes accessed"])
-    memory = compiled.memory_analysis()
-    if memory is not None:
-      self.result["xla_peak_mb"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                                    + memory.temp_size_in_bytes
-                                    - memory.alias_size_in_bytes) / 2**20
-      self.result["xla_temp_mb"] = memory.temp_size_in_bytes / 2**20
-    self.step, self.fixed_args = step, fixed_args
-    self.carry = [trained, opt_state]
-    self.key = jax.random.key(1)
-    self.steps_done = 0
-    for _ in range(2):
-      jax.block_until_ready(self.step_once())  # warm-up (the jit cache holds the compilation)
-    if FLAGS.profile_steps:
-      self.result["kernel_profile"] = kernel_profile(self.step_once, FLAGS.profile_steps,
-                                                     os.path.join(work, "trace_" + method))
-    self.result["setup_seconds"] = time.perf_counter() - began
-
-  def step_once(self):
-    """One training step, dispatched (not waited for) -> its loss."""
-    self.carry[0], self.carry[1], loss = self.step(
-        self.carry[0], self.carry[1], *self.fixed_args,
-        self.jax.random.fold_in(self.key, self.steps_done))
-    self.steps_done += 1
-    return loss
-
-  def window(self, min_seconds: float, min_steps: int) -> dict:
-    """Steps for at least min_seconds and min_steps, one step in flight (dispatched while
-    the previous one runs, as in finetune.train) -> ms per step."""
-    start, steps, previous = time.perf_counter(), 0, None
-    while True:
-      loss = self.step_once()
-      if previous is not None:
-        previous.block_until_ready()
-      previous, steps = loss, steps + 1
-      if steps >= min_steps and time.perf_counter() - start >= min_seconds:
-        break
-    last = float(previous)
-    seconds = time.perf_counter() - start
-    return {"ms_per_step": 1000 * seconds / steps, "steps": steps, "last_loss": last}
-
-
-HLO_NAME = r"^[a-z][a-z0-9_\-]*(\.\d+)?$"  # XLA:CPU kernels are traced under their HLO names
-CONTROL_FLOW = r"^(while|call|conditional)(\.\d+)?$"  # spans of the kernels inside them
-
-
-def kernel_profile(step_once, steps: int, folder: str) -> dict:
-  """Where a JAX step's time goes: a profiler trace of `steps` steps, each waited for ->
-  {"wall_ms_per_step", "kernels_per_step", "dispatch_ms_per_step", "categories": {category:
-  {"ms_per_step", "kernels_per_step", "median_us"}}}.
-
-  XLA:CPU traces every kernel (thunk) it runs under the HLO instruction's name; they are
-  sorted by name: matmuls and convolutions ("ynn_fusion" = XLA's YNNPACK fusions of dots
-  and convolutions, "dot", "convolution"), transposes and copies, and the rest
-  (elementwise and reduction fusions). The key derivation (fold_in) per step is included.
-  "dispatch": the host's time in the jitted call (argument flattening, buffer handling).
-  Profiling slows the step a little; the timed windows run without it.
-  """
-  import glob
-  import gzip
-  import re
-  import jax
-  with jax.profiler.trace(folder, create_perfetto_trace=True):
-    began = time.perf_counter()
-    for _ in range(steps):
-      jax.block_until_ready(step_once())
-    wall = (time.perf_counter() - began) / steps
-  paths = glob.glob(os.path.join(folder, "**", "*.trace.json.gz"), recursive=True)
-  if not paths:
-    return {}
-  with gzip.open(max(paths, key=os.path.getmtime)) as f:  # this trace, not an older one
-    trace = json.load(f)
-  events = [e for e in (trace["traceEvents"] if isinstance(trace, dict) else trace)
-            if e.get("ph") == "X"]
-  hlo_name, control_flow = re.compile(HLO_NAME), re.compile(CONTROL_FLOW)
-  durations = {}
-  for event in events:
-    name = event["name"]
-    if not hlo_name.match(name) or control_flow.match(name):
-      continue
-    if name.startswith(("ynn_fusion", "dot", "convolution", "custom-call")):
-      category = "matmul_conv"
-    elif "transpose" in name or name.startswith("copy"):
-      category = "transpose_copy"
-    else:
-      category = "other_fusions"
-    durations.setdefault(category, []).append(float(event.get("dur", 0)))
-  dispatch = [float(e["dur"]) for e in events if e["name"] == "PjitFunction(step)"]
-  return {
-      "steps": steps, "wall_ms_per_step": 1000 * wall,
-      "kernels_per_step": sum(len(d) for d in durations.values()) / steps,
-      "kernel_ms_per_step": sum(sum(d) for d in durations.values()) / 1000 / steps,
-      # nested duplicates of one call have equal durations: count each call once
-      "dispatch_ms_per_step": (statistics.median(dispatch) / 1000) if dispatch else None,
-      "categories": {category: {"ms_per_step": sum(d) / 1000 / steps,
-                                "kernels_per_step": len(d) / steps,
-                                "median_us": statistics.median(d)}
-                     for category, d in sorted(durations.items())}}
-
-
-def _side_lidb_step(sd, tx, batch_size: int):
-  """dreambooth.make_train_step's step with the LiDB residuals on the side path."""
-  import jax
-  import optax
-  from hdb_jax import dreambooth, lidb, preopt
-
-  def step(train, opt_state, frozen, aux, pools, rng):
-    def loss_fn(train):
-      with preopt.low_rank_side_path(lidb.factors(train, aux)):
-        return dreambooth.pools_loss(sd, frozen, pools, rng, batch_size)
-    loss, grads = jax.value_and_grad(loss_fn)(train)
-    updates, opt_state = tx.update(grads, opt_state, train)
-    return optax.apply_updates(train, updates), opt_state, loss
-
-  return jax.jit(step, donate_argnums=(0, 1))
-
-
-def _side_lora_step(sd, tx, batch_size: int):
-  """finetune.make_step's step with the LoRA on the side path instead of merged."""
-  import jax
-  import optax
-  from hdb_jax import dreambooth, preopt
-
-  def step(trained, opt_state, fixed, frozen, pools, rng):
-    def loss_fn(trained):
-      with preopt.low_rank_side_path({**trained, **fixed}):
-        return dreambooth.pools_loss(sd, frozen, pools, rng, batch_size)
-    loss, grads = jax.value_and_grad(loss_fn)(trained)
-    updates, opt_state = tx.update(grads, opt_state, trained)
-    return optax.apply_updates(trained, updates), opt_state, loss
-
-  return jax.jit(step, donate_argnums=(0, 1))
-
-
-class TorchWorker:
-  """diffusers UNet + transformers CLIP text encoder with peft LoRA adapters of `rank`."""
-
-  def __init__(self, name: str, method: str, work: str):
-    import numpy as np
-    import torch
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from peft import LoraConfig
-    from transformers import CLIPTextModel
-    del name
-    began = time.perf_counter()
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    self.torch = torch
-    rank = METHODS[method][1]
-    folder = os.path.join(work, "pytorch")
-    info = _read_json(os.path.join(work, "export.json"))
-    self.batch_size = info["batch_size"]
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    text_encoder = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"))
-    self.scheduler = DDPMScheduler.from_config(info["scheduler"])
-    data = np.load(os.path.join(work, "batches.npz"))
-
-    with torch.no_grad():  # the fixed check batch, before any adapter (B = 0 adds nothing)
-      context = text_encoder(torch.from_numpy(data["check_ids"]).long())[0]
-      noise = torch.from_numpy(data["check_noise"])
-      timesteps = torch.from_numpy(data["check_timesteps"]).long()
-      noisy = self.scheduler.add_noise(torch.from_numpy(data["check_latents"]), noise,
-                                       timesteps)
-      prediction = unet(noisy, timesteps, context).sample
-      check_loss = float(torch.nn.functional.mse_loss(prediction, noise))
-
-    unet.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(UNET_TARGETS)))
-    text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TEXT_TARGETS)))
-    unet.train()
-    text_encoder.train()
-    self.unet, self.text_encoder = unet, text_encoder
-    trainable = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
-    self.optimizer = torch.optim.AdamW(trainable, lr=FLAGS.learning_rate,
-                                       weight_decay=FLAGS.weight_decay)
-    self.pool_mean = torch.from_numpy(data["pool_mean"])
-    self.pool_std = torch.from_numpy(data["pool_std"])
-    self.input_ids = torch.from_numpy(data["input_ids"]).long().expand(POOL_SIZE, -1)
-    self.generator = torch.Generator().manual_seed(1)
-    adapted = sum(1 for m in (unet, text_encoder) for n, _ in m.named_modules()
-                  if n.endswith(".lora_A"))
-    self.result = {"check_loss": check_loss, "adapted_layers": adapted,
-                   "trainable_values": sum(p.numel() for p in trainable)}
-
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with counter:
-      self.step_once()
-    self.result["torch_flops"] = float(counter.get_total_flops())
-    self.step_once()  # warm-up
-    self.result["setup_seconds"] = time.perf_counter() - began
-
-  def step_once(self):
-    """One training step, as the ports' loops: draw, noise, forward, backward, AdamW."""
-    torch = self.torch
-    index = torch.randint(0, POOL_SIZE, (self.batch_size,), generator=self.generator)
-    mean, std = self.pool_mean[index], self.pool_std[index]
-    latents = mean + std * torch.randn(mean.shape, generator=self.generator)
-    noise = torch.randn(latents.shape, generator=self.generator)
-    timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps,
-                              (self.batch_size,), generator=self.generator)
-    noisy = self.scheduler.add_noise(latents, noise, timesteps)
-    context = self.text_encoder(self.input_ids[index])[0]
-    prediction = self.unet(noisy, timesteps, context).sample
-    loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
-    loss.backward()
-    self.optimizer.step()
-    self.optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
-
-  def window(self, min_seconds: float, min_steps: int) -> dict:
-    start, steps = time.perf_counter(), 0
-    while True:
-      loss = self.step_once()
-      steps += 1
-      if steps >= min_steps and time.perf_counter() - start >= min_seconds:
-        break
-    seconds = time.perf_counter() - start
-    return {"ms_per_step": 1000 * seconds / steps, "steps": steps, "last_loss": float(loss)}
-
-
-class PeakWorker:
-  """GFLOP/s of a 2048 x 2048 fp32 matmul with NumPy, JAX and PyTorch (2 threads), and the
-  memory bandwidth of a 256 MB copy (bytes read + written per second)."""
-  SIZE = 2048
-  COPY_BYTES = 256 * 2**20
-
-  def __init__(self, name: str, method: str, work: str):
-    del name, method, work
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import torch
-    torch.set_num_threads(2)
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((self.SIZE, self.SIZE)).astype(np.float32) for _ in range(2))
-    matmul = jax.jit(jnp.matmul)
-    ja, jb = jnp.asarray(a), jnp.asarray(b)
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    self.calls = {"numpy": lambda: a @ b,
-                  "jax": lambda: matmul(ja, jb).block_until_ready(),
-                  "torch": lambda: torch.mm(ta, tb)}
-    for call in self.calls.values():
-      call()
-    self.copy_source = np.ones(self.COPY_BYTES // 4, np.float32)
-    self.copy_target = np.zeros_like(self.copy_source)
-    self.result = {"size": self.SIZE}
-
-  def window(self, min_seconds: float, min_steps: int) -> dict:
-    """Best GFLOP/s of each library over a few calls (about min_seconds in all)."""
-    del min_steps
-    flop = 2 * self.SIZE**3
-    out = {}
-    for library, call in self.calls.items():
-      best, start = float("inf"), time.perf_counter()
-      while time.perf_counter() - start < min_seconds / len(self.calls) or best == float("inf"):
-        began = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - began)
-      out[library] = flop / best / 1e9
-    import numpy as np
-    best = float("inf")
-    for _ in range(5):
-      began = time.perf_counter()
-      np.copyto(self.copy_target, self.copy_source)
-      best = min(best, time.perf_counter() - began)
-    return {"gflops": out, "copy_gb_per_second": 2 * self.COPY_BYTES / best / 1e9}
-
-
-def _read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
-
-
 def run_child():
   """A worker: set up, print READY, then answer 'window' / 'quit' lines on stdin."""
   if FLAGS.child == "export":
-    info = run_export(FLAGS.model, FLAGS.work)
+    info = finetune_jax.run_export(FLAGS.model, FLAGS.work)
     with open(os.path.join(FLAGS.work, "export.json"), "w") as f:
       json.dump(info, f)
     return
   if FLAGS.child == "peak":
-    worker = PeakWorker("", "", "")
+    import finetune_torch
+    worker = finetune_torch.PeakWorker("", "", "")
+  elif FLAGS.child.startswith("jax:"):
+    worker = finetune_jax.JaxWorker(FLAGS.model, FLAGS.child.split(":")[1], FLAGS.work)
   else:
-    side, method = FLAGS.child.split(":")
-    worker = (JaxWorker if side == "jax" else TorchWorker)(FLAGS.model, method, FLAGS.work)
-  worker.result["rss_after_setup_mb"] = _rss_mb("VmRSS")
+    import finetune_torch
+    worker = finetune_torch.TorchWorker(FLAGS.model, FLAGS.child.split(":")[1], FLAGS.work)
+  worker.result["rss_after_setup_mb"] = rss_mb("VmRSS")
   # The setup's peak (imports, weights, compilation, warm-up); then the windows' own.
-  worker.result["setup_peak_rss_mb"] = _rss_mb("VmHWM")
-  _rss_peak_reset()
+  worker.result["setup_peak_rss_mb"] = rss_mb("VmHWM")
+  rss_peak_reset()
   print("READY " + json.dumps(worker.result), flush=True)
   for line in sys.stdin:
     if line.strip() == "window":
@@ -542,7 +122,7 @@ def run_child():
             flush=True)
     else:
       break
-  print("DONE " + json.dumps({"steps_peak_rss_mb": _rss_mb("VmHWM")}), flush=True)
+  print("DONE " + json.dumps({"steps_peak_rss_mb": rss_mb("VmHWM")}), flush=True)
 
 
 # ------------------------------------------------------------------------------------
@@ -630,7 +210,7 @@ def measure_model(name: str, methods: list, work_root: str, peak: Child) -> dict
       cwd=REPO, capture_output=True, text=True)
   if export.returncode:
     raise RuntimeError(f"export of {name} failed:\n{export.stderr[-4000:]}")
-  info = _read_json(os.path.join(work, "export.json"))
+  info = read_json(os.path.join(work, "export.json"))
   print(f"[{name}] exported in {time.perf_counter() - started:.0f} s: batch "
         f"{info['batch_size']}, latents {info['latent_shape']}, {info['text_length']} tokens",
         flush=True)

@@ -44,8 +44,9 @@ FLAGS = flags.FLAGS
 
 
 def fit_key(method) -> str:
-  """Methods with the same key differ only in their steps."""
-  settings = {k: v for k, v in method.to_dict().items() if k != "steps"}
+  """Methods with the same key differ only in their steps (paths relative to the repo)."""
+  settings = {k: files.portable_path(v, REPO) if isinstance(v, str) and os.path.isabs(v)
+              else v for k, v in method.to_dict().items() if k != "steps"}
   return json.dumps(settings, sort_keys=True)
 
 
@@ -106,7 +107,8 @@ def main(argv):
                     "fit": key}
     print(f"{name:32s} {rows[name]['seconds']:8.2f} s", flush=True)
   result = {
-      "command": "python benchmarks/method_seconds.py " + " ".join(sys.argv[1:]),
+      "command": "python benchmarks/method_seconds.py " + " ".join(  # not the cache's path
+          a for a in sys.argv[1:] if not a.startswith("--cache_dir")),
       "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                   "load_average_before": load_before, "load_average_after": os.getloadavg()},
       "fit_steps": [low, high], "repeats": FLAGS.repeats,

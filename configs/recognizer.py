@@ -5,7 +5,7 @@ recognizer.json with the held-out accuracy of every head). The committed weights
 assets/recognizer were made with:
 
     python -m train.train_recognizer --config configs/recognizer.py \
-        --workdir /tmp/recognizer --config.out=assets/recognizer
+        --workdir workdir/recognizer --config.out=assets/recognizer
 
 Rerunning the same command resumes from <workdir>/checkpoints.
 """

@@ -304,10 +304,11 @@ FORMAT = "hdb-hypernet"
 
 
 def save(path: str, params, net_config, spec: lidb.LiDBSpec, base_fingerprint: str,
-         prompt: str, extra: dict | None = None) -> None:
+         prompt: str, extra: dict | None = None, provenance: dict | None = None) -> None:
   """Write a trained hypernetwork folder atomically: all its params (a pretrained encoder's
   too, frozen or not) and, in hypernet.json, what rebuilds it (`extra` carries the
-  encoder_config of a CLIP encoder, the image size, ...)."""
+  encoder_config of a CLIP encoder, the image size, ...); `provenance`
+  (hdb_jax/provenance.py) goes to provenance.json with the weights' fingerprint."""
   import safetensors.numpy
   flat = {k: np.asarray(v, np.float32) for k, v in params_lib.flatten(params).items()}
   config = net_config.to_dict() if hasattr(net_config, "to_dict") else dict(net_config)
@@ -319,6 +320,9 @@ def save(path: str, params, net_config, spec: lidb.LiDBSpec, base_fingerprint: s
                                 metadata={"format": FORMAT})
     with open(os.path.join(tmp, INFO_FILE), "w") as f:
       json.dump(info, f, indent=2)
+    if provenance is not None:
+      from hdb_jax import provenance as provenance_lib
+      provenance_lib.write(tmp, dict(provenance, fingerprint=weights_fingerprint(tmp)))
 
 
 def read(path: str) -> tuple[dict, dict]:
@@ -341,9 +345,14 @@ def read(path: str) -> tuple[dict, dict]:
     params = params_lib.unflatten(safetensors.numpy.load_file(weights_path))
   except Exception as e:
     raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
-  with open(weights_path, "rb") as f:
-    fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
-  return params, dict(info, lidb_spec=spec, fingerprint=fingerprint)
+  return params, dict(info, lidb_spec=spec, fingerprint=weights_fingerprint(path))
+
+
+def weights_fingerprint(path: str) -> str:
+  """A hypernetwork folder's fingerprint: sha256 of its weights file (16 hex digits), as
+  predicted LiDB files, personalizations and evaluation summaries record it."""
+  with open(os.path.join(path, WEIGHTS_FILE), "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def load(path: str, encoder: nn.Module | None = None):

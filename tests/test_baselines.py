@@ -9,6 +9,7 @@ import numpy as np
 import optax
 
 from hdb_jax import baselines, dreambooth
+from hdb_jax import params as params_lib
 from train import lidb_dreambooth
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,9 +36,17 @@ def test_dreambooth_proper_trains_the_unet(tiny_model):
       jax.random.key(7), 4)]))
   tx = optax.adam(1e-3)
   step = baselines.make_finetune_step(sd, tx, batch_size=4)
+  unet_before = jax.tree_util.tree_map(np.array, params["unet"])  # host copies
   trained = baselines.dreambooth_finetune(step, tx, params, pools, steps=30, seed=0)
-  assert sorted(trained) == ["unet"]
   assert evaluate({**params, **trained}) < 0.9 * evaluate(params)
+  # The whole UNet learns: every kernel moved...
+  moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != b)),
+                                 trained["unet"], unet_before)
+  kernels = {k: v for k, v in params_lib.flatten(moved).items() if k.endswith("kernel")}
+  assert len(kernels) > 50 and all(kernels.values()), [k for k, v in kernels.items() if not v]
+  # ...while the base it started from is intact: the step donates what it trains, so
+  # training the base's own arrays would delete or overwrite them.
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params["unet"], unet_before)
 
 
 def test_textual_inversion_changes_one_token_row(tiny_model):

@@ -179,19 +179,36 @@ def test_face_folder_nothing_readable(tmp_path):
     data.build_folder(str(tmp_path / "missing"), str(tmp_path / "tfds"))
 
 
-def test_two_processes_building_one_dataset_at_once_both_succeed(tmp_path):
+# Another process tries the lock file without waiting: exit 3 if it is held.
+_TRY_LOCK = ("import sys, filelock\n"
+             "try:\n  filelock.FileLock(sys.argv[1], timeout=0).acquire()\n"
+             "except filelock.Timeout:\n  sys.exit(3)\n")
+
+
+def test_a_dataset_is_built_holding_a_lock_other_processes_wait_for(tmp_path, monkeypatch):
   """Two jobs that need synthetic_faces at the same time (an evaluation beside a training
-  run): one builds under the lock file, the other waits and reads it (without the lock
-  the second crashed renaming into the first's finished folder)."""
+  run) must not build it both (the second crashed renaming into the first's finished
+  folder): while the build runs, another process is refused its lock file; once built,
+  the lock is free and a second build reads the dataset without building it again.
+  Deterministic: the check runs inside the build, not in a race between two builds."""
   import subprocess
   import sys
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  command = [sys.executable, "-m", "hdb_jax.mini.dataset", "--config", "tiny",
-             "--data_dir", str(tmp_path)]
-  processes = [subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in processes]
-  for process, out in zip(processes, outputs):
-    assert process.returncode == 0, out[-3000:]
-    assert "ready in" in out, out[-3000:]
+  from hdb_jax.mini import synthetic_faces
+  build, tries = synthetic_faces.SyntheticFaces.download_and_prepare, []
+
+  def try_the_lock(builder):
+    return subprocess.run([sys.executable, "-c", _TRY_LOCK, data.lock_path(builder)],
+                          timeout=60).returncode
+
+  def observed_build(builder, *args, **kwargs):
+    if not os.path.exists(builder.data_dir):  # the build proper, not a read
+      tries.append(try_the_lock(builder))
+    return build(builder, *args, **kwargs)
+
+  monkeypatch.setattr(synthetic_faces.SyntheticFaces, "download_and_prepare", observed_build)
+  builder = dataset.build("tiny", str(tmp_path))
+  assert tries == [3]                  # built once, and held the lock against the other
+  assert try_the_lock(builder) == 0    # released once built
+  again = dataset.build("tiny", str(tmp_path))
+  assert tries == [3] and again.data_dir == builder.data_dir  # read, not built again
   assert len(dataset.source("tiny", "train", str(tmp_path))) > 0

@@ -46,6 +46,10 @@ def test_two_identities_two_prompts_two_methods_and_resume(uninterrupted):
   with open(workdir / "summary.json") as f:
     summary = json.load(f)
   assert summary["prompts"] == ["a sks face", "a sketch of a sks face"]
+  from hdb_jax import hypernet  # hypernet_only predicts with the config's network
+  assert summary["hypernet_fingerprints"] == {
+      "assets/mini_hypernet": hypernet.weights_fingerprint(
+          os.path.join(REPO, "assets", "mini_hypernet"))}
   table = summary["table"]
   assert sorted(table) == ["base", "hypernet_only"]
   for row in table.values():
@@ -53,9 +57,19 @@ def test_two_identities_two_prompts_two_methods_and_resume(uninterrupted):
     assert 0.0 <= row["identity"] <= 1.0 and 0.0 <= row["valid"] <= 1.0
     lo, hi = row["identity_ci95"]
     assert lo <= row["identity"] <= hi
-  assert table["base"]["seconds_median"] is None and table["hypernet_only"]["seconds_median"] > 0
-  assert table["base"]["identity_plain_gain"] == 0.0
-  line = evaluate.ResultsFile(str(workdir / "results"), "hypernet_only").read()[0]
+  # The row's numbers are its raw results': the identity on the plain prompt is each
+  # identity's mean over its first `seeds` samples, the gain is over the base's, and the
+  # time is the median of the lines' (the base trains nothing: no time).
+  raw = {name: evaluate.ResultsFile(str(workdir / "results"), name).read() for name in table}
+  plain = {name: np.mean([np.mean(line["scores"]["identity"][:2]) for line in lines])
+           for name, lines in raw.items()}
+  assert abs(table["hypernet_only"]["identity_plain"] - plain["hypernet_only"]) < 1e-12
+  assert abs(table["hypernet_only"]["identity_plain_gain"]
+             - (plain["hypernet_only"] - plain["base"])) < 1e-12
+  assert table["base"]["seconds_median"] is None
+  assert table["hypernet_only"]["seconds_median"] == np.median(
+      [line["seconds"] for line in raw["hypernet_only"]])
+  line = raw["hypernet_only"][0]
   assert len(line["scores"]["identity"]) == 2 * 2          # prompts x seeds
   assert line["scores"]["background"][:2] == [None, None]  # the plain prompt names none
   assert len(line["scores"]["class_identity"]) == 2 and len(line["scores"]["diversity"]) == 2
@@ -140,7 +154,9 @@ def test_committed_table_supports_what_docs_results_md_says():
   with open(os.path.join(REPO, "docs", "results.md")) as f:
     page = f.read()
   assert "t=docs/mini_results.json:table" in page
-  assert evaluate_report.markdown_table(summary) in page
+  with open(os.path.join(REPO, update_docs.SECONDS)) as f:  # the table's seconds column
+    seconds = {k: v["seconds"] for k, v in json.load(f)["methods"].items()}
+  assert evaluate_report.markdown_table(summary, seconds) in page
   numbers, claims = update_docs.NUMBER.findall(page), update_docs.CLAIM.findall(page)
   assert len(numbers) > 100 and len(claims) > 10
   rendered, problems = update_docs.render(page, "docs/results.md")
@@ -166,6 +182,12 @@ def test_committed_table_supports_what_docs_results_md_says():
   methods = config_file.load(os.path.join(REPO, "configs", "evaluate_mini.py")).methods
   assert sorted(table) == sorted(methods)
   assert all(row["identities"] == 50 for row in table.values())
+  # The rows that predict with a hypernetwork were made with the committed networks.
+  config = config_file.load(os.path.join(REPO, "configs", "evaluate_mini.py"))
+  assert summary["hypernet_fingerprints"] == evaluate_report.hypernet_fingerprints(
+      config, table)
+  assert sorted(summary["hypernet_fingerprints"]) == ["assets/mini_hypernet",
+                                                      "assets/mini_hypernet_aux"]
   # Agg-1 (whole UNet, high lr) breaks the prompts; DreamBooth proper does not.
   assert table["dreambooth_agg1"]["background_drop"] > 0.3
   assert table["dreambooth_400"]["background_drop"] < 0.05
@@ -198,3 +220,26 @@ def test_committed_frontier_rows_recompute_from_their_raw_results():
     assert row["identities"] == again["identities"] == 50, name
     for metric in ("identity_plain", "identity", "background", "style"):
       assert abs(row[metric] - again[metric]) < 1e-12, (name, metric)
+
+
+def test_committed_lever_rows_recompute_from_their_raw_results():
+  """docs/mini_levers: each row measured so far is a method of configs/evaluate_levers.py
+  as configured, on the table's 50 identities, and is what evaluate.summarize makes of its
+  raw results; its `full` row is the table's own (the same results file)."""
+  from hdb_jax import config_file
+  folder = os.path.join(REPO, "docs", "mini_levers")
+  with open(os.path.join(folder, "summary.json")) as f:
+    summary = json.load(f)
+  config = config_file.load(os.path.join(REPO, "configs", "evaluate_levers.py"))
+  assert set(summary["table"]) <= set(config.methods) and "full" in summary["table"]
+  for name, row in summary["table"].items():
+    assert summary["methods"][name] == config.methods[name].to_dict(), name
+    with open(os.path.join(folder, "results", f"{name}.jsonl")) as f:
+      lines = [json.loads(line) for line in f]
+    again = evaluate.summarize(lines, summary["seeds"])
+    assert row["identities"] == again["identities"] == 50, name
+    for metric in ("identity_plain", "identity", "background", "style"):
+      assert abs(row[metric] - again[metric]) < 1e-12, (name, metric)
+  with open(os.path.join(folder, "results", "full.jsonl")) as a, \
+       open(os.path.join(REPO, "docs", "mini_results", "full.jsonl")) as b:
+    assert a.read() == b.read()

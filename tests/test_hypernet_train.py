@@ -7,6 +7,7 @@ Tolerances as in test_preopt.py: the same compiled program 1e-6, another program
 devices) 1e-3 (AdamW's first steps move a value by up to lr = 1e-3).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -136,6 +137,15 @@ def test_run_writes_tensorboard_and_a_loadable_hypernetwork(reference_run, stand
                         iterations=3)
   reference = lidb.init(spec, jax.random.key(0))
   assert jax.tree_util.tree_structure(predicted) == jax.tree_util.tree_structure(reference)
+  # What made it: provenance.json beside the weights, tied to them by their fingerprint.
+  with open(os.path.join(reference_run, "hypernet", "provenance.json")) as f:
+    record = json.load(f)
+  assert record["fingerprint"] == info["fingerprint"]
+  assert record["steps"] == RUN["train.steps"] == record["config"]["train"]["steps"]
+  assert record["data"]["num_identities"] == NUM_IDENTITIES
+  assert record["data"]["source"] == "synthetic_faces/tiny:train"
+  assert len(record["data"]["fingerprint"]) == len(record["data"]["weights_fingerprint"]) == 16
+  assert record["base_fingerprint"] == info["base_fingerprint"]
 
 
 def _steps_saved(workdir):

@@ -274,7 +274,10 @@ def test_evaluate_with_reference_scoring_on_the_tiny_model(folders, tiny_folder,
       assert -1.0 <= lo <= row[name] <= hi <= 1.0, name
     # 32 px photos and samples: dlib finds no face, so no Face Rec score, and says so
     assert row["face_found"] == 0.0 and row["face"] is None and row["face_plain"] is None
-  assert table["lidb_dreambooth_400"]["seconds_median"] > 0
+  trained = evaluate.ResultsFile(str(workdir / "results"), "lidb_dreambooth_400").read()
+  assert table["lidb_dreambooth_400"]["seconds_median"] == np.median(
+      [line["seconds"] for line in trained])
+  assert table["base"]["seconds_median"] is None  # the base trains nothing
   paired = table["lidb_dreambooth_400"]["minus_base"]
   assert sorted(paired) == ["clip_i", "clip_t", "dino", "face", "face_plain"]
   assert paired["dino"]["identities"] == 2

@@ -70,7 +70,12 @@ def test_folder_command_writes_one_result_per_photo(tmp_path, photos):
     assert {r for ls in lora.ranks(weights).values() for r in ls.values()} == {4}
   with open(out / cli.TIMINGS_FILE) as f:
     timings = json.load(f)
-  assert timings["photos"] == 4 and timings["block"] == 4 and timings["photos_per_second"] > 0
+  assert timings["photos"] == 4 and timings["block"] == 4
+  seconds = timings["seconds"]
+  in_turn = ("read", "detect", "load", "predict", "finetune", "sample")  # summed over blocks
+  assert sorted(seconds) == sorted(in_turn + ("total",))
+  assert sum(seconds[stage] for stage in in_turn) <= seconds["total"] + 0.004
+  assert abs(timings["photos_per_second"] - 4 / seconds["total"]) < 0.01  # of the whole run
   # A folder with a photo that is not a face: refused by name, nothing written.
   noise = np.random.default_rng(0).uniform(-1, 1, (32, 32, 3)).astype(np.float32)
   Image.fromarray(files.to_uint8(noise)).save(folder / "not_a_face.png")

@@ -229,8 +229,58 @@ def test_reference_run_writes_dataset_and_summary(reference_run):
 
 
 @pytest.mark.slow  # launches processes: .ci/run runs it after the README command
+def test_target_probe_and_repeatability_on_the_reference_run(reference_run, eight_device_run):
+  """train/analyze_targets.py, the code that made docs/mini_preopt_targets.json and
+  mini_preopt_repeatability.json, on the 16 identities of the reference run: the same
+  fields, R^2 at most 1, and two runs of the same identities and noise agree."""
+  from train import analyze_targets
+  with open(os.path.join(REPO, "docs", "mini_preopt_targets.json")) as f:
+    committed = json.load(f)
+  weights = os.path.join(reference_run, "weights")
+  metrics = analyze_targets.run(weights, 12, [1.0, 10.0, 100.0])
+  assert sorted(metrics) == sorted(k for k in committed if k != "command")
+  assert sorted(metrics["held_out_r2"]) == sorted(committed["held_out_r2"])
+  assert metrics["identities"] == NUM_IDENTITIES and metrics["held_out"] == 4
+  assert all(r2 <= 1.0 for r2 in metrics["held_out_r2"].values())
+  assert 0 < metrics["variance_across_identities"] <= metrics["mean_square"]
+  top = metrics["variance_fraction_top_directions"]
+  assert top["1"] <= top["5"] <= top["20"] <= top["100"] and abs(top["100"] - 1.0) < 1e-9
+  with open(os.path.join(REPO, "docs", "mini_preopt_repeatability.json")) as f:
+    committed = json.load(f)["variants"]["adam lr 5e-3"]
+  again = analyze_targets.repeatability(weights, os.path.join(eight_device_run, "weights"))
+  assert set(again) <= set(committed) and again["identities"] == NUM_IDENTITIES
+  assert again["repeatable_fraction"] > 0.999  # the same training, other devices
+  with pytest.raises(ValueError, match="--fit"):
+    analyze_targets.run(weights, NUM_IDENTITIES, [1.0])
+
+
+@pytest.mark.slow  # launches processes: .ci/run runs it after the README command
 def test_one_vs_eight_devices(reference_run, eight_device_run):
   _assert_same_weights(reference_run, eight_device_run, OTHER_PROGRAM_ATOL)
+
+
+@pytest.mark.slow  # launches processes: .ci/run runs it after the README command
+def test_provenance_records_what_made_the_weights(reference_run, eight_device_run):
+  """provenance.json beside the weights: the resolved config, the identities read and a
+  fingerprint of their photos (the same data on 1 and 8 devices: the same fingerprint),
+  the steps and the code commit of this checkout."""
+  from hdb_jax import provenance
+  records = []
+  for workdir in (reference_run, eight_device_run):
+    with open(os.path.join(workdir, provenance.FILE)) as f:
+      records.append(json.load(f))
+  mine, theirs = records
+  assert mine["steps"] == RUN["preopt.steps"] and mine["config"]["preopt"]["steps"] == 6
+  assert mine["config"]["data"]["max_identities"] == NUM_IDENTITIES
+  identities = weights_dataset.open_dataset(os.path.join(reference_run, "weights")).identities
+  assert mine["data"]["identities"] == provenance.identity_ranges(identities)
+  assert mine["data"]["num_identities"] == NUM_IDENTITIES
+  assert mine["data"]["source"] == "synthetic_faces/tiny:train"
+  assert mine["data"]["fingerprint"] == theirs["data"]["fingerprint"]
+  assert theirs["command"].startswith("python -m train.preoptimize --config configs/")
+  head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
+                        text=True)
+  assert mine["code"]["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
 
 
 @pytest.mark.slow  # launches processes: .ci/run runs it after the README command

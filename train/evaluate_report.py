@@ -71,9 +71,26 @@ def write_summary(config, workdir: str, prompts: list[str]) -> dict:
                                  and os.path.isabs(v) else v
                                  for key, v in config.methods[k].to_dict().items()}
                          for k in table},
+             "hypernet_fingerprints": hypernet_fingerprints(config, table),
              "table": table}
   files.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
+
+
+def hypernet_fingerprints(config, names) -> dict:
+  """{hypernetwork folder (repository-relative): fingerprint of its weights} of the
+  methods among `names` whose rows use a hypernetwork's prediction (kind "personalize"
+  without `from_zero`; a method's `hypernet`, else config.personalize.hypernet), read
+  when the summary is written."""
+  from hdb_jax import hypernet
+  out = {}
+  for name in names:
+    method = config.methods[name]
+    if method.kind != "personalize" or method.get("from_zero", False):
+      continue
+    path = method.get("hypernet") or config.personalize.hypernet
+    out[files.portable_path(path, REPO)] = hypernet.weights_fingerprint(path)
+  return dict(sorted(out.items()))
 
 
 def write_plot(summary: dict, path: str) -> None:

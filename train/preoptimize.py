@@ -12,6 +12,8 @@ rows of each block and writes its own shards. Writes to --workdir:
                  eval loss before/after; losses.csv: the same per identity
   checkpoints/   orbax progress (identity position, step, the block in flight), saved every
                  `checkpoint_every_blocks` blocks and on SIGTERM/SIGINT (then exit 0)
+  provenance.json  what made the weights: resolved config, command, identities and a
+                 fingerprint of the photos read, steps, code commit (hdb_jax/provenance.py)
 Rerunning the same command continues (also after SIGKILL); a finished run exits at once.
 """
 
@@ -31,11 +33,12 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from hdb_jax import checkpoint, distributed, files, lidb, logs, models, preopt
+from hdb_jax import checkpoint, distributed, files, lidb, logs, models, preopt, provenance
 from hdb_jax import params as params_lib
 from hdb_jax import weights_dataset
 
 FLAGS = flags.FLAGS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def define_flags():
@@ -123,6 +126,26 @@ def prompt_ids(sd, examples: dict, prompt: str, token: str, class_name: str) -> 
     return np.broadcast_to(sd.tokenize([prompt])[None], (count, per_identity, sd.max_length))
   texts = [identifier_prompt(c, token, class_name) for row in examples["captions"] for c in row]
   return sd.tokenize(texts).reshape(count, per_identity, -1)
+
+
+def data_source(cfg) -> str:
+  """Where config.data reads, for provenance.json."""
+  if cfg.source == "synthetic_faces":
+    return f"synthetic_faces/{cfg.config}:{cfg.split}"
+  return cfg.source + (f" {cfg.folder}" if cfg.source == "face_folder" else "")
+
+
+def examples_read(read_examples, count: int, block: int = 256):
+  """Every identity's photos (and face masks, captions) as the run read them, in blocks:
+  what provenance.json's data fingerprint covers."""
+  for first in range(0, count, block):
+    examples = read_examples(range(first, min(first + block, count)))
+    yield examples["images"]
+    if examples["face_masks"] is not None:
+      yield examples["face_masks"]
+    if examples["captions"] is not None:
+      yield np.frombuffer("\0".join(c for row in examples["captions"] for c in row).encode(),
+                          np.uint8)
 
 
 def write_summary(workdir: str, dataset_dir: str, identities_this_run: int,
@@ -356,6 +379,10 @@ def _run(config, workdir, stop) -> bool:
     weights_dataset.finalize(dataset_dir, identities, {"prompt": prompt, **shard_meta})
     summary = write_summary(workdir, dataset_dir, len(identities) - start,
                             time.time() - began)
+    provenance.write(workdir, provenance.record(
+        config, steps=run.steps, repo=REPO, base_fingerprint=base_fingerprint,
+        data=provenance.data_record(data_source(config.data), identities,
+                                    examples_read(read_examples, len(identities)))))
     logging.info("wrote %s (%d identities); summary: %s", dataset_dir, len(identities),
                  json.dumps({k: v for k, v in summary.items() if k != "num_identities"}))
   return True

@@ -11,7 +11,9 @@ then:
      guidance, EMA weights.
 Writes to --workdir:
   base/            the pretrained model (diffusers layout, Flax weights): copy it to
-                   assets/mini_base to make it the default of configs/mini.py
+                   assets/mini_base to make it the default of configs/mini.py; its
+                   provenance.json: resolved config, command, a fingerprint of the
+                   images and captions, steps, code commit
   vae_recon.png    held-in images (top) and their reconstructions (bottom)
   samples/         sample grids during training (rows = config.pretrain.sample_prompts)
   samples.png      the final grid; log.jsonl: losses
@@ -29,11 +31,12 @@ import numpy as np
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from hdb_jax import checkpoint, dreambooth, files, logs, models
+from hdb_jax import checkpoint, dreambooth, files, logs, models, provenance
 from hdb_jax.mini import captions as captions_lib
 from hdb_jax.mini import dataset, pretrain
 
 FLAGS = flags.FLAGS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def define_flags():
@@ -172,6 +175,11 @@ def main(argv):
 
   out = os.path.join(workdir, "base")
   models.save(sd, params, out)
+  provenance.write(out, provenance.record(
+      config, repo=REPO, steps={"vae": config.pretrain.vae.steps,
+                                "diffusion": config.pretrain.diffusion.steps},
+      data=provenance.data_record(f"synthetic_faces/{config.data.config}:train",
+                                  arrays=[images], texts=captions, images=len(images))))
   sample_grid(config, sd, params, os.path.join(workdir, "samples.png"), config.pretrain.seed)
   logging.info("wrote %s in %.1f min", out, (time.time() - started) / 60)
 

@@ -13,6 +13,8 @@ frozen base replicated, or split along `fsdp`). Writes to --workdir:
   checkpoints/   orbax, every `checkpoint_every` steps and on SIGTERM/SIGINT (then exit);
                  rerunning the same command resumes
   log.jsonl      the logged scalars
+hypernet/provenance.json records what made it: the resolved config, the command, the
+identities and a fingerprint of their photos and targets, the steps and the code commit.
 """
 
 import json
@@ -27,10 +29,11 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from hdb_jax import (checkpoint, distributed, files, hypernet, hypernet_train, lidb, logs,
-                     models, preopt, tensorboard, weights_dataset)
+                     models, preopt, provenance, tensorboard, weights_dataset)
 from hdb_jax import params as params_lib
 
 FLAGS = flags.FLAGS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PURPOSE_INIT, PURPOSE_BATCH, PURPOSE_EVAL = 0, 1, 2
 
 
@@ -94,6 +97,13 @@ def data_parts(cfg, image_size: int):
     holdout_ids = np.array([i for i, _, _ in data.identity_ranges(open_split("holdout"))],
                            np.int64)
   return photos, holdout_ids, score
+
+
+def data_source(cfg) -> str:
+  """Where config.data's photos come from, for provenance.json."""
+  if cfg.source == "synthetic_faces":
+    return f"synthetic_faces/{cfg.config}:{cfg.split}"
+  return f"face_folder {cfg.folder}"
 
 
 def run(config, workdir: str) -> bool:
@@ -260,7 +270,16 @@ def _run(config, workdir, stop) -> bool:
     hypernet.save(os.path.join(workdir, "hypernet"), jax.device_get(state["params"]),
                   config.hypernet, spec, fingerprint, prompt,
                   extra={"image_size": int(image_shape[0]), "steps": cfg.steps,
-                         "encoder_config": encoder_config})
+                         "encoder_config": encoder_config},
+                  provenance=provenance.record(
+                      config, steps=cfg.steps, repo=REPO, base_fingerprint=fingerprint,
+                      data=provenance.data_record(
+                          data_source(config.data), identities,
+                          [train_photos["images"], train_photos.get("face_masks",
+                                                                    np.zeros(0, np.uint8))],
+                          weights=config.data.weights,
+                          weights_fingerprint=provenance.fingerprint(
+                              jax.tree_util.tree_leaves(target_rows)))))
     if writer:
       writer.close()
     logging.info("wrote %s/hypernet after %.1f min", workdir, (time.time() - began) / 60)

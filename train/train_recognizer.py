@@ -1,10 +1,11 @@
 r"""Train the mini world's recognizer on renderer ground truth (hdb_jax/mini/recognizer.py).
 
-    python -m train.train_recognizer --config configs/recognizer.py --workdir /tmp/recognizer
+    python -m train.train_recognizer --config configs/recognizer.py --workdir workdir/recognizer
 
 Writes to --workdir:
   recognizer/        weights (safetensors) + recognizer.json (architecture, training,
-                     held-out accuracy per head, clean and augmented, per style);
+                     held-out accuracy per head, clean and augmented, per style) +
+                     provenance.json (resolved config, command, steps, code commit);
                      --config.out=DIR writes there instead (assets/recognizer: committed)
   holdout.png        held-out renders (top) and non-faces (bottom) as evaluated
   log.jsonl          loss and batch accuracy every config.train.log_every steps
@@ -22,11 +23,12 @@ import optax
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from hdb_jax import checkpoint, files, logs
+from hdb_jax import checkpoint, files, logs, provenance
 from hdb_jax import params as params_lib
 from hdb_jax.mini import recognizer, render
 
 FLAGS = flags.FLAGS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def define_flags():
@@ -140,6 +142,12 @@ def main(argv):
   }
   out = config.out or os.path.join(workdir, "recognizer")
   recognizer.save(out, params, info)
+  provenance.write(out, provenance.record(
+      config, steps=tc.steps, repo=REPO, data=provenance.data_record(
+          "procedural renders (hdb_jax/mini/render.py) from config.train.seed, faces of "
+          f"every identity but the {len(holdout_ids)} of the holdout split of "
+          f"synthetic_faces/{ec.dataset_config}, and non-faces",
+          arrays=[np.asarray(holdout_ids)], excluded_identities=len(holdout_ids))))
   for name, value in accuracy["clean"].items():
     logging.info("held-out accuracy %-12s clean %.4f  augmented %.4f", name, value,
                  accuracy["augmented"][name])

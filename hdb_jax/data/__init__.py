@@ -22,6 +22,11 @@ def default_data_dir() -> str:
                                                       "tensorflow_datasets")
 
 
+def lock_path(builder) -> str:
+  """The lock file that `prepare` holds while it builds `builder`'s dataset."""
+  return os.path.join(builder.data_dir_root, f".{builder.name}.lock")
+
+
 def prepare(builder):
   """`builder.download_and_prepare()` under a lock file in its data dir: two processes that
   need the same dataset (an evaluation beside a training run, test workers) build it once;
@@ -29,8 +34,7 @@ def prepare(builder):
   first's finished folder)."""
   import filelock
   os.makedirs(builder.data_dir_root, exist_ok=True)
-  lock_path = os.path.join(builder.data_dir_root, f".{builder.name}.lock")
-  with filelock.FileLock(lock_path):
+  with filelock.FileLock(lock_path(builder)):
     builder.download_and_prepare()
   return builder
 
