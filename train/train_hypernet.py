@@ -267,6 +267,9 @@ def _run(config, workdir, stop) -> bool:
                jax.process_index(), jax.process_count(), rows_read,
                (cfg.steps - start) * cfg.batch_size)
   if is_main:
+    # The provenance's fingerprint covers every identity's photo: process 0 reads them all
+    # once more here (training read each process's rows only).
+    train_photos = photos(config.data.split, identities)
     hypernet.save(os.path.join(workdir, "hypernet"), jax.device_get(state["params"]),
                   config.hypernet, spec, fingerprint, prompt,
                   extra={"image_size": int(image_shape[0]), "steps": cfg.steps,
