@@ -76,9 +76,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       face_background_weight=ml_collections.config_dict.FieldReference(0.1, field_type=float),
       remat="none",              # "dots": recompute all but weight matmuls (less memory)
       log_every=25, checkpoint_every=250,
-      # Append the identities each process reads, per step, to reads-p<process>.jsonl
-      # in the workdir (tests of multi-process data sharding).
-      log_reads=False,
       eval_every=1000, eval_identities=32, eval_samples=2, sample_steps=25,
       guidance_scale=4.0)
   # Devices on data x fsdp (-1: all, of every process); with fsdp > 1 the frozen base's

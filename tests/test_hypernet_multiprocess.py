@@ -14,7 +14,7 @@ together (any of them wrong moves the weights far past the tolerance). Around it
 - the rerun resumes from the last complete checkpoint (it says which, and it is one the
   killed job wrote);
 - each process reads the photos of only its rows of every global batch: counted per step
-  from the `train.log_reads` files, the two processes' rows are disjoint, half the batch
+  from the `--log_reads` files, the two processes' rows are disjoint, half the batch
   each, and together exactly the identities the 1-process run read;
 - the fsdp split really split arrays (the trainer logs how many);
 - the held-out evaluation during training runs in both processes.
@@ -42,14 +42,15 @@ from tests.test_hypernet_train import (RUN, _assert_same_params, _launch,  # noq
                                        _steps_saved, stand_in)
 
 STEPS = 6
-MULTI = {**RUN, "train.steps": STEPS, "train.checkpoint_every": 2, "train.log_reads": True}
+MULTI = {**RUN, "train.steps": STEPS, "train.checkpoint_every": 2}
+READS = ["--log_reads"]  # each process appends the rows it read to reads-p<process>.jsonl
 FSDP = {"mesh.fsdp": 2, "mesh.fsdp_min_size": 1024}  # the small model's arrays are small
 # The held-out evaluation at the last step, as the SD1.5 configs run it during training:
 # every process takes part (the frozen base is split over processes' devices).
 EVAL = {"train.eval_every": STEPS, "train.eval_identities": 2, "train.eval_samples": 1,
         "train.sample_steps": 2}
 OTHER_PROGRAM_ATOL = 1e-4
-TIMEOUT = 600          # seconds for a whole launch on a loaded 2-core machine
+TIMEOUT = 1200         # seconds for a whole launch on a loaded 2-core machine (a hang bound)
 STOP_WITHIN = 150      # seconds for the survivor of a SIGKILL to exit
 
 
@@ -67,7 +68,7 @@ def _launch_two(workdir, stand_in):
                             "distributed.cpu_collectives": "gloo",
                             "distributed.coordinator_address": f"127.0.0.1:{port}",
                             "distributed.num_processes": 2,
-                            "distributed.process_id": i}, devices=2)
+                            "distributed.process_id": i}, devices=2, args=READS)
           for i in range(2)]
 
 
@@ -96,7 +97,8 @@ def _reads(workdir, process):
 def four_device_run(tmp_path_factory, stand_in):
   """1 process x 4 devices, the frozen base replicated, uninterrupted."""
   workdir = tmp_path_factory.mktemp("hypernet_4")
-  out, = _communicate([_launch(workdir, {**MULTI, **stand_in}, devices=4)], TIMEOUT)
+  out, = _communicate([_launch(workdir, {**MULTI, **stand_in}, devices=4, args=READS)],
+                      TIMEOUT)
   assert "frozen base: 0 of" in out, out[-3000:]
   return str(workdir)
 

@@ -42,6 +42,9 @@ def define_flags():
   config_flags.DEFINE_config_file("config", None, "Config file (configs/hypernet_*.py).",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Output folder; rerunning resumes from it.")
+  flags.DEFINE_bool("log_reads", False, "Append the batch rows and identities this process "
+                    "read at each step to <workdir>/reads-p<process>.jsonl (a check of how "
+                    "a multi-process job splits the data; not part of the recipe).")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -106,16 +109,17 @@ def data_source(cfg) -> str:
   return f"face_folder {cfg.folder}"
 
 
-def run(config, workdir: str) -> bool:
-  """Train into `workdir`. Returns True when finished, False when stopped by a signal."""
+def run(config, workdir: str, log_reads: bool = False) -> bool:
+  """Train into `workdir`. Returns True when finished, False when stopped by a signal.
+  log_reads: see the --log_reads flag."""
   stop = checkpoint.StopFlag()
   try:
-    return _run(config, workdir, stop)
+    return _run(config, workdir, stop, log_reads)
   finally:
     stop.restore()
 
 
-def _run(config, workdir, stop) -> bool:
+def _run(config, workdir, stop, log_reads) -> bool:
   cfg = config.train
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -198,7 +202,7 @@ def _run(config, workdir, stop) -> bool:
   local_position[local_rows] = np.arange(len(local_rows))
   rows_read = 0  # photos read by this process this run (logged at the end)
   reads_file = (os.path.join(workdir, f"reads-p{jax.process_index()}.jsonl")
-                if cfg.get("log_reads", False) else None)
+                if log_reads else None)
 
   def global_batch(step):
     """The same global batch indices on every process; each reads and places its rows."""
@@ -347,7 +351,7 @@ def main(argv):
   distributed.initialize(FLAGS.config.distributed)
   logs.quiet_libraries()
   try:
-    run(FLAGS.config, FLAGS.workdir)  # stopped by a signal: progress saved, exit 0
+    run(FLAGS.config, FLAGS.workdir, FLAGS.log_reads)  # stopped by a signal: exit 0
   except Exception:
     if jax.process_count() == 1:
       raise
