@@ -78,7 +78,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       log_every=25, checkpoint_every=250,
       eval_every=1000, eval_identities=32, eval_samples=2, sample_steps=25,
       guidance_scale=4.0)
-  config.mesh = dict(data=-1, fsdp=1)  # devices on data x fsdp; -1: all
+  # Devices on data x fsdp (-1: all, of every process); with fsdp > 1 the frozen base's
+  # arrays of >= fsdp_min_size values are split along fsdp (gathered where used).
+  config.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2**18)
   config.distributed = dict(initialize=False, coordinator_address="", num_processes=0,
                             process_id=-1, cpu_collectives="")
   if variant == "learnable_aux":

@@ -16,7 +16,9 @@ Mesh: `data` over all GPUs of the host, the frozen SD1.5 replicated; bf16 comput
         --config.hypernet.encoder.path=/data/clip-vit-large-patch14-vision \
         --workdir /data/hypernet_sd15
 
-Not run here (no GPU, no SD1.5 or CLIP weights); the same code trains the mini world.
+Several nodes under SLURM (one task per GPU, `--config.distributed.initialize=True`):
+docs/pods.md. Not run here (no GPU, no SD1.5 or CLIP weights); the same code trains the
+mini world.
 """
 
 from hdb_jax import config_file

@@ -5,14 +5,22 @@ rows of each global batch; `jax.distributed.initialize()` with no arguments find
 pod. The frozen SD1.5 can be split along an `fsdp` mesh axis (mesh.fsdp=2: large
 arrays halved across chip pairs, the batch on the remaining `data` axis).
 
-    python -m train.train_hypernet --config configs/hypernet_sd15_tpu.py \
+    gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command="\
+        cd hdb-jax && . .venv/bin/activate && python -m train.train_hypernet \
+        --config configs/hypernet_sd15_tpu.py \
         --config.model.path=/mnt/shared/stable-diffusion-v1-5 \
         --config.data.weights=/mnt/shared/preopt_sd15/weights \
         --config.data.folder=/mnt/shared/celeba_hq_identities \
+        --config.data.holdout_folder=/mnt/shared/holdout_faces \
+        --config.data.data_dir=/mnt/shared/tfds \
         --config.hypernet.encoder.path=/mnt/shared/clip-vit-large-patch14-vision \
-        --workdir /mnt/shared/hypernet_sd15      # the same command on every host
+        --workdir /mnt/shared/hypernet_sd15"
 
-Not run here (no TPU, no SD1.5 or CLIP weights).
+The workdir on a path every host shares (orbax checkpoints are written by all processes).
+The whole way from an empty slice (data folder built once into data_dir, pre-optimization,
+this, evaluation, export), resuming and watching: docs/pods.md. Not run here (no TPU, no
+SD1.5 or CLIP weights); the multi-process code path is tested on CPU processes
+(tests/test_hypernet_multiprocess.py).
 """
 
 from hdb_jax import config_file

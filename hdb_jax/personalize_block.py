@@ -14,6 +14,11 @@ block of G identities goes through every stage together:
 Each identity draws its examples exactly as `finetune.train` does for one photo (the same
 seed and step keys), so identity g's LoRA equals the single-photo result up to float
 reassociation (side path vs merged kernels; tested).
+
+Single host by design: the mesh is this process's devices and the photos are host arrays,
+so a multi-process launch (jax.process_count() > 1, e.g. `--worker=all` on a TPU pod
+slice) is refused in `load`. Run it on one host; more photos per second across hosts is
+one independent command per host, each on its own folder of photos (docs/pods.md).
 """
 
 from __future__ import annotations
@@ -84,6 +89,12 @@ def load(config, prompts: list[str], block: int, mesh=None) -> BlockPersonalizer
   `mesh`: the identity axis is sharded over its `data` axis (default: all devices; the
   block must divide evenly)."""
   from hdb_jax import models
+  if jax.process_count() > 1:
+    raise ValueError(
+        f"batched personalization runs on one host (its mesh is this process's devices), "
+        f"but this is process {jax.process_index()} of {jax.process_count()} of a "
+        f"multi-process launch: run it on one host, or one command per host on its own "
+        f"photos (docs/pods.md)")
   cfg = config.personalize
   sd, frozen = models.load_or_build(config.model)
   params, info = hypernet.read(cfg.hypernet)

@@ -99,7 +99,7 @@ def reference_run(tmp_path_factory, stand_in):
   return workdir
 
 
-def _launch(workdir, overrides, devices=1):
+def _launch(workdir, overrides, devices=1, args=()):
   env = dict(os.environ, PYTHONUNBUFFERED="1",
              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
@@ -107,7 +107,7 @@ def _launch(workdir, overrides, devices=1):
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   command = [sys.executable, "-m", "train.train_hypernet",
              "--config", os.path.join(REPO, "configs", "hypernet_mini.py"),
-             "--workdir", str(workdir), "--config.model.path="] + _flags(overrides)
+             "--workdir", str(workdir), "--config.model.path="] + _flags(overrides) + list(args)
   return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 

@@ -14,6 +14,11 @@ Rerunning resumes (per method and chunk of identities); SIGTERM or Ctrl-C stops 
 chunk in hand is saved; --methods runs a subset. Methods
 share compiled programs where they can (the personalize ones through hdb personalize's
 program store, the sampler for all).
+
+Single host by design: every method runs on this process's devices, one identity chunk
+after the other. A multi-process launch (jax.process_count() > 1, e.g. `--worker=all` on
+a TPU pod slice) is refused before anything is read or written; run it on one host
+(docs/pods.md).
 """
 
 import os
@@ -44,8 +49,19 @@ def define_flags():
   flags.mark_flags_as_required(["config", "workdir"])
 
 
+def refuse_multi_process() -> None:
+  """Exit with a message when launched as one of several processes (see the docstring)."""
+  if jax.process_count() > 1:
+    raise SystemExit(
+        f"train/evaluate.py runs on one host (every method on this process's devices), "
+        f"but this is process {jax.process_index()} of {jax.process_count()} of a "
+        f"multi-process launch: run it on one host, e.g. one GPU node or a single-host "
+        f"TPU VM reading the trained hypernetwork from the shared path (docs/pods.md)")
+
+
 def main(argv):
   del argv
+  refuse_multi_process()  # before anything is read or written
   logs.quiet_libraries()
   config, workdir = FLAGS.config, FLAGS.workdir
   hub.resolve_config(config, FLAGS.allow_download)  # repo ids -> local cache folders

@@ -19,6 +19,7 @@ identities and a fingerprint of their photos and targets, the steps and the code
 
 import json
 import os
+import sys
 import time
 
 from absl import app, flags, logging
@@ -41,6 +42,9 @@ def define_flags():
   config_flags.DEFINE_config_file("config", None, "Config file (configs/hypernet_*.py).",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Output folder; rerunning resumes from it.")
+  flags.DEFINE_bool("log_reads", False, "Append the batch rows and identities this process "
+                    "read at each step to <workdir>/reads-p<process>.jsonl (a check of how "
+                    "a multi-process job splits the data; not part of the recipe).")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -74,9 +78,14 @@ def data_parts(cfg, image_size: int):
     raise app.UsageError(f"config.data.source must be 'synthetic_faces' or 'face_folder', "
                          f"got {cfg.source!r}")
 
+  opened = {}
+
   def photos(split, identities):
-    records = open_split(split)
-    starts = {identity: start for identity, start, _ in data.identity_ranges(records)}
+    if split not in opened:  # open a split once: later calls read only their rows
+      records = open_split(split)
+      opened[split] = records, {identity: start for identity, start, _ in
+                                data.identity_ranges(records)}
+    records, starts = opened[split]
     missing = [int(i) for i in identities if int(i) not in starts]
     if missing:
       raise ValueError(f"{cfg.source} {split}: no photos of identities {missing[:3]}")
@@ -100,16 +109,17 @@ def data_source(cfg) -> str:
   return f"face_folder {cfg.folder}"
 
 
-def run(config, workdir: str) -> bool:
-  """Train into `workdir`. Returns True when finished, False when stopped by a signal."""
+def run(config, workdir: str, log_reads: bool = False) -> bool:
+  """Train into `workdir`. Returns True when finished, False when stopped by a signal.
+  log_reads: see the --log_reads flag."""
   stop = checkpoint.StopFlag()
   try:
-    return _run(config, workdir, stop)
+    return _run(config, workdir, stop, log_reads)
   finally:
     stop.restore()
 
 
-def _run(config, workdir, stop) -> bool:
+def _run(config, workdir, stop, log_reads) -> bool:
   cfg = config.train
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -128,8 +138,8 @@ def _run(config, workdir, stop) -> bool:
   identities = targets.identities[:config.data.max_identities or None]
   target_rows = jax.tree_util.tree_map(lambda x: x[:len(identities)], targets.train)
   photos, holdout_ids, score = data_parts(config.data, sd.image_size)
-  train_photos = photos(config.data.split, identities)
-  if cfg.face_background_weight is not None and "face_masks" not in train_photos:
+  first_photo = photos(config.data.split, identities[:1])  # the rest: by batch, below
+  if cfg.face_background_weight is not None and "face_masks" not in first_photo:
     raise ValueError(f"config.train.face_background_weight={cfg.face_background_weight}: "
                      f"the {config.data.source} records carry no face_mask")
   prompt = config.prompt.format(token=config.token, class_name=config.class_name)
@@ -146,7 +156,7 @@ def _run(config, workdir, stop) -> bool:
   encoder, encoder_params, encoder_config = hypernet.make_encoder(config.hypernet.encoder)
   net = hypernet.make(layout, config.hypernet, encoder)
   tx = hypernet_train.optimizer(cfg)
-  image_shape = train_photos["images"].shape[1:]
+  image_shape = first_photo["images"].shape[1:]
   params = jax.jit(lambda key: net.init(key, np.zeros((1,) + image_shape, np.float32),
                                         iterations=1)["params"])(
       jax.random.fold_in(jax.random.key(cfg.seed), PURPOSE_INIT))
@@ -157,7 +167,12 @@ def _run(config, workdir, stop) -> bool:
         jax.tree_util.tree_map(np.asarray, aux), layout)})
   state = {"params": params, "opt_state": tx.init(params)}
   logging.info("hypernetwork: %s parameters", f"{params_lib.count(params):,}")
-  frozen_sharding = hypernet_train.frozen_shardings(frozen, mesh)
+  frozen_sharding = hypernet_train.frozen_shardings(
+      frozen, mesh, config.mesh.get("fsdp_min_size", 2**18))
+  split = [s for s in jax.tree_util.tree_leaves(frozen_sharding) if not s.is_fully_replicated]
+  logging.info("mesh data=%d x fsdp=%d over %d processes; frozen base: %d of %d arrays "
+               "split over fsdp", num_devices // fsdp, fsdp, jax.process_count(), len(split),
+               len(jax.tree_util.tree_leaves(frozen_sharding)))
   fns = hypernet_train.make_step(
       net, sd, tx, mesh, frozen_sharding, seed=cfg.seed, loss_kwargs=dict(
           iterations=config.hypernet.iterations, alpha=cfg.alpha, beta=cfg.beta,
@@ -170,23 +185,50 @@ def _run(config, workdir, stop) -> bool:
 
   ckpt = checkpoint.manager(workdir)
   start, state = checkpoint.restore_latest(ckpt, state)
+  if start:
+    logging.info("resuming from the checkpoint of step %d", start)
   state = preopt.replicate(jax.tree_util.tree_map(np.asarray, state), fns.replicated)
   writer = tensorboard.Writer(os.path.join(workdir, "tensorboard")) if is_main else None
   evaluator = (Evaluator(config, sd, net, frozen, aux, photos, holdout_ids, score)
                if cfg.eval_every and len(holdout_ids) else None)
 
+  # This process's rows of every global batch (its devices' slices of the data axis): it
+  # reads the photos of those only; the targets and token ids are small, kept whole.
+  row_of_position = np.arange(cfg.batch_size)
+  local_rows = np.unique(np.concatenate([
+      row_of_position[index[0]] for index in
+      fns.batch_sharding.addressable_devices_indices_map((cfg.batch_size,)).values()]))
+  local_position = np.full(cfg.batch_size, -1)           # global row -> row of `local_rows`
+  local_position[local_rows] = np.arange(len(local_rows))
+  rows_read = 0  # photos read by this process this run (logged at the end)
+  reads_file = (os.path.join(workdir, f"reads-p{jax.process_index()}.jsonl")
+                if log_reads else None)
+
   def global_batch(step):
-    """The same global batch on every process (each keeps its own rows of it)."""
+    """The same global batch indices on every process; each reads and places its rows."""
+    nonlocal rows_read
     rng = np.random.default_rng([cfg.seed, PURPOSE_BATCH, step])
     index = rng.integers(0, len(identities), cfg.batch_size)
-    batch = {"images": train_photos["images"][index].astype(np.float32) / 127.5 - 1.0,
-             "input_ids": np.broadcast_to(input_ids, (cfg.batch_size, len(input_ids))),
-             "target": jax.tree_util.tree_map(lambda x: x[index], target_rows)}
+    local = photos(config.data.split, identities[index[local_rows]])  # [local rows, ...]
+    rows_read += len(local_rows)
+    if reads_file:
+      with open(reads_file, "a") as f:
+        f.write(json.dumps({"step": step, "rows": local_rows.tolist(), "identities": [
+            int(i) for i in identities[index[local_rows]]]}) + "\n")
+
+    def place(x, local_only):  # -> global array [batch_size, ...] sharded over "data"
+      shape = (cfg.batch_size,) + x.shape[1:]
+      if local_only:
+        return jax.make_array_from_callback(
+            shape, fns.batch_sharding, lambda i: x[local_position[row_of_position[i[0]]]])
+      return jax.make_array_from_callback(shape, fns.batch_sharding, lambda i: x[i])
+    batch = {"images": place(local["images"].astype(np.float32) / 127.5 - 1.0, True),
+             "input_ids": place(np.broadcast_to(input_ids, (cfg.batch_size, len(input_ids))),
+                                False),
+             "target": jax.tree_util.tree_map(lambda x: place(x[index], False), target_rows)}
     if cfg.face_background_weight is not None:
-      batch["face_masks"] = train_photos["face_masks"][index]
-    return jax.tree_util.tree_map(
-        lambda x: jax.make_array_from_callback(x.shape, fns.batch_sharding,
-                                               lambda i: x[i]), batch)
+      batch["face_masks"] = place(local["face_masks"], True)
+    return batch
 
   bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="hypernetwork",
              unit="step", disable=not is_main)
@@ -225,7 +267,13 @@ def _run(config, workdir, stop) -> bool:
       logging.warning("stopped at step %d: rerun the same command to continue", done)
       return False
   ckpt.wait_until_finished()
+  logging.info("process %d of %d: read the photos of %d of %d batch rows",
+               jax.process_index(), jax.process_count(), rows_read,
+               (cfg.steps - start) * cfg.batch_size)
   if is_main:
+    # The provenance's fingerprint covers every identity's photo: process 0 reads them all
+    # once more here (training read each process's rows only).
+    train_photos = photos(config.data.split, identities)
     hypernet.save(os.path.join(workdir, "hypernet"), jax.device_get(state["params"]),
                   config.hypernet, spec, fingerprint, prompt,
                   extra={"image_size": int(image_shape[0]), "steps": cfg.steps,
@@ -302,7 +350,23 @@ def main(argv):
   del argv
   distributed.initialize(FLAGS.config.distributed)
   logs.quiet_libraries()
-  run(FLAGS.config, FLAGS.workdir)  # stopped by a signal: progress saved, exit 0
+  try:
+    run(FLAGS.config, FLAGS.workdir, FLAGS.log_reads)  # stopped by a signal: exit 0
+  except Exception:
+    if jax.process_count() == 1:
+      raise
+    # One of several processes: exit now. The usual exit waits in jax.distributed's
+    # shutdown barrier for every peer: for a dead one (a killed or lost host: here the
+    # error is "Gloo all-reduce failed") until its heartbeat times out (100 s), for a
+    # live one stuck in a collective with this process until the barrier's own timeout.
+    # Exiting makes every peer's next collective fail at once, so the whole job stops.
+    logging.exception("process %d of %d failed: stopping the job; rerun the same command "
+                      "on every process to resume from the last complete checkpoint",
+                      jax.process_index(), jax.process_count())
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":
