@@ -31,7 +31,7 @@ CLIP_VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_attention_head
 def get_config():
   config = config_file.sibling(__file__, "hypernet_mini").get_config()  # same fields
   config.model = config_file.sibling(__file__, "sd15").sd15_model()
-  config.model.dtype = "bfloat16"               # compute dtype; weights stay float32
+  config.model.compute_dtype = "bfloat16"       # weights and optimizer state stay float32
   config.class_name = "person"
   config.data.source = "face_folder"
   config.data.weights = ""                      # required: a preopt run's weights folder

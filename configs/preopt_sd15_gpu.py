@@ -23,7 +23,7 @@ from hdb_jax import config_file
 def get_config():
   config = config_file.sibling(__file__, "preopt_mini").get_config()  # same fields as the mini world
   config.model = config_file.sibling(__file__, "sd15").sd15_model()
-  config.model.dtype = "bfloat16"                # compute dtype; weights stay float32
+  config.model.compute_dtype = "bfloat16"        # weights and optimizer state stay float32
   config.class_name = "person"
   config.data.source = "face_folder"
   config.data.folder = ""                        # required: --config.data.folder=...

@@ -25,7 +25,14 @@ import ml_collections
 def sd15_model() -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict()
   model.path = ""  # set to the local SD1.5 folder; the architecture below is then read from it
-  model.dtype = "float32"
+  # How it computes (hdb_jax/models.py RunOptions; none changes the params or the results
+  # beyond rounding): compute dtype, storage dtype of the frozen base, attention kernel
+  # ("xla" | "auto" | "cudnn" | "pallas"), per-block rematerialization ("none" |
+  # "blocks" | "blocks_min").
+  model.compute_dtype = "float32"
+  model.param_dtype = "float32"
+  model.attention = "xla"
+  model.remat = "none"
   model.init_seed = 0
   # PyTorch .bin weights are pickles, which can run code when read: off unless you trust them
   model.allow_pickle = False
