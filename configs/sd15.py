@@ -27,7 +27,7 @@ def sd15_model() -> ml_collections.ConfigDict:
   model.path = ""  # set to the local SD1.5 folder; the architecture below is then read from it
   # How it computes (hdb_jax/models.py RunOptions; none changes the params or the results
   # beyond rounding): compute dtype, storage dtype of the frozen base, attention kernel
-  # ("xla" | "auto" | "cudnn" | "pallas"), per-block rematerialization ("none" |
+  # ("xla" | "auto" | "cudnn" | "pallas" | "chunked"), per-block rematerialization ("none" |
   # "blocks" | "blocks_min").
   model.compute_dtype = "float32"
   model.param_dtype = "float32"

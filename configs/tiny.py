@@ -25,7 +25,7 @@ def tiny_model() -> ml_collections.ConfigDict:
   model.path = ""  # empty: build from the architecture below with random init
   # How it computes (hdb_jax/models.py RunOptions; none changes the params or the results
   # beyond rounding): compute dtype, storage dtype of the frozen base, attention kernel
-  # ("xla" | "auto" | "cudnn" | "pallas"), per-block rematerialization ("none" |
+  # ("xla" | "auto" | "cudnn" | "pallas" | "chunked"), per-block rematerialization ("none" |
   # "blocks" | "blocks_min").
   model.compute_dtype = "float32"
   model.param_dtype = "float32"

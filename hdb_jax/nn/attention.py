@@ -11,9 +11,14 @@ place, `dot_product_attention(..., implementation=)`, from the model config's
   "pallas"  JAX's Pallas flash-attention kernel for TPU
             (jax.experimental.pallas.ops.tpu.flash_attention); runs off TPU only inside
             `jax.experimental.pallas.tpu.force_tpu_interpret_mode()` (the tests).
+  "chunked" XLA ops over chunks of CHUNK queries, each chunk's maps recomputed in the
+            backward pass (jax.checkpoint in a lax.map): memory-efficient attention on
+            every platform, slower than a fused kernel; sequences of at most CHUNK
+            queries (or not a multiple of it), and masked calls, run as "xla".
   "auto"    per call, from the platform and the shapes: on GPU "cudnn" where `cudnn_fits`,
-            on TPU "pallas" where `pallas_fits`, "xla" otherwise (CPU, the 77-token
-            cross-attention on TPU, float32 on GPU, SD1.5's 160-dim heads before Hopper).
+            on TPU "pallas" where `pallas_fits`; otherwise "chunked" for long
+            self-attention (both lengths > CHUNK: e.g. float32 on GPU) and "xla" for the
+            rest (the 77-token cross-attention, the text encoder, CPU).
 
 The flash kernels never hold the [L, S] maps: at SD1.5's 64x64 latents (L = S = 4096) a
 self-attention's maps are 8 heads x 4096^2 per example, 512 MB in float32.
@@ -21,13 +26,15 @@ self-attention's maps are 8 heads x 4096^2 per example, 512 MB in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla", "auto", "cudnn", "pallas")
+IMPLEMENTATIONS = ("xla", "auto", "cudnn", "pallas", "chunked")
 PALLAS_BLOCK = 128  # the TPU kernel's tile along both sequence axes
+CHUNK = 1024        # queries per chunk of "chunked" (SD1.5 at 512 px: 4 chunks of 4096)
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
@@ -79,10 +86,32 @@ def resolve(implementation: str, query, key, mask) -> str:
   platform = jax.default_backend()
   if platform == "gpu":
     head_dim_max = 256 if _hopper_or_later() else 128
-    return "cudnn" if cudnn_fits(query, key, mask, head_dim_max) else "xla"
-  if platform == "tpu":
-    return "pallas" if pallas_fits(query, key, mask) else "xla"
+    if cudnn_fits(query, key, mask, head_dim_max):
+      return "cudnn"
+  elif platform == "tpu" and pallas_fits(query, key, mask):
+    return "pallas"
+  if platform in ("gpu", "tpu") and chunked_fits(query, mask) and key.shape[1] > CHUNK:
+    return "chunked"
   return "xla"
+
+
+def chunked_fits(query: jax.Array, mask) -> bool:
+  """More than one chunk of CHUNK queries, whole chunks, no mask."""
+  length = query.shape[1]
+  return mask is None and length > CHUNK and length % CHUNK == 0
+
+
+def _chunked_attention(query, key, value):
+  """XLA attention of CHUNK queries at a time, each chunk recomputed in the backward
+  pass: the [B, H, CHUNK, S] maps of one chunk live at a time, not [B, H, L, S]."""
+  batch, length, heads, dim = query.shape
+  chunks = query.reshape(batch, length // CHUNK, CHUNK, heads, dim).swapaxes(0, 1)
+
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+  def one(chunk):  # [B, CHUNK, H, D]
+    return jax.nn.dot_product_attention(chunk, key, value, implementation="xla")
+  out = jax.lax.map(one, chunks)  # [L / CHUNK, B, CHUNK, H, D]
+  return out.swapaxes(0, 1).reshape(batch, length, heads, dim)
 
 
 def _pallas_attention(query, key, value):
@@ -113,4 +142,8 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                        f"flash kernel (lengths multiples of {PALLAS_BLOCK}, no mask); "
                        "use model.attention='auto'")
     return _pallas_attention(query, key, value).astype(query.dtype)
+  if kernel == "chunked":
+    if chunked_fits(query, mask):
+      return _chunked_attention(query, key, value)
+    kernel = "xla"
   return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=kernel)
