@@ -3,8 +3,9 @@
 Every identity of a face folder (e.g. CelebA-HQ, one image or one subfolder per identity,
 the paper used 15K) gets its LiDB weights: 200 Adam steps at lr 2e-3, its photo and its
 mirror image, prompt "a sks person". Mesh: 1 axis `data` over all GPUs of the host; 8
-identities vmapped per GPU (64 per block on 8 GPUs; use per_device_block=4 on 40 GB cards).
-bf16 compute, fp32 weights and optimizer state. The workdir holds the weights dataset,
+identities vmapped per GPU (64 per block on 8 GPUs; 26 GB per GPU by XLA:CPU's estimate
+with cuDNN/chunked attention and per-block remat from configs/sd15.py, so 40 GB cards
+too). bf16 compute, fp32 weights and optimizer state. The workdir holds the weights dataset,
 the summary and orbax progress; rerun the same command after any interruption.
 
     pip install -e '.[cuda]'
