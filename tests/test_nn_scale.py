@@ -147,6 +147,7 @@ def test_block_remat_has_the_same_values_and_gradients(tiny_model, tiny_lidb, re
   assert min(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(plain[1])) > 1e-4
 
 
+@pytest.mark.slow  # ~1 min of CPU: the fast-finetuning step compiled in float32 and bf16
 def test_bf16_compute_keeps_trained_params_optimizer_state_and_loss_float32(tiny_model,
                                                                               tiny_lidb):
   """Fast finetuning with the base stored and computed in bf16: the LoRA, Adam's moments
