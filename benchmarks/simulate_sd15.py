@@ -15,7 +15,14 @@ and compiled by XLA:CPU:
              device, CLIP ViT-L/14 encoder (sizes only) frozen, decoder 512 x 4
   personalize  configs/sd15.py's fast-finetuning step (hdb_jax/finetune.py): rank-4 LoRA,
              batch 1 + its mirror pool, one device, fp32 (the config's) and bf16 compute
-each with remat "none" and "dots" (`--remats`; hdb_jax/preopt.py REMAT).
+under the model switches of issue "SD1.5 at scale": `--attention` (model.attention; XLA:CPU
+compiles "xla" and "chunked", which stands in for the GPU/TPU flash kernels),
+`--model_remats` (model.remat: per-block remat), `--param_dtypes` (model.param_dtype),
+and the older whole-loss remat `--remats` (hdb_jax/preopt.py REMAT). A per-device
+program does not depend on the device count (data parallel, base replicated): one
+device with --hypernet_batch / --blocks per device compiles the same program faster.
+XLA's cost analysis counts a while loop's body once: "chunked" rows undercount the
+attention FLOPs (docs/benchmarks.md).
 Per row: XLA's memory analysis of the compiled per-device program (arguments, outputs,
 temporaries, aliased donations; peak = arguments + outputs + temporaries - aliased) and
 its FLOPs, against 80 GB (H100/A100-80GB), 32 GB (TPU v4) and 16 GB (TPU v5e).
