@@ -15,7 +15,14 @@ and compiled by XLA:CPU:
              device, CLIP ViT-L/14 encoder (sizes only) frozen, decoder 512 x 4
   personalize  configs/sd15.py's fast-finetuning step (hdb_jax/finetune.py): rank-4 LoRA,
              batch 1 + its mirror pool, one device, fp32 (the config's) and bf16 compute
-each with remat "none" and "dots" (`--remats`; hdb_jax/preopt.py REMAT).
+under the model switches of issue "SD1.5 at scale": `--attention` (model.attention; XLA:CPU
+compiles "xla" and "chunked", which stands in for the GPU/TPU flash kernels),
+`--model_remats` (model.remat: per-block remat), `--param_dtypes` (model.param_dtype),
+and the older whole-loss remat `--remats` (hdb_jax/preopt.py REMAT). A per-device
+program does not depend on the device count (data parallel, base replicated): one
+device with --hypernet_batch / --blocks per device compiles the same program faster.
+XLA's cost analysis counts a while loop's body once: "chunked" rows undercount the
+attention FLOPs (docs/benchmarks.md).
 Per row: XLA's memory analysis of the compiled per-device program (arguments, outputs,
 temporaries, aliased donations; peak = arguments + outputs + temporaries - aliased) and
 its FLOPs, against 80 GB (H100/A100-80GB), 32 GB (TPU v4) and 16 GB (TPU v5e).
@@ -35,7 +42,12 @@ sys.path.insert(0, REPO)
 
 flags.DEFINE_list("steps", ["preopt", "hypernet", "personalize"], "Steps to compile.")
 flags.DEFINE_list("blocks", ["1", "2", "4", "8"], "Pre-optimization identities per device.")
-flags.DEFINE_list("remats", ["none", "dots"], "Rematerialization policies.")
+flags.DEFINE_list("remats", ["none"], "Whole-loss rematerialization (hdb_jax/preopt.py REMAT).")
+flags.DEFINE_list("model_remats", ["none", "blocks"],
+                  "Per-block rematerialization, model.remat (hdb_jax/nn/blocks.py REMAT).")
+flags.DEFINE_list("param_dtypes", ["float32"], "Storage dtypes of the frozen base.")
+flags.DEFINE_string("attention", "xla", "model.attention (XLA:CPU compiles 'xla' only).")
+flags.DEFINE_integer("hypernet_batch", 8, "Hypernetwork training photos per device.")
 flags.DEFINE_integer("latent_size", 64, "Latent side (64: 512 px).")
 flags.DEFINE_list("personalize_dtypes", ["float32", "bfloat16"],
                   "Compute dtypes of the fast-finetuning step (configs/sd15.py: float32).")
@@ -45,12 +57,16 @@ FLAGS = flags.FLAGS
 DEVICE_GB = {"H100 / A100 80GB": 80, "TPU v4": 32, "TPU v5e": 16}
 
 
-def sd15(dtype: str):
-  """(sd, abstract params) of SD1.5 at --latent_size, nothing allocated."""
+def sd15(dtype: str, setting: dict):
+  """(sd, abstract params) of SD1.5 at --latent_size, nothing allocated; `setting`:
+  {"model_remat", "param_dtype"} (model.remat, model.param_dtype)."""
   from configs import sd15 as sd15_config
   from hdb_jax import models
   model = sd15_config.sd15_model()
-  model.dtype = dtype
+  model.compute_dtype = dtype
+  model.attention = FLAGS.attention
+  model.remat = setting["model_remat"]
+  model.param_dtype = setting["param_dtype"]
   model.unet.sample_size = FLAGS.latent_size
   model.vae.sample_size = FLAGS.latent_size * 8
   model.tokenizer_path = os.path.join(REPO, "assets", "mini_tokenizer")  # ids only
@@ -68,7 +84,7 @@ def abstract(x):
   return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
-def preopt_step(block: int, remat: str):
+def preopt_step(block: int, remat: str, setting: dict):
   """The pre-optimization block step's lowering (G = block x devices identities)."""
   import jax
   import numpy as np
@@ -76,7 +92,7 @@ def preopt_step(block: int, remat: str):
   from configs import preopt_sd15_gpu
   from hdb_jax import lidb, preopt
   config = preopt_sd15_gpu.get_config()
-  sd, frozen = sd15(config.model.dtype)
+  sd, frozen = sd15(config.model.compute_dtype, setting)
   spec = spec_of(frozen, config.lidb)
   devices = jax.device_count()
   mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -98,14 +114,14 @@ def preopt_step(block: int, remat: str):
                          jax.ShapeDtypeStruct((), np.int32))
 
 
-def hypernet_step(remat: str):
+def hypernet_step(remat: str, setting: dict):
   """The hypernetwork training step's lowering (the config's global batch)."""
   import jax
   import numpy as np
   from configs import hypernet_sd15_gpu, sd15 as sd15_config
   from hdb_jax import hypernet, hypernet_train, lidb, models
   config = hypernet_sd15_gpu.get_config()
-  sd, frozen = sd15(config.model.dtype)
+  sd, frozen = sd15(config.model.compute_dtype, setting)
   spec = spec_of(frozen, sd15_config.get_config().lidb)
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))
@@ -113,7 +129,7 @@ def hypernet_step(remat: str):
                                               config.hypernet.encoder.dtype)
   net = hypernet.make(hypernet.weight_layout(spec), config.hypernet, encoder)
   size = FLAGS.latent_size * 8
-  batch = config.train.batch_size
+  batch = FLAGS.hypernet_batch * jax.device_count()
   params = jax.eval_shape(lambda: net.init(jax.random.key(0),
                                            np.zeros((1, size, size, 3), np.float32)))["params"]
   tx = hypernet_train.optimizer(config.train)
@@ -131,7 +147,7 @@ def hypernet_step(remat: str):
   return fns.train.lower(state, frozen, aux, data, jax.ShapeDtypeStruct((), np.int32))
 
 
-def personalize_step(remat: str, dtype: str):
+def personalize_step(remat: str, dtype: str, setting: dict):
   """The fast-finetuning step's lowering on one device (rank-4 LoRA, text encoder in)."""
   import jax
   import numpy as np
@@ -141,7 +157,7 @@ def personalize_step(remat: str, dtype: str):
     return None  # the finetuning step has no remat option (it fits without)
   config = sd15_config.get_config()
   cfg = config.personalize
-  sd, frozen = sd15(dtype)
+  sd, frozen = sd15(dtype, setting)
   spec = spec_of(frozen, config.lidb)
   tx = finetune.optimizer(cfg.learning_rate)
 
@@ -185,23 +201,29 @@ def main(argv):
   import jax
   rows = []
   plans = []
-  for remat in FLAGS.remats:
+  settings = [{"remat": remat, "model_remat": model_remat, "param_dtype": param_dtype}
+              for remat in FLAGS.remats for model_remat in FLAGS.model_remats
+              for param_dtype in FLAGS.param_dtypes]
+  for setting in settings:
+    remat = setting["remat"]
     if "preopt" in FLAGS.steps:
-      plans += [(f"preopt block {b}/device", remat, lambda b=int(b), r=remat: preopt_step(b, r))
+      plans += [(f"preopt block {b}/device", setting,
+                 lambda b=int(b), r=remat, s=setting: preopt_step(b, r, s))
                 for b in FLAGS.blocks]
     if "hypernet" in FLAGS.steps:
-      plans.append(("hypernet batch 8/device", remat, lambda r=remat: hypernet_step(r)))
+      plans.append((f"hypernet batch {FLAGS.hypernet_batch}/device", setting,
+                    lambda r=remat, s=setting: hypernet_step(r, s)))
     if "personalize" in FLAGS.steps:
-      plans += [(f"personalize {d} (1 device)", remat,
-                 lambda r=remat, d=d: personalize_step(r, d))
+      plans += [(f"personalize {d} (1 device)", setting,
+                 lambda r=remat, d=d, s=setting: personalize_step(r, d, s))
                 for d in FLAGS.personalize_dtypes]
-  for name, remat, lower in plans:
+  for name, setting, lower in plans:
     lowered = lower()
     if lowered is None:
       continue
-    row = {"step": name, "remat": remat, **analyse(lowered)}
+    row = {"step": name, **setting, "attention": FLAGS.attention, **analyse(lowered)}
     rows.append(row)
-    print(f"{name:24s} remat={remat:4s} peak {row['peak_gb']:7.2f} GB/device "
+    print(f"{name:24s} {setting} peak {row['peak_gb']:7.2f} GB/device "
           f"(args {row['arguments_gb']}, temps {row['temporaries_gb']}) "
           f"{row['tflop_per_device']:8.3f} TFLOP/device; compiled in "
           f"{row['compile_seconds']} s", flush=True)

@@ -6,6 +6,8 @@ CLIP vision tower as the image encoder (a local CLIP vision model folder: config
 flax_model.msgpack or model.safetensors; the paper used ViT-H), frozen by default
 (train.encoder_lr_scale=0; e.g. 0.1 trains it at a tenth of the learning rate).
 Mesh: `data` over all GPUs of the host, the frozen SD1.5 replicated; bf16 compute.
+8 photos per GPU: 36.7 GB per GPU by XLA:CPU's estimate (docs/benchmarks.md
+"Simulated"), for 80 GB cards; on 40 GB cards use --config.train.batch_size=48.
 
     pip install -e '.[cuda]'
     python -m train.train_hypernet --config configs/hypernet_sd15_gpu.py \
@@ -33,7 +35,7 @@ CLIP_VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_attention_head
 def get_config():
   config = config_file.sibling(__file__, "hypernet_mini").get_config()  # same fields
   config.model = config_file.sibling(__file__, "sd15").sd15_model()
-  config.model.dtype = "bfloat16"               # compute dtype; weights stay float32
+  config.model.compute_dtype = "bfloat16"       # weights and optimizer state stay float32
   config.class_name = "person"
   config.data.source = "face_folder"
   config.data.weights = ""                      # required: a preopt run's weights folder

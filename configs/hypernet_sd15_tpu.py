@@ -28,10 +28,12 @@ from hdb_jax import config_file
 
 def get_config():
   config = config_file.sibling(__file__, "hypernet_sd15_gpu").get_config()
-  # 2 per chip on 16 chips: XLA's memory analysis of the step at 512 px (bf16 compute;
-  # benchmarks/simulate_sd15.py) is 66.5 GB at 8 photos per device, ~5 GB + 7.7 GB per
-  # photo: 2 fit a v4 chip's 32 GB (~20.5 GB), 8 fit only an 80 GB GPU.
-  config.train.batch_size = 32
+  # 4 per chip on 16 chips. XLA:CPU's memory analysis of the step at 512 px (bf16
+  # compute, model.attention "auto" and model.remat "blocks" from configs/sd15.py;
+  # benchmarks/simulate_sd15.py, docs/benchmarks.md) is 36.7 GB at 8 photos per device
+  # (66.5 GB without them): 5.2 GB of arguments + ~3.9 GB per photo, so 4 per chip
+  # ~21 GB of a v4 chip's 32 GB (interpolated; an upper estimate, ~7 GB on paper).
+  config.train.batch_size = 64
   config.mesh.data = -1                         # every chip of every host
   config.mesh.fsdp = 1
   config.distributed.initialize = True          # no arguments: auto-detected on TPU VMs

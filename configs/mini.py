@@ -23,7 +23,14 @@ def mini_model() -> ml_collections.ConfigDict:
   """Architecture: SD1.5's component classes at toy sizes; 32x32 images, 8x8x4 latents."""
   model = ml_collections.ConfigDict()
   model.path = BASE  # the committed pretrained base; "" builds the architecture below
-  model.dtype = "float32"
+  # How it computes (hdb_jax/models.py RunOptions; none changes the params or the results
+  # beyond rounding): compute dtype, storage dtype of the frozen base, attention kernel
+  # ("xla" | "auto" | "cudnn" | "pallas" | "chunked"), per-block rematerialization ("none" |
+  # "blocks" | "blocks_min").
+  model.compute_dtype = "float32"
+  model.param_dtype = "float32"
+  model.attention = "xla"
+  model.remat = "none"
   model.init_seed = 0
   # PyTorch .bin weights are pickles, which can run code when read: off unless you trust them
   model.allow_pickle = False

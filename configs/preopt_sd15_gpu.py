@@ -3,8 +3,9 @@
 Every identity of a face folder (e.g. CelebA-HQ, one image or one subfolder per identity,
 the paper used 15K) gets its LiDB weights: 200 Adam steps at lr 2e-3, its photo and its
 mirror image, prompt "a sks person". Mesh: 1 axis `data` over all GPUs of the host; 8
-identities vmapped per GPU (64 per block on 8 GPUs; use per_device_block=4 on 40 GB cards).
-bf16 compute, fp32 weights and optimizer state. The workdir holds the weights dataset,
+identities vmapped per GPU (64 per block on 8 GPUs; 26 GB per GPU by XLA:CPU's estimate
+with cuDNN/chunked attention and per-block remat from configs/sd15.py, so 40 GB cards
+too). bf16 compute, fp32 weights and optimizer state. The workdir holds the weights dataset,
 the summary and orbax progress; rerun the same command after any interruption.
 
     pip install -e '.[cuda]'
@@ -23,7 +24,7 @@ from hdb_jax import config_file
 def get_config():
   config = config_file.sibling(__file__, "preopt_mini").get_config()  # same fields as the mini world
   config.model = config_file.sibling(__file__, "sd15").sd15_model()
-  config.model.dtype = "bfloat16"                # compute dtype; weights stay float32
+  config.model.compute_dtype = "bfloat16"        # weights and optimizer state stay float32
   config.class_name = "person"
   config.data.source = "face_folder"
   config.data.folder = ""                        # required: --config.data.folder=...

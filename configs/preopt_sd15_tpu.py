@@ -1,8 +1,8 @@
 """Pre-optimization for Stable Diffusion 1.5 on a TPU pod slice (e.g. v4-32: 4 hosts, 16 chips).
 
 Same run as configs/preopt_sd15_gpu.py, multi-host: `jax.distributed.initialize()` (TPU
-topology auto-detected), mesh `data` over all 16 chips, 3 identities vmapped per chip (48
-per block: what fits a chip's 32 GB), 200 Adam steps at lr 2e-3. Every host reads only its rows of each block and
+topology auto-detected), mesh `data` over all 16 chips, 8 identities per chip (128
+per block), 200 Adam steps at lr 2e-3. Every host reads only its rows of each block and
 writes its own shards; the workdir must be one shared folder (Filestore/NFS or a GCS FUSE
 mount) for the orbax progress and the weights dataset. Build the face dataset once into a
 shared data_dir before launching (concurrent builds of one TFDS folder would collide).
@@ -26,10 +26,12 @@ from hdb_jax import config_file
 
 def get_config():
   config = config_file.sibling(__file__, "preopt_sd15_gpu").get_config()
-  # 32 GB HBM per v4 chip. XLA's memory analysis of this step at 512 px (bf16 compute;
-  # benchmarks/simulate_sd15.py, docs/benchmarks.md): 13.3 GB at 1 identity per device,
-  # 32.2 GB at 4, i.e. ~7.1 GB + 6.3 GB per identity: 3 fits (~26 GB), 4 does not.
-  config.preopt.per_device_block = 3
+  # 32 GB HBM per v4 chip. XLA:CPU's memory analysis of this step at 512 px (bf16
+  # compute, model.attention "auto" and model.remat "blocks" from configs/sd15.py;
+  # benchmarks/simulate_sd15.py, docs/benchmarks.md): 26.3 GB at 8 identities per
+  # device, an upper estimate (~10 GB on paper with the Pallas flash kernel). Without
+  # memory-efficient attention and remat it was 57 GB, and 3 per chip were the most.
+  config.preopt.per_device_block = 8
   config.preopt.checkpoint_every_blocks = 8
   config.mesh.data = -1                          # every chip of every host
   config.distributed.initialize = True           # no arguments: auto-detected on TPU VMs

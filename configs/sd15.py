@@ -25,7 +25,21 @@ import ml_collections
 def sd15_model() -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict()
   model.path = ""  # set to the local SD1.5 folder; the architecture below is then read from it
-  model.dtype = "float32"
+  # How it computes (hdb_jax/models.py RunOptions; none changes the params or the results
+  # beyond rounding): compute dtype, storage dtype of the frozen base, attention kernel
+  # ("xla" | "auto" | "cudnn" | "pallas" | "chunked"), per-block rematerialization ("none" |
+  # "blocks" | "blocks_min").
+  # At 512 px the attention maps dominate memory: "auto" takes cuDNN flash attention on GPU
+  # (bf16), the Pallas flash kernel on TPU, chunked XLA attention where neither fits (and
+  # XLA's on CPU); "blocks" recomputes each block in the backward pass (~+18% FLOPs).
+  # XLA's memory analysis per device (docs/benchmarks.md "Simulated"): fast finetuning
+  # 9.2 GB in float32 (18-19 GB without these two). param_dtype "bfloat16" halves the
+  # base (3.7 -> 1.8 GB) but changes its fingerprint: hypernetworks and pre-optimized
+  # weights are tied to the base as stored.
+  model.compute_dtype = "float32"
+  model.param_dtype = "float32"
+  model.attention = "auto"
+  model.remat = "blocks"
   model.init_seed = 0
   # PyTorch .bin weights are pickles, which can run code when read: off unless you trust them
   model.allow_pickle = False

@@ -89,7 +89,8 @@ def _abstract_base(model_cfg) -> dict:
   from hdb_jax import models
   if model_cfg.get("path"):
     folder = os.path.expanduser(model_cfg.path)
-    architecture = {"dtype": model_cfg.get("dtype", "float32")}
+    architecture = {key: model_cfg[key] for key in ("dtype", "compute_dtype", "param_dtype")
+                    if key in model_cfg}
     for name, file in (("unet", "unet/config.json"), ("vae", "vae/config.json"),
                        ("text_encoder", "text_encoder/config.json"),
                        ("scheduler", "scheduler/scheduler_config.json")):

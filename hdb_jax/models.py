@@ -29,7 +29,8 @@ import numpy as np
 from hdb_jax import params as params_lib
 from hdb_jax.model_folder import COMPONENTS, FLAX_WEIGHTS, SUBFOLDERS, TORCH_WEIGHTS  # noqa: F401
 from hdb_jax.model_folder import FP16_TORCH_WEIGHTS, PICKLE_WEIGHTS
-from hdb_jax.nn import clip, ddim, torch_keys, unet, vae
+from hdb_jax.nn import attention as attention_lib
+from hdb_jax.nn import blocks, clip, ddim, torch_keys, unet, vae
 from hdb_jax.nn.tokenizer import CLIPTokenizer
 
 # A CLIP vision model folder (the hypernetwork's pretrained encoder), not an SD component.
@@ -103,12 +104,62 @@ def _as_dict(cfg) -> dict:
   return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
-def _make(unet_cfg, vae_cfg, text_cfg, scheduler_cfg, tokenizer, dtype) -> StableDiffusion:
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+  """How the components compute, from the model config; none changes the parameters.
+
+  compute_dtype  dtype of the convolutions, dense layers and attention ("float32", or
+                 "bfloat16" on accelerators); norms and the loss stay float32.
+                 (`model.compute_dtype`; older configs: `model.dtype`.)
+  param_dtype    dtype the frozen base is stored in ("float32"; "bfloat16" halves it).
+                 LiDB / LoRA / hypernetwork params and optimizer state are float32
+                 whatever it is. A base stored in bf16 has other values, so another
+                 fingerprint (hdb_jax/params.py): train and use a hypernetwork with the
+                 same setting.
+  attention      the attention kernel of the UNet and the text encoder
+                 (hdb_jax/nn/attention.py IMPLEMENTATIONS: "xla", "auto", ...).
+  remat          per-block rematerialization of the UNet's ResNet blocks and spatial
+                 transformers and the text encoder's layers (hdb_jax/nn/blocks.py REMAT).
+  """
+  compute_dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention: str = "xla"
+  remat: str = "none"
+
+  def __post_init__(self):
+    attention_lib.check_implementation(self.attention)
+    blocks.check_remat(self.remat)
+    for key in ("compute_dtype", "param_dtype"):
+      if getattr(self, key) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"model.{key}={getattr(self, key)!r} is not supported "
+                         "(float32, bfloat16 or float16)")
+
+  @classmethod
+  def of(cls, model_cfg) -> RunOptions:
+    """From a model config (ConfigDict or dict); missing keys take the defaults."""
+    get = model_cfg.get
+    return cls(compute_dtype=str(get("compute_dtype", None) or get("dtype", "float32")),
+               param_dtype=str(get("param_dtype", "float32")),
+               attention=str(get("attention", "xla")), remat=str(get("remat", "none")))
+
+
+def cast_base(params, param_dtype: str):
+  """The frozen base's floating leaves in `param_dtype` (the others as they are)."""
+  dtype = jnp.dtype(param_dtype)
+  return jax.tree_util.tree_map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def _make(unet_cfg, vae_cfg, text_cfg, scheduler_cfg, tokenizer,
+          options: RunOptions) -> StableDiffusion:
   """Components from config dicts (as in the folder's config.json files)."""
+  dtype = jnp.dtype(options.compute_dtype)
   return StableDiffusion(
-      unet=unet.UNet2DConditionModel(unet.UNetConfig.from_dict(_as_dict(unet_cfg)), dtype),
+      unet=unet.UNet2DConditionModel(unet.UNetConfig.from_dict(_as_dict(unet_cfg)), dtype,
+                                     options.attention, options.remat),
       vae=vae.AutoencoderKL(vae.VAEConfig.from_dict(_as_dict(vae_cfg)), dtype),
-      text_encoder=clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(_as_dict(text_cfg)), dtype),
+      text_encoder=clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(_as_dict(text_cfg)), dtype,
+                                      options.attention, options.remat),
       tokenizer=tokenizer,
       scheduler=ddim.DDIMConfig.from_dict(_as_dict(scheduler_cfg)))
 
@@ -123,14 +174,18 @@ def from_config(model_cfg, tokenizer: CLIPTokenizer | None = None):
   """Components and their abstract params from a config's architecture (no weights).
 
   `model_cfg` has `unet`, `vae`, `text_encoder`, `scheduler` (as in the diffusers
-  `config.json` files), `dtype`, and optionally `tokenizer_path`.
+  `config.json` files), optionally the RunOptions keys and `tokenizer_path`. The
+  abstract params are in `param_dtype`.
   """
-  dtype = jnp.dtype(model_cfg.get("dtype", "float32"))
+  options = RunOptions.of(model_cfg)
   if tokenizer is None and model_cfg.get("tokenizer_path"):
     tokenizer = _load_tokenizer(model_cfg.tokenizer_path)
   sd = _make(model_cfg.unet, model_cfg.vae, model_cfg.text_encoder, model_cfg.scheduler,
-             tokenizer, dtype)
-  return sd, abstract_params(sd)
+             tokenizer, options)
+  abstract = abstract_params(sd)
+  if options.param_dtype != "float32":
+    abstract = jax.eval_shape(lambda p: cast_base(p, options.param_dtype), abstract)
+  return sd, abstract
 
 
 def init_random(sd: StableDiffusion, seed: int) -> dict:
@@ -270,10 +325,13 @@ def _check_fits(component: str, folder: str, loaded: dict, expected: dict) -> di
       {k: jnp.asarray(v, dtype=want[k].dtype) for k, v in got.items()})
 
 
-def load(path: str, dtype: str = "float32", allow_pickle: bool = False):
-  """Load `(StableDiffusion, params)` from a local diffusers-format folder. Weights in
-  half precision (fp16 variant files) are cast to `dtype`; PyTorch pickles (`.bin`) are
-  read only with `allow_pickle` (unpickling can run code)."""
+def load(path: str, dtype: str = "float32", allow_pickle: bool = False,
+         options: RunOptions | None = None):
+  """Load `(StableDiffusion, params)` from a local diffusers-format folder. The modules
+  compute in `dtype` (or `options`, RunOptions, when given); the params are float32, or
+  options.param_dtype (fp16 variant files are cast on load); PyTorch pickles (`.bin`)
+  are read only with `allow_pickle` (unpickling can run code)."""
+  options = options or RunOptions(compute_dtype=str(jnp.dtype(dtype)))
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
     raise ModelLoadError(f"{path}: not a folder (expected a local diffusers-format "
@@ -290,7 +348,7 @@ def load(path: str, dtype: str = "float32", allow_pickle: bool = False):
   tokenizer = _load_tokenizer(os.path.join(path, "tokenizer"))
   try:
     sd = _make(cfg["unet"], cfg["vae"], cfg["text_encoder"], cfg["scheduler"], tokenizer,
-               jnp.dtype(dtype))
+               options)
   except Exception as e:
     raise ModelLoadError(f"{path}: config files do not describe a supported model ({e})") from e
   expected = abstract_params(sd)
@@ -299,19 +357,22 @@ def load(path: str, dtype: str = "float32", allow_pickle: bool = False):
     folder = os.path.join(path, component)
     loaded = _read_weights(component, folder, expected[component], allow_pickle)
     params[component] = _check_fits(component, folder, loaded, expected[component])
+  if options.param_dtype != "float32":
+    params = cast_base(params, options.param_dtype)
   return sd, params
 
 
 def load_or_build(model_cfg):
   """`model_cfg.path` set: load that folder. Else build from the config, random init."""
+  options = RunOptions.of(model_cfg)
   if model_cfg.get("path"):
-    return load(model_cfg.path, model_cfg.get("dtype", "float32"),
-                model_cfg.get("allow_pickle", False))
+    return load(model_cfg.path, allow_pickle=model_cfg.get("allow_pickle", False),
+                options=options)
   sd, _ = from_config(model_cfg)
   if sd.tokenizer is None:
     raise ModelLoadError("model.tokenizer_path is empty: a model built from a config "
                          "needs a CLIP-format tokenizer folder")
-  return sd, init_random(sd, model_cfg.get("init_seed", 0))
+  return sd, cast_base(init_random(sd, model_cfg.get("init_seed", 0)), options.param_dtype)
 
 
 # ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ convolutions and dense layers in `dtype`, as diffusers' Flax classes did.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -39,6 +40,35 @@ def _same(value, allowed) -> bool:
   if isinstance(allowed, bool) or allowed is None:
     return value is allowed
   return type(value) is not bool and value == allowed
+
+
+# Per-block rematerialization (`model.remat`): the block's forward pass runs again inside
+# the backward pass instead of keeping its activations. "blocks" keeps the outputs of
+# matmuls against weights (jax.checkpoint_policies.dots_with_no_batch_dims_saveable: the
+# Dense projections, cheap to keep) and recomputes norms, activations, convolutions and
+# attention's [B, H, L, S] maps; "blocks_min" keeps only each block's inputs. The same
+# values and gradients either way.
+REMAT_POLICIES = {
+    "none": None,
+    "blocks": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "blocks_min": jax.checkpoint_policies.nothing_saveable,
+}
+REMAT = tuple(REMAT_POLICIES)
+
+
+def check_remat(remat: str) -> str:
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"model.remat={remat!r} is not supported (supported: {', '.join(REMAT)})")
+  return remat
+
+
+@functools.lru_cache(maxsize=None)
+def rematerialized(module_class, remat: str):
+  """`module_class`, or its `nn.remat` under the policy REMAT_POLICIES[remat]. Parameter
+  paths are unchanged (the lifted module keeps the name it is given)."""
+  if check_remat(remat) == "none":
+    return module_class
+  return nn.remat(module_class, policy=REMAT_POLICIES[remat])
 
 
 def conv(features: int, kernel: int, dtype, name: str, strides: int = 1,
@@ -102,11 +132,13 @@ class Upsample2D(nn.Module):
 
 class Attention(nn.Module):
   """Multi-head attention of x over `context` (itself when None): to_q/to_k/to_v
-  without bias, to_out_0 with. `upcast`: attention in float32 whatever `dtype`."""
+  without bias, to_out_0 with. `upcast`: attention in float32 whatever `dtype`.
+  `attention`: the kernel (hdb_jax/nn/attention.py IMPLEMENTATIONS)."""
   heads: int
   head_dim: int
   upcast: bool = False
   dtype: Any = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, context=None):
@@ -119,7 +151,8 @@ class Attention(nn.Module):
     v = split_heads(dense("to_v")(context), self.heads)
     if self.upcast:
       q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-    out = merge_heads(dot_product_attention(q, k, v)).astype(self.dtype)  # [B, L, H * D]
+    out = dot_product_attention(q, k, v, implementation=self.attention)
+    out = merge_heads(out).astype(self.dtype)  # [B, L, H * D]
     return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
 
 
@@ -153,13 +186,14 @@ class BasicTransformerBlock(nn.Module):
   head_dim: int
   upcast: bool = False
   dtype: Any = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, context):
     # x [B, L, C], context [B, S, C_ctx]
     norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
     attention = lambda name: Attention(self.heads, self.head_dim, self.upcast, self.dtype,
-                                       name=name)
+                                       self.attention, name=name)
     x = x + attention("attn1")(norm("norm1")(x))
     x = x + attention("attn2")(norm("norm2")(x), context)
     return x + FeedForward(self.dtype, name="ff")(norm("norm3")(x))
@@ -176,6 +210,7 @@ class Transformer2DModel(nn.Module):
   linear_projection: bool = False
   upcast: bool = False
   dtype: Any = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, context):
@@ -190,7 +225,7 @@ class Transformer2DModel(nn.Module):
       h = project("proj_in")(h).reshape(batch, height * width, channels)
     for i in range(self.depth):
       h = BasicTransformerBlock(self.heads, channels // self.heads, self.upcast, self.dtype,
-                                name=f"transformer_blocks_{i}")(h, context)
+                                self.attention, name=f"transformer_blocks_{i}")(h, context)
     if self.linear_projection:
       h = project("proj_out")(h).reshape(batch, height, width, channels)
     else:

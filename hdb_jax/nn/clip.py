@@ -173,18 +173,24 @@ def _sub_config(config: Mapping[str, Any], key: str) -> dict:
 class Encoder(nn.Module):
   """`<list_name>/<i>`: the config's `num_hidden_layers` layers, applied in order
   (`encoder/layers/<i>` in CLIP, `encoder/layer/<i>` in ViT). The numbered layers sit
-  one level down, in an Encoder named `list_name` whose own `list_name` is None."""
-  layer: Any  # a module class taking (config, dtype, name=); called as (x, mask)
+  one level down, in an Encoder named `list_name` whose own `list_name` is None.
+  `attention`: the kernel (hdb_jax/nn/attention.py); `remat`: each layer rematerialized
+  in the backward pass (hdb_jax/nn/blocks.py REMAT)."""
+  layer: Any  # a module class taking (config, dtype, attention, name=); called as (x, mask)
   config: Any
   list_name: str | None
   dtype: Any = jnp.float32
+  attention: str = "xla"
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x, mask=None):
     if self.list_name:
-      return Encoder(self.layer, self.config, None, self.dtype, name=self.list_name)(x, mask)
+      return Encoder(self.layer, self.config, None, self.dtype, self.attention, self.remat,
+                     name=self.list_name)(x, mask)
+    layer = blocks.rematerialized(self.layer, self.remat)
     for i in range(self.config.num_hidden_layers):
-      x = self.layer(self.config, self.dtype, name=str(i))(x, mask)
+      x = layer(self.config, self.dtype, self.attention, name=str(i))(x, mask)
     return x
 
 
@@ -197,6 +203,7 @@ class CLIPAttention(nn.Module):
   """Multi-head self-attention: q_proj, k_proj, v_proj, out_proj (with biases)."""
   config: Any
   dtype: Any = jnp.float32
+  attention: str = "xla"  # the kernel (hdb_jax/nn/attention.py)
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -206,7 +213,8 @@ class CLIPAttention(nn.Module):
     q = split_heads(dense("q_proj")(x), heads)  # [B, L, H, D / H]
     k = split_heads(dense("k_proj")(x), heads)
     v = split_heads(dense("v_proj")(x), heads)
-    return dense("out_proj")(merge_heads(dot_product_attention(q, k, v, mask)))
+    out = dot_product_attention(q, k, v, mask, implementation=self.attention)
+    return dense("out_proj")(merge_heads(out))
 
 
 class CLIPMLP(nn.Module):
@@ -225,11 +233,12 @@ class CLIPEncoderLayer(nn.Module):
   """Pre-LayerNorm self-attention and MLP, each with a residual."""
   config: Any
   dtype: Any = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, mask=None):
     config, dtype = self.config, self.dtype
-    x = x + CLIPAttention(config, dtype, name="self_attn")(
+    x = x + CLIPAttention(config, dtype, self.attention, name="self_attn")(
         layer_norm(config, dtype, "layer_norm1")(x), mask)
     return x + CLIPMLP(config, dtype, name="mlp")(layer_norm(config, dtype, "layer_norm2")(x))
 
@@ -258,6 +267,8 @@ class CLIPTextTransformer(nn.Module):
   Causal self-attention that also skips padded keys."""
   config: CLIPTextConfig
   dtype: Any = jnp.float32
+  attention: str = "xla"  # hdb_jax/nn/attention.py IMPLEMENTATIONS
+  remat: str = "none"     # hdb_jax/nn/blocks.py REMAT: per encoder layer
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None):
@@ -270,7 +281,8 @@ class CLIPTextTransformer(nn.Module):
     mask = jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]  # [1, 1, L, L]
     if attention_mask is not None:
       mask = mask & (jnp.asarray(attention_mask) > 0)[:, None, None, :]  # [B, 1, L, L]
-    x = Encoder(CLIPEncoderLayer, config, "layers", self.dtype, name="encoder")(x, mask)
+    x = Encoder(CLIPEncoderLayer, config, "layers", self.dtype, self.attention, self.remat,
+                name="encoder")(x, mask)
     x = layer_norm(config, self.dtype, "final_layer_norm")(x)
     # EOS: the first `eos_token_id`, or the largest id in configs from before transformers'
     # fix (eos_token_id 2), as transformers finds it
@@ -283,11 +295,13 @@ class CLIPTextModel(nn.Module):
   """CLIPTextTransformer under `text_model` (transformers' FlaxCLIPTextModel params)."""
   config: CLIPTextConfig
   dtype: Any = jnp.float32
+  attention: str = "xla"
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None):
-    return CLIPTextTransformer(self.config, self.dtype, name="text_model")(
-        input_ids, attention_mask)
+    return CLIPTextTransformer(self.config, self.dtype, self.attention, self.remat,
+                               name="text_model")(input_ids, attention_mask)
 
 
 # ------------------------------------------------------------------------------------

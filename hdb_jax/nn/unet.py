@@ -142,15 +142,18 @@ def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool, freq_shift: f
   return jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
 
 
-def _transformer(config: UNetConfig, heads: int, depth: int, dtype, name: str):
-  return blocks.Transformer2DModel(heads, depth, config.norm_num_groups, 1e-6,
-                                   config.use_linear_projection, config.upcast_attention,
-                                   dtype, name=name)
+def _transformer(block, heads: int, depth: int, name: str):
+  """A spatial transformer of `block` (a module with config, dtype, attention, remat)."""
+  config = block.config
+  transformer = blocks.rematerialized(blocks.Transformer2DModel, block.remat)
+  return transformer(heads, depth, config.norm_num_groups, 1e-6, config.use_linear_projection,
+                     config.upcast_attention, block.dtype, block.attention, name=name)
 
 
-def _resnet(config: UNetConfig, channels: int, dtype, name: str):
-  return blocks.ResnetBlock2D(channels, config.norm_num_groups, config.norm_eps, dtype,
-                              name=name)
+def _resnet(block, channels: int, name: str):
+  config = block.config
+  resnet = blocks.rematerialized(blocks.ResnetBlock2D, block.remat)
+  return resnet(channels, config.norm_num_groups, config.norm_eps, block.dtype, name=name)
 
 
 class DownBlock(nn.Module):
@@ -162,16 +165,16 @@ class DownBlock(nn.Module):
   depth: int
   last: bool
   dtype: Any = jnp.float32
+  attention: str = "xla"  # hdb_jax/nn/attention.py IMPLEMENTATIONS
+  remat: str = "none"     # hdb_jax/nn/blocks.py REMAT
 
   @nn.compact
   def __call__(self, x, temb, context):
     skips = []
     for i in range(self.config.layers_per_block):
-      x = _resnet(self.config, self.channels, self.dtype, f"resnets_{i}")(x, temb)
+      x = _resnet(self, self.channels, f"resnets_{i}")(x, temb)
       if self.heads:
-        transformer = _transformer(self.config, self.heads, self.depth, self.dtype,
-                                   f"attentions_{i}")
-        x = transformer(x, context)
+        x = _transformer(self, self.heads, self.depth, f"attentions_{i}")(x, context)
       skips.append(x)
     if not self.last:
       x = blocks.Downsample2D(self.channels, dtype=self.dtype, name="downsamplers_0")(x)
@@ -188,17 +191,17 @@ class UpBlock(nn.Module):
   depth: int
   last: bool
   dtype: Any = jnp.float32
+  attention: str = "xla"  # hdb_jax/nn/attention.py IMPLEMENTATIONS
+  remat: str = "none"     # hdb_jax/nn/blocks.py REMAT
 
   @nn.compact
   def __call__(self, x, skips, temb, context):
     # skips: the last layers + 1 outputs of the down path, oldest first
     for i, skip in enumerate(reversed(skips)):
       x = jnp.concatenate([x, skip], axis=-1)
-      x = _resnet(self.config, self.channels, self.dtype, f"resnets_{i}")(x, temb)
+      x = _resnet(self, self.channels, f"resnets_{i}")(x, temb)
       if self.heads:
-        transformer = _transformer(self.config, self.heads, self.depth, self.dtype,
-                                   f"attentions_{i}")
-        x = transformer(x, context)
+        x = _transformer(self, self.heads, self.depth, f"attentions_{i}")(x, context)
     if not self.last:
       x = blocks.Upsample2D(self.channels, self.dtype, name="upsamplers_0")(x)
     return x
@@ -208,21 +211,28 @@ class MidBlock(nn.Module):
   """ResNet, spatial transformer, ResNet."""
   config: UNetConfig
   dtype: Any = jnp.float32
+  attention: str = "xla"
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x, temb, context):
     channels = x.shape[-1]
-    x = _resnet(self.config, channels, self.dtype, "resnets_0")(x, temb)
-    x = _transformer(self.config, self.config.num_heads[-1], self.config.transformer_layers[-1],
-                     self.dtype, "attentions_0")(x, context)
-    return _resnet(self.config, channels, self.dtype, "resnets_1")(x, temb)
+    x = _resnet(self, channels, "resnets_0")(x, temb)
+    x = _transformer(self, self.config.num_heads[-1], self.config.transformer_layers[-1],
+                     "attentions_0")(x, context)
+    return _resnet(self, channels, "resnets_1")(x, temb)
 
 
 class UNet2DConditionModel(nn.Module):
   """Noise (or v) prediction: sample [B, C, h, w], timesteps [B] or scalar, context
-  [B, L, cross_attention_dim] -> [B, out_channels, h, w] in `dtype`."""
+  [B, L, cross_attention_dim] -> [B, out_channels, h, w] in `dtype`.
+  `attention`: the attention kernel (hdb_jax/nn/attention.py IMPLEMENTATIONS); `remat`:
+  each ResNet block and spatial transformer rematerialized (hdb_jax/nn/blocks.py REMAT).
+  Neither changes the parameters or the values."""
   config: UNetConfig
   dtype: Any = jnp.float32
+  attention: str = "xla"
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, sample, timesteps, encoder_hidden_states):
@@ -239,18 +249,21 @@ class UNet2DConditionModel(nn.Module):
     for i, kind in enumerate(config.down_block_types):
       heads = config.num_heads[i] if kind == "CrossAttnDownBlock2D" else None
       x, block_skips = DownBlock(config, channels[i], heads, config.transformer_layers[i],
-                                 i == last, dtype, name=f"down_blocks_{i}")(
+                                 i == last, dtype, self.attention, self.remat,
+                                 name=f"down_blocks_{i}")(
                                      x, temb, encoder_hidden_states)
       skips += list(block_skips)
     if config.mid_block_type is not None:
-      x = MidBlock(config, dtype, name="mid_block")(x, temb, encoder_hidden_states)
+      x = MidBlock(config, dtype, self.attention, self.remat, name="mid_block")(
+          x, temb, encoder_hidden_states)
     per_up_block = config.layers_per_block + 1
     for i, kind in enumerate(config.up_block_types):
       block = last - i  # the down block this up block mirrors
       heads = config.num_heads[block] if kind == "CrossAttnUpBlock2D" else None
       block_skips, skips = tuple(skips[-per_up_block:]), skips[:-per_up_block]
       x = UpBlock(config, channels[block], heads, config.transformer_layers[block], i == last,
-                  dtype, name=f"up_blocks_{i}")(x, block_skips, temb, encoder_hidden_states)
+                  dtype, self.attention, self.remat, name=f"up_blocks_{i}")(
+                      x, block_skips, temb, encoder_hidden_states)
 
     x = nn.GroupNorm(config.norm_num_groups, epsilon=config.norm_eps, name="conv_norm_out")(x)
     x = blocks.conv(config.out_channels, 3, dtype, "conv_out")(nn.silu(x))

@@ -73,6 +73,7 @@ class ViTSelfAttention(nn.Module):
   """query, key, value (biases if `qkv_bias`) -> heads merged [B, L, D] (no output dense)."""
   config: ViTConfig
   dtype: Any = jnp.float32
+  attention: str = "xla"  # the kernel (hdb_jax/nn/attention.py)
 
   @nn.compact
   def __call__(self, x):
@@ -83,17 +84,18 @@ class ViTSelfAttention(nn.Module):
     q = split_heads(dense("query")(x), heads)  # [B, L, H, D / H]
     k = split_heads(dense("key")(x), heads)
     v = split_heads(dense("value")(x), heads)
-    return merge_heads(dot_product_attention(q, k, v))
+    return merge_heads(dot_product_attention(q, k, v, implementation=self.attention))
 
 
 class ViTAttention(nn.Module):
   """`attention` (self-attention) then `output/dense`."""
   config: ViTConfig
   dtype: Any = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x):
-    h = ViTSelfAttention(self.config, self.dtype, name="attention")(x)
+    h = ViTSelfAttention(self.config, self.dtype, self.attention, name="attention")(x)
     return _Dense(self.config.hidden_size, self.dtype, name="output")(h)
 
 
@@ -101,11 +103,12 @@ class ViTLayer(nn.Module):
   """Pre-LayerNorm self-attention and MLP (`intermediate`, `output`), with residuals."""
   config: ViTConfig
   dtype: Any = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, mask=None):
     config, dtype = self.config, self.dtype
-    x = x + ViTAttention(config, dtype, name="attention")(
+    x = x + ViTAttention(config, dtype, self.attention, name="attention")(
         layer_norm(config, dtype, "layernorm_before")(x))
     h = layer_norm(config, dtype, "layernorm_after")(x)
     h = _Dense(config.intermediate_size, dtype, name="intermediate")(h)
