@@ -26,9 +26,6 @@ import os
 import signal
 import sys
 
-import numpy as np
-from PIL import Image
-
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -108,7 +108,6 @@ def serve(config, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
   """Load and compile the programs, then serve the page -> (page, start-up seconds).
   `example`: the photo of the example button. `block_thread` False returns at once with
   the server running."""
-  import gradio as gr
   from starlette.middleware import Middleware
   began = time.perf_counter()
   pipeline = api.load(config, cache_dir=cache_dir, crop=crop, ready=True,
