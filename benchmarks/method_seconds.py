@@ -12,6 +12,12 @@ held-out photos, one method after the other. A method's time is affine in its st
 fit, measured at two step counts (median of `--repeats` photos each, after one untimed
 call that compiles). Methods without steps (hypernetwork only, the base) are timed as
 they are. The load average before and after is recorded: a quiet machine is the point.
+
+Methods added to the configs later that differ from a timed one only in their steps take
+their seconds from that run's stored fit, without timing anything (no second load mixed
+in); a method with a new fit needs a whole new run:
+
+    python benchmarks/method_seconds.py --out benchmarks/results/method_seconds.json --extend
 """
 
 import copy
@@ -39,6 +45,8 @@ flags.DEFINE_list("fit_steps", ["10", "40"], "The two step counts of each fit.")
 flags.DEFINE_integer("repeats", 3, "Photos timed per step count (median).")
 flags.DEFINE_list("methods", [], "Only these methods (default: all of the configs').")
 flags.DEFINE_string("cache_dir", None, "hdb personalize's program cache (default its own).")
+flags.DEFINE_bool("extend", False, "Add the configs' untimed methods to --out from its "
+                  "stored fits (same settings but steps); refuse those that need timing.")
 flags.mark_flags_as_required(["out"])
 FLAGS = flags.FLAGS
 
@@ -68,6 +76,8 @@ def main(argv):
   config = configs[0]
   methods = {name: method for c in configs for name, method in c.methods.items()
              if not FLAGS.methods or name in FLAGS.methods}
+  if FLAGS.extend:
+    return extend(FLAGS.out, methods, config)
   cache = personalize.cache_dirs(FLAGS.cache_dir)
   sd, frozen = models.load_or_build(config.model)
   _, photos = evaluate_methods.held_out(config, sd.image_size)
@@ -117,6 +127,28 @@ def main(argv):
                   in rows.items()},
   }
   files.write_json(FLAGS.out, result)
+
+
+def extend(path: str, methods, config) -> None:
+  """Rows for the methods missing from `path`, each from the stored fit of its settings."""
+  with open(path) as f:
+    result = json.load(f)
+  fits = {json.dumps(fit["settings"], sort_keys=True): fit for fit in result["fits"]}
+  added = {}
+  for name, method in methods.items():
+    if name in result["methods"]:
+      continue
+    fit = fits.get(fit_key(method))
+    steps = method.get("steps", None) or (config.personalize.steps
+                                          if method.kind == "personalize" else None)
+    if fit is None or not steps:
+      raise ValueError(f"{name}: no stored fit in {path} has its settings; time every "
+                       "method again in one run (without --extend)")
+    added[name] = {"seconds": fit["fixed"] + fit["per_step"] * steps, "steps": steps}
+    print(f"{name:32s} {added[name]['seconds']:8.2f} s (from the stored fit)", flush=True)
+  result["methods"].update(added)
+  result["extended"] = sorted(set(result.get("extended", [])) | set(added))
+  files.write_json(path, result)
 
 
 if __name__ == "__main__":

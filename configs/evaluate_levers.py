@@ -30,5 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
       "full_batch8": dict(kind="personalize", batch_size=8),
       # the UNet only (the table's full also trains the text encoder's LoRA)
       "full_unet_only": dict(kind="personalize", train_text_encoder=False),
+      # the best levers together: 1e-2, rank 16, and more steps
+      "full_80_lr1e-2_rank16": dict(kind="personalize", steps=80, learning_rate=1e-2,
+                                    rank=16),
+      "full_160_lr1e-2": dict(kind="personalize", steps=160, learning_rate=1e-2),
   }
   return config
