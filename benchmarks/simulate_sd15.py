@@ -138,7 +138,8 @@ def hypernet_step(remat: str, setting: dict):
       net, sd, tx, mesh, hypernet_train.frozen_shardings(frozen, mesh), seed=0,
       loss_kwargs=dict(iterations=config.hypernet.iterations, alpha=config.train.alpha,
                        beta=config.train.beta, weight_loss=config.train.weight_loss,
-                       hflip=config.train.hflip, jitter=config.train.jitter, remat=remat))
+                       hflip=config.train.hflip, jitter=config.train.jitter, remat=remat,
+                       frozen_encoder=config.train.encoder_lr_scale == 0.0))
   target = jax.eval_shape(lambda: jax.vmap(lambda k: lidb.init(spec, k))(
       jax.random.split(jax.random.key(0), batch)))
   data = {"images": jax.ShapeDtypeStruct((batch, size, size, 3), np.float32),

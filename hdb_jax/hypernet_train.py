@@ -66,15 +66,20 @@ def weight_loss_fn(kind: str):
 def loss_fn(net, sd, params, frozen, aux, batch, rng, *, iterations: int, alpha: float,
             beta: float, weight_loss: str = "params", hflip: bool = True,
             jitter: float = 0.0, face_background_weight: float | None = None,
-            remat: str = "none"):
+            remat: str = "none", frozen_encoder: bool = False):
   """Mean loss over the batch and its parts.
 
   batch: {"images" [B, H, W, 3] in [-1, 1], "input_ids" [B, L] (the prompt "a [V]
   face"), "target": the pre-optimized train pytree [B, ...], optionally "face_masks"
   uint8 [B, H, W]}. params: the hypernetwork's; with learned aux matrices under
   `hypernet.AUX_KEY` those replace `aux` (and are trained: the diffusion loss reaches them).
+  frozen_encoder: the image encoder is not trained (`encoder_lr_scale` 0): no gradient is
+  taken through it, so its activations are not kept for a backward pass (at SD1.5 scale a
+  CLIP ViT-L/14 over 8 photos per device; docs/benchmarks.md "Simulated").
   """
   params, learned_aux = hypernet.split_aux(params, net.layout)
+  if frozen_encoder:
+    params = dict(params, encoder=jax.lax.stop_gradient(params["encoder"]))
   if learned_aux is not None:
     aux = learned_aux
   aug_rng, latent_rng, noise_rng = jax.random.split(rng, 3)

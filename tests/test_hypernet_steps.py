@@ -1,7 +1,8 @@
 """Hypernetwork training's pieces in this process, on the small model and stand-in targets
 of tests/test_hypernet_train.py: steps lower the loss on a fixed batch, per-identity
-sampling equals merged weights, learnable aux matrices train and are stored. Apart from
-the whole runs of test_hypernet_train.py so that both test workers compile at once."""
+sampling equals merged weights, learnable aux matrices train and are stored, a frozen
+encoder gets no gradient. Apart from the whole runs of test_hypernet_train.py so that both
+test workers compile at once."""
 
 import os
 
@@ -95,3 +96,34 @@ def test_per_identity_sampling_equals_merged_weights(stand_in):
     expected = np.asarray(merged(frozen, one, aux, cond, uncond, key, 4.0))[g]
     np.testing.assert_allclose(grouped[g], expected, atol=1e-4)  # measured: 6e-6
   assert np.abs(grouped[0] - grouped[1]).max() > 0.05  # each row had its own weights
+
+
+def test_a_frozen_encoder_gets_no_gradient_and_the_rest_the_same(stand_in):
+  """frozen_encoder (encoder_lr_scale 0): the same loss and the same gradients of the rest
+  of the network, none taken through the encoder (no activations kept for it). The weight
+  loss alone (beta) reaches the encoder as the diffusion loss does, without compiling the
+  UNet."""
+  config = _config({**RUN, **stand_in})
+  sd, frozen = models.load_or_build(config.model)
+  targets = weights_dataset.open_dataset(stand_in["data.weights"])
+  aux = lidb.make_aux(targets.spec)
+  net = hypernet.make(hypernet.weight_layout(targets.spec), config.hypernet)
+  rng = np.random.default_rng(1)
+  batch = {"images": rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32),
+           "input_ids": np.repeat(sd.tokenize(["a sks face"]), 2, 0),
+           "target": jax.tree_util.tree_map(lambda x: x[:2], targets.train)}
+  params = net.init(jax.random.key(0), batch["images"], iterations=1)["params"]
+
+  def grads(frozen_encoder):
+    return jax.jit(jax.value_and_grad(lambda p: hypernet_train.loss_fn(
+        net, sd, p, frozen, aux, batch, jax.random.key(2), iterations=2, alpha=0.0,
+        beta=1.0, frozen_encoder=frozen_encoder)[0]))(params)
+
+  (loss, trained), (frozen_loss, frozen_grads) = grads(False), grads(True)
+  np.testing.assert_allclose(frozen_loss, loss, rtol=1e-6)
+  assert max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(trained["encoder"])) > 0
+  assert all(float(np.abs(g).max()) == 0
+             for g in jax.tree_util.tree_leaves(frozen_grads["encoder"]))
+  rest = lambda tree: {k: v for k, v in tree.items() if k != "encoder"}
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+                         rest(frozen_grads), rest(trained))

@@ -177,7 +177,8 @@ def _run(config, workdir, stop, log_reads) -> bool:
       net, sd, tx, mesh, frozen_sharding, seed=cfg.seed, loss_kwargs=dict(
           iterations=config.hypernet.iterations, alpha=cfg.alpha, beta=cfg.beta,
           weight_loss=cfg.weight_loss, hflip=cfg.hflip, jitter=cfg.jitter,
-          face_background_weight=cfg.face_background_weight, remat=cfg.get("remat", "none")))
+          face_background_weight=cfg.face_background_weight, remat=cfg.get("remat", "none"),
+          frozen_encoder=cfg.get("encoder_lr_scale", 1.0) == 0.0))
   frozen = jax.tree_util.tree_map(  # host copies: valid on every process of a multi-host job
       lambda x, sharding: jax.make_array_from_callback(
           x.shape, sharding, lambda index, x=np.asarray(x): x[index]), frozen, frozen_sharding)
