@@ -45,6 +45,7 @@ def test_steps_lower_the_loss_on_a_fixed_batch(stand_in):
   assert losses[-1] < 0.9 * losses[0], losses
 
 
+@pytest.mark.slow  # ~40 s: a training run, predict and export of the learnable-aux variant
 def test_learnable_aux_trains_the_aux_and_its_files_store_it(tmp_path, stand_in):
   """hypernet.learnable_aux: the aux matrices are params (moved by the diffusion loss),
   predicted LiDB files store them, and they export with them; beta must be 0."""

@@ -241,6 +241,7 @@ def tiny_folder(tiny_model, tmp_path_factory):
   return folder
 
 
+@pytest.mark.slow  # ~50 s: a whole evaluation run with the reference encoders
 def test_evaluate_with_reference_scoring_on_the_tiny_model(folders, tiny_folder, tmp_path):
   paths, _ = folders
   photos = tmp_path / "photos"

@@ -30,6 +30,7 @@ def test_committed_base_is_small_and_complete(mini_base):
   assert abs(sd.vae.config.scaling_factor - 1.0) > 1e-3  # set from the trained VAE's latents
 
 
+@pytest.mark.slow  # ~50 s: 240 samples; the committed full measurement is checked fast below
 def test_small_seeded_quality_check(mini_base):
   """40 samples per group, seed 1: the targets, and the identifier "sks" before "face"
   keeps the prompt's context (10 points of slack at this sample size)."""

@@ -44,6 +44,7 @@ def test_hdb_personalize_imports_no_upstream_library(tmp_path):
   assert os.path.exists(tmp_path / "out" / "personalization.safetensors")
 
 
+@pytest.mark.slow  # ~40 s: a training run in a new interpreter (hdb personalize's is fast)
 @pytest.mark.parametrize("module", ["train.lidb_dreambooth"])
 def test_a_training_entry_point_imports_no_upstream_library(tmp_path, module):
   command = [sys.executable, "-X", "importtime", "-m", module, "--config", "configs/tiny.py",
