@@ -239,7 +239,7 @@ def test_text_encoder_names_with_and_without_the_text_model_root(
   names; transformers 4 loads only these) and its PEFT targets without it (transformers 5's
   modules). Imports read both spellings alike: PEFT `text_encoder.encoder.layers...` (what
   diffusers / PEFT save with transformers 5), kohya `lora_te_encoder_...`, and metadata
-  patterns written for transformers 4's tree (`text_model\.encoder...`); diffusers 0.42
+  patterns written for transformers 4's tree (`text_model\\.encoder...`); diffusers 0.42
   loads the unrooted files to the same numbers."""
   want = sources["mixed"][1]   # ranks 1-3: the text encoder has rank / alpha patterns
   peft_file, kohya_file = exported[("mixed", "peft")], exported[("mixed", "kohya")]

@@ -231,67 +231,69 @@ def _run(config, workdir, stop, log_reads) -> bool:
       batch["face_masks"] = place(local["face_masks"], True)
     return batch
 
-  bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="hypernetwork",
-             unit="step", disable=not is_main)
-  began = time.time()
-  for step in bar:
-    state, metrics = fns.train(state, frozen, aux, global_batch(step), np.int32(step))
-    done = step + 1
-    saving = done % cfg.checkpoint_every == 0 or done == cfg.steps or stop.requested
-    if done % cfg.log_every == 0 or saving:  # never checkpoint a state that is not finite
-      loss = float(metrics["loss"])
-      if not np.isfinite(loss):
-        raise FloatingPointError(f"step {done}: loss is {loss}; stopped, the last good "
-                                 f"checkpoint is in {workdir}/checkpoints")
-    if done % cfg.log_every == 0 or done == cfg.steps:
-      scalars = {k: float(v) for k, v in metrics.items()}
-      scalars["learning_rate"] = float(hypernet_train.learning_rate(cfg, step))
-      bar.set_postfix(loss=f"{scalars['loss']:.4f}", refresh=False)
-      if writer:
-        writer.scalars(done, scalars)
-        with open(os.path.join(workdir, "log.jsonl"), "a") as f:
-          f.write(json.dumps(dict(scalars, step=done)) + "\n")
-    if evaluator and (done % cfg.eval_every == 0 or done == cfg.steps):
-      accuracy, grid = evaluator(state["params"])
-      if writer:
-        writer.image(done, "heldout/reference_and_samples", grid)
-      if accuracy is not None:
-        logging.info("step %d: held-out identity accuracy %.3f (base %.3f)", done,
-                     accuracy, evaluator.base_accuracy)
+  try:  # the event file is closed however the run ends (stop, non-finite loss, done)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="hypernetwork",
+               unit="step", disable=not is_main)
+    began = time.time()
+    for step in bar:
+      state, metrics = fns.train(state, frozen, aux, global_batch(step), np.int32(step))
+      done = step + 1
+      saving = done % cfg.checkpoint_every == 0 or done == cfg.steps or stop.requested
+      if done % cfg.log_every == 0 or saving:  # never checkpoint a state that is not finite
+        loss = float(metrics["loss"])
+        if not np.isfinite(loss):
+          raise FloatingPointError(f"step {done}: loss is {loss}; stopped, the last good "
+                                   f"checkpoint is in {workdir}/checkpoints")
+      if done % cfg.log_every == 0 or done == cfg.steps:
+        scalars = {k: float(v) for k, v in metrics.items()}
+        scalars["learning_rate"] = float(hypernet_train.learning_rate(cfg, step))
+        bar.set_postfix(loss=f"{scalars['loss']:.4f}", refresh=False)
         if writer:
-          writer.scalars(done, {"heldout_identity_accuracy": accuracy,
-                                "heldout_identity_accuracy_base": evaluator.base_accuracy})
-    if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-      checkpoint.save(ckpt, done, state)
-    if stop.agreed() and done < cfg.steps:
-      checkpoint.save(ckpt, done, state, wait=True)
-      logging.warning("stopped at step %d: rerun the same command to continue", done)
-      return False
-  ckpt.wait_until_finished()
-  logging.info("process %d of %d: read the photos of %d of %d batch rows",
-               jax.process_index(), jax.process_count(), rows_read,
-               (cfg.steps - start) * cfg.batch_size)
-  if is_main:
-    # The provenance's fingerprint covers every identity's photo: process 0 reads them all
-    # once more here (training read each process's rows only).
-    train_photos = photos(config.data.split, identities)
-    hypernet.save(os.path.join(workdir, "hypernet"), jax.device_get(state["params"]),
-                  config.hypernet, spec, fingerprint, prompt,
-                  extra={"image_size": int(image_shape[0]), "steps": cfg.steps,
-                         "encoder_config": encoder_config},
-                  provenance=provenance.record(
-                      config, steps=cfg.steps, repo=REPO, base_fingerprint=fingerprint,
-                      data=provenance.data_record(
-                          data_source(config.data), identities,
-                          [train_photos["images"], train_photos.get("face_masks",
-                                                                    np.zeros(0, np.uint8))],
-                          weights=config.data.weights,
-                          weights_fingerprint=provenance.fingerprint(
-                              jax.tree_util.tree_leaves(target_rows)))))
+          writer.scalars(done, scalars)
+          with open(os.path.join(workdir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(dict(scalars, step=done)) + "\n")
+      if evaluator and (done % cfg.eval_every == 0 or done == cfg.steps):
+        accuracy, grid = evaluator(state["params"])
+        if writer:
+          writer.image(done, "heldout/reference_and_samples", grid)
+        if accuracy is not None:
+          logging.info("step %d: held-out identity accuracy %.3f (base %.3f)", done,
+                       accuracy, evaluator.base_accuracy)
+          if writer:
+            writer.scalars(done, {"heldout_identity_accuracy": accuracy,
+                                  "heldout_identity_accuracy_base": evaluator.base_accuracy})
+      if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        checkpoint.save(ckpt, done, state)
+      if stop.agreed() and done < cfg.steps:
+        checkpoint.save(ckpt, done, state, wait=True)
+        logging.warning("stopped at step %d: rerun the same command to continue", done)
+        return False
+    ckpt.wait_until_finished()
+    logging.info("process %d of %d: read the photos of %d of %d batch rows",
+                 jax.process_index(), jax.process_count(), rows_read,
+                 (cfg.steps - start) * cfg.batch_size)
+    if is_main:
+      # The provenance's fingerprint covers every identity's photo: process 0 reads them all
+      # once more here (training read each process's rows only).
+      train_photos = photos(config.data.split, identities)
+      hypernet.save(os.path.join(workdir, "hypernet"), jax.device_get(state["params"]),
+                    config.hypernet, spec, fingerprint, prompt,
+                    extra={"image_size": int(image_shape[0]), "steps": cfg.steps,
+                           "encoder_config": encoder_config},
+                    provenance=provenance.record(
+                        config, steps=cfg.steps, repo=REPO, base_fingerprint=fingerprint,
+                        data=provenance.data_record(
+                            data_source(config.data), identities,
+                            [train_photos["images"], train_photos.get("face_masks",
+                                                                      np.zeros(0, np.uint8))],
+                            weights=config.data.weights,
+                            weights_fingerprint=provenance.fingerprint(
+                                jax.tree_util.tree_leaves(target_rows)))))
+      logging.info("wrote %s/hypernet after %.1f min", workdir, (time.time() - began) / 60)
+    return True
+  finally:
     if writer:
       writer.close()
-    logging.info("wrote %s/hypernet after %.1f min", workdir, (time.time() - began) / 60)
-  return True
 
 
 class Evaluator:
