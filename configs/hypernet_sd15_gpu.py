@@ -6,8 +6,8 @@ CLIP vision tower as the image encoder (a local CLIP vision model folder: config
 flax_model.msgpack or model.safetensors; the paper used ViT-H), frozen by default
 (train.encoder_lr_scale=0; e.g. 0.1 trains it at a tenth of the learning rate).
 Mesh: `data` over all GPUs of the host, the frozen SD1.5 replicated; bf16 compute.
-8 photos per GPU: 36.7 GB per GPU by XLA:CPU's estimate (docs/benchmarks.md
-"Simulated"), for 80 GB cards; on 40 GB cards use --config.train.batch_size=48.
+8 photos per GPU: 29.5 GB per GPU by XLA:CPU's estimate (docs/benchmarks.md
+"Simulated"; the frozen encoder takes no backward pass): fits 40 GB and 80 GB cards.
 
     pip install -e '.[cuda]'
     python -m train.train_hypernet --config configs/hypernet_sd15_gpu.py \

@@ -28,12 +28,14 @@ from hdb_jax import config_file
 
 def get_config():
   config = config_file.sibling(__file__, "hypernet_sd15_gpu").get_config()
-  # 4 per chip on 16 chips. XLA:CPU's memory analysis of the step at 512 px (bf16
-  # compute, model.attention "auto" and model.remat "blocks" from configs/sd15.py;
-  # benchmarks/simulate_sd15.py, docs/benchmarks.md) is 36.7 GB at 8 photos per device
-  # (66.5 GB without them): 5.2 GB of arguments + ~3.9 GB per photo, so 4 per chip
-  # ~21 GB of a v4 chip's 32 GB (interpolated; an upper estimate, ~7 GB on paper).
-  config.train.batch_size = 64
+  # 8 per chip on 16 chips. XLA:CPU's memory analysis of the step at 512 px (bf16
+  # compute, model.attention "auto" and model.remat "blocks" from configs/sd15.py, the
+  # frozen CLIP encoder without a backward pass; benchmarks/simulate_sd15.py,
+  # docs/benchmarks.md "Simulated") is 27.8 GB per device at 8 photos with the frozen
+  # SD1.5 stored in bf16 (29.5 GB in float32): under 90% of a v4 chip's 32 GB (an upper
+  # estimate; ~12 GB on paper). With bf16 compute the stored bf16 base computes the same.
+  config.model.param_dtype = "bfloat16"
+  config.train.batch_size = 128
   config.mesh.data = -1                         # every chip of every host
   config.mesh.fsdp = 1
   config.distributed.initialize = True          # no arguments: auto-detected on TPU VMs
