@@ -35,8 +35,9 @@ def git(*args) -> str:
 
 
 def committed_in(path: str) -> dict:
-  """The commit that last changed `path` (the artefact as committed) and its parent."""
-  commit = git("log", "-1", "--format=%H", "--", path)
+  """The commit that last added or changed `path` (the artefact as committed; not the one
+  that removed it) and its parent."""
+  commit = git("log", "-1", "--diff-filter=AM", "--format=%H", "--", path)
   return {"commit": commit, "date": git("log", "-1", "--format=%cI", commit),
           "parent": git("rev-parse", commit + "^"),
           "subject": git("log", "-1", "--format=%s", commit)[:200]}
@@ -161,14 +162,16 @@ def preopt_record(folder="assets/mini_preopt"):
                   "they do not change the weights)"]}
 
 
-def hypernet_record(folder, variant, identities_note, command, weights_unknown):
+def hypernet_record(folder, variant, identities_note, command, weights_unknown,
+                    first_committed_as=None):
   from hdb_jax import hypernet
   from train import train_hypernet
   config = config_file.load(os.path.join(REPO, "configs", "hypernet_mini.py" +
                                          (f":{variant}" if variant else "")))
   with open(os.path.join(REPO, folder, "hypernet.json")) as f:
     info = json.load(f)
-  made = committed_in(os.path.join(folder, "hypernet.safetensors"))
+  # a network restored from the history: the commit that made it, under its old folder
+  made = committed_in(os.path.join(first_committed_as or folder, "hypernet.safetensors"))
   recorded = {"hypernet": info["hypernet"], "train.steps": info["steps"],
               "prompt": info["prompt"]}
   today = {"hypernet": config.hypernet.to_dict(), "train.steps": config.train.steps,
@@ -220,11 +223,11 @@ def _portable(value):
 
 def main():
   two_devices = "XLA_FLAGS=--xla_force_host_platform_device_count=2 "
-  records = {
-      "assets/mini_base": base_record(),
-      "assets/recognizer": recognizer_record(),
-      "assets/mini_preopt": preopt_record(),
-      "assets/mini_hypernet": hypernet_record(
+  records = {  # folder -> the function making its record
+      "assets/mini_base": base_record,
+      "assets/recognizer": recognizer_record,
+      "assets/mini_preopt": preopt_record,
+      "assets/mini_hypernet": lambda: hypernet_record(
           "assets/mini_hypernet", "", {"count": 2400, "targets": (
               "workdir/preopt_all/weights: assets/mini_preopt's 1,200 identities extended "
               "to all 2,400 (not committed)")},
@@ -234,15 +237,27 @@ def main():
            "--workdir workdir/hypernet --config.data.weights=workdir/preopt_all/weights"],
           ["the fingerprint of its 2,400-identity targets (that weights dataset is not "
            "committed)"]),
-      "assets/mini_hypernet_aux": hypernet_record(
+      "assets/mini_hypernet_aux": lambda: hypernet_record(
           "assets/mini_hypernet_aux", "learnable_aux", {"count": 1200, "targets": (
               "assets/mini_preopt/weights (identity list and LiDB spec only: beta = 0)")},
           [two_devices + "python -m train.train_hypernet --config "
            "configs/hypernet_mini.py:learnable_aux --workdir workdir/hypernet_aux"],
           ["which weights dataset the run read: the documented command reads "
            "assets/mini_preopt (1,200 identities); none is recorded"]),
+      "assets/mini_hypernet_1200": lambda: hypernet_record(
+          "assets/mini_hypernet_1200", "", {"count": 1200, "targets": (
+              "assets/mini_preopt/weights (1,200 identities)")},
+          [two_devices + "python -m train.train_hypernet --config configs/hypernet_mini.py "
+           "--workdir workdir/hypernet_1200"],
+          ["committed as assets/mini_hypernet_masked (removed when the 2,400-identity "
+           "network replaced it) and restored from that commit for the k = 1 ablation's "
+           "pair"], first_committed_as="assets/mini_hypernet_masked"),
   }
-  for folder, record in records.items():
+  only = sys.argv[1:]  # folders to write (default: all)
+  for folder, make in records.items():
+    if only and folder not in only:
+      continue
+    record = make()
     record = {"format": provenance.FORMAT, "version": "1", **record}
     provenance.write(os.path.join(REPO, folder), record)
     differ = [k for k, same in record["recorded_settings_equal_today"].items() if not same]
