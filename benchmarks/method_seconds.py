@@ -45,6 +45,9 @@ flags.DEFINE_list("fit_steps", ["10", "40"], "The two step counts of each fit.")
 flags.DEFINE_integer("repeats", 3, "Photos timed per step count (median).")
 flags.DEFINE_list("methods", [], "Only these methods (default: all of the configs').")
 flags.DEFINE_string("cache_dir", None, "hdb personalize's program cache (default its own).")
+flags.DEFINE_list("same_as", [], "With --extend: name=timed, a method whose trainer is the "
+                  "timed method's but for a file of the same architecture (e.g. another "
+                  "hypernetwork of the same config): its seconds are that method's.")
 flags.DEFINE_bool("extend", False, "Add the configs' untimed methods to --out from its "
                   "stored fits (same settings but steps); refuse those that need timing.")
 flags.mark_flags_as_required(["out"])
@@ -134,9 +137,14 @@ def extend(path: str, methods, config) -> None:
   with open(path) as f:
     result = json.load(f)
   fits = {json.dumps(fit["settings"], sort_keys=True): fit for fit in result["fits"]}
+  same_as = dict(pair.split("=", 1) for pair in FLAGS.same_as)
   added = {}
   for name, method in methods.items():
     if name in result["methods"]:
+      continue
+    if name in same_as:  # the same work as a timed method, by the user's word
+      added[name] = dict(result["methods"][same_as[name]], same_as=same_as[name])
+      print(f"{name:32s} {added[name]['seconds']:8.2f} s (as {same_as[name]})", flush=True)
       continue
     fit = fits.get(fit_key(method))
     steps = method.get("steps", None) or (config.personalize.steps

@@ -187,6 +187,7 @@ def test_committed_table_supports_what_docs_results_md_says():
   assert summary["hypernet_fingerprints"] == evaluate_report.hypernet_fingerprints(
       config, table)
   assert sorted(summary["hypernet_fingerprints"]) == ["assets/mini_hypernet",
+                                                      "assets/mini_hypernet_1200",
                                                       "assets/mini_hypernet_aux"]
   # Agg-1 (whole UNet, high lr) breaks the prompts; DreamBooth proper does not.
   assert table["dreambooth_agg1"]["background_drop"] > 0.3
