@@ -252,6 +252,15 @@ def main():
           ["committed as assets/mini_hypernet_masked (removed when the 2,400-identity "
            "network replaced it) and restored from that commit for the k = 1 ablation's "
            "pair"], first_committed_as="assets/mini_hypernet_masked"),
+      "assets/mini_hypernet_k1": lambda: hypernet_record(
+          "assets/mini_hypernet_k1", "k1", {"count": 1200, "targets": (
+              "assets/mini_preopt/weights (1,200 identities)")},
+          [two_devices + "python -m train.train_hypernet --config configs/hypernet_mini.py:k1 "
+           "--workdir workdir/hypernet_k1"],
+          ["the run was launched as configs/hypernet_mini.py with "
+           "--config.hypernet.iterations=1 --config.train.eval_every=0 (what the k1 variant "
+           "sets) from a checkout before trainers wrote provenance.json, and resumed twice "
+           "(checkpoints at steps 2,807 and 3,446)"]),
   }
   only = sys.argv[1:]  # folders to write (default: all)
   for folder, make in records.items():

@@ -14,7 +14,8 @@ from hdb_jax import config_file, hypernet, provenance, weights_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTEFACTS = ("assets/mini_base", "assets/recognizer", "assets/mini_preopt",
-             "assets/mini_hypernet", "assets/mini_hypernet_aux", "assets/mini_hypernet_1200")
+             "assets/mini_hypernet", "assets/mini_hypernet_aux", "assets/mini_hypernet_1200",
+             "assets/mini_hypernet_k1")
 
 
 def _record(folder):
@@ -39,7 +40,8 @@ def test_every_committed_artefact_says_what_made_it(folder):
 
 @pytest.mark.parametrize("folder,variant", [("assets/mini_hypernet", ""),
                                             ("assets/mini_hypernet_aux", "learnable_aux"),
-                                            ("assets/mini_hypernet_1200", "")])
+                                            ("assets/mini_hypernet_1200", ""),
+                                            ("assets/mini_hypernet_k1", "k1")])
 def test_committed_hypernetworks_are_their_documented_configs(folder, variant):
   """The weights are the ones the provenance describes, and what hypernet.json recorded
   (architecture, steps, prompt) is configs/hypernet_mini.py's today."""
