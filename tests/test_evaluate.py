@@ -170,9 +170,12 @@ def test_committed_table_supports_what_docs_results_md_says():
   full, base = table["full"], table["base"]
   assert full["identity_plain"] > base["identity_plain"] + 0.15
   assert full["background_drop"] < 0.05 and full["style_drop"] < 0.05  # context kept
-  for ablation in ("no_hypernet", "full_k1", "full_rank1", "hypernet_only"):
+  for ablation in ("no_hypernet", "full_rank1", "hypernet_only"):
     hi = table[ablation]["minus_full"]["identity"]["ci95"][1]
     assert hi < 0, ablation  # full is higher on the identifier prompts, paired
+  # a network trained with k = 1 ties the s = 4 one after finetuning (docs/results.md)
+  low, high = table["full_k1"]["minus_full"]["identity"]["ci95"]
+  assert low < 0 < high
   # 40 steps of the full method against 400 of LiDB DreamBooth: as good, ~10x faster
   tie = table["lidb_dreambooth_400"]["minus_full"]["identity"]["ci95"]
   assert tie[0] < 0 < tie[1]
@@ -188,7 +191,8 @@ def test_committed_table_supports_what_docs_results_md_says():
       config, table)
   assert sorted(summary["hypernet_fingerprints"]) == ["assets/mini_hypernet",
                                                       "assets/mini_hypernet_1200",
-                                                      "assets/mini_hypernet_aux"]
+                                                      "assets/mini_hypernet_aux",
+                                                      "assets/mini_hypernet_k1"]
   # Agg-1 (whole UNet, high lr) breaks the prompts; DreamBooth proper does not.
   assert table["dreambooth_agg1"]["background_drop"] > 0.3
   assert table["dreambooth_400"]["background_drop"] < 0.05
