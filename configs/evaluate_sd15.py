@@ -4,7 +4,7 @@
     python -m train.evaluate --config configs/evaluate_sd15.py --workdir /data/evaluate_sd15 \
         --config.model.path=/data/stable-diffusion-v1-5 \
         --config.data.folder=/data/holdout_faces \
-        --config.personalize.hypernet=/data/hypernet_sd15 \
+        --config.personalize.hypernet=/data/hypernet_sd15/hypernet \
         --config.metrics.clip_path=/data/clip-vit-large-patch14 \
         --config.metrics.dino_path=/data/dino-vits16
 

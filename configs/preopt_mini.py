@@ -21,9 +21,9 @@ Without XLA_FLAGS it runs on one device, 8 identities per block, ~1.6x slower. F
 identities, or the random stand-in data on the tiny random-init model (smoke runs, tests
 and benchmarks):
 
-    python -m train.preoptimize --config configs/preopt_mini.py --workdir /tmp/preopt \
+    python -m train.preoptimize --config configs/preopt_mini.py --workdir workdir/preopt \
         --config.data.max_identities=64
-    python -m train.preoptimize --config configs/preopt_mini.py:tiny --workdir /tmp/preopt_tiny
+    python -m train.preoptimize --config configs/preopt_mini.py:tiny --workdir workdir/preopt_tiny
 
 Output: <workdir>/weights (hdb_jax/weights_dataset.py), summary.json, losses.csv.
 Kill it any time (SIGTERM/Ctrl-C checkpoint first); the same command continues.

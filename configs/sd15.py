@@ -6,13 +6,13 @@ scheduler/) with Flax or PyTorch safetensors weights; there is no download.
     pip install -e '.[cuda]'
     python -m train.lidb_dreambooth --config configs/sd15.py \
         --config.model.path=/data/stable-diffusion-v1-5 \
-        --config.images=/data/me/ --workdir /tmp/hdb_sd15_me
+        --config.images=/data/me/ --workdir workdir/hdb_sd15_me
 
 Personalize from one photo (a hypernetwork trained with configs/hypernet_sd15_gpu.py on
 this base; the face is found and cropped by dlib, `pip install -e '.[faces]'`):
 
-    hdb personalize --config configs/sd15.py --image me.jpg --out /tmp/me \
-        --set model.path=/data/stable-diffusion-v1-5 --set personalize.hypernet=/data/hypernet_sd15
+    hdb personalize --config configs/sd15.py --image me.jpg --out workdir/me \
+        --set model.path=/data/stable-diffusion-v1-5 --set personalize.hypernet=/data/hypernet_sd15/hypernet
 
 Sizes, with no weights read (the architecture below mirrors SD1.5's config.json files):
 

@@ -5,7 +5,7 @@ sizes (32x32 images, 8x8x4 latents). Runs in a few minutes on a 2-core CPU and w
 real artefacts (lidb.safetensors, samples.png); the base is untrained, so the samples
 show the subject only as far as a few hundred steps teach it.
 
-    python -m train.lidb_dreambooth --config configs/tiny.py --workdir /tmp/hdb_tiny
+    python -m train.lidb_dreambooth --config configs/tiny.py --workdir workdir/hdb_tiny
 
 Inspect sizes without allocating weights:
 

@@ -1,8 +1,8 @@
 r"""LiDB DreamBooth: personalize a Stable Diffusion model to one subject from 1..N images.
 
-    python -m train.lidb_dreambooth --config configs/tiny.py --workdir /tmp/hdb_tiny
+    python -m train.lidb_dreambooth --config configs/tiny.py --workdir workdir/hdb_tiny
     python -m train.lidb_dreambooth --config configs/sd15.py \
-        --config.model.path=/data/sd15 --config.images=/data/me --workdir /tmp/me
+        --config.model.path=/data/sd15 --config.images=/data/me --workdir workdir/me
 
 Trains the LiDB residuals (rank-1 LoRA through frozen random aux) of the UNet and text
 encoder attention projections with prompt "a [V] <class>". Writes to --workdir:
