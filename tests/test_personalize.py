@@ -4,6 +4,7 @@ output; photos are read upright and too large ones are refused by name."""
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -212,6 +213,17 @@ def test_a_full_disk_leaves_no_partial_output(tmp_path, capsys, monkeypatch, cac
   out = tmp_path / "me"
   assert _personalize(PHOTO, out, "--steps", "1", cache_dir=cache) == 1
   assert "No space left on device" in capsys.readouterr().err
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow  # the finetuning step compiled for its own learning rate
+def test_a_finetuning_that_diverges_exits_1_with_nothing_written(tmp_path, capsys, cache):
+  """Through the CLI, a real divergence (learning rate 1e30: Adam moves every LoRA entry by
+  ~1e30, the loss overflows): exit 1, the error names the step, nothing beside --out."""
+  out = tmp_path / "me"
+  assert _personalize(PHOTO, out, "--steps", "3", "--set", "personalize.learning_rate=1e30",
+                      cache_dir=cache) == 1
+  assert re.search(r"loss is (nan|inf) at step \d of 3", capsys.readouterr().err)
   assert os.listdir(tmp_path) == []
 
 

@@ -416,6 +416,19 @@ def test_face_mask_needs_records_with_masks(tmp_path):
     entry.run(config, str(tmp_path))
 
 
+@pytest.mark.slow  # a preoptimization step compiled for its own learning rate
+def test_a_run_whose_loss_is_not_finite_writes_no_weights(tmp_path, data_dir):
+  """A real run that diverges (learning rate 1e30: Adam moves every weight by ~1e30, the
+  loss overflows): it stops naming the identities, and no weights are written."""
+  import train.preoptimize as entry
+  config = _config({**RUN, "data.data_dir": data_dir, "data.max_identities": 2,
+                    "preopt.learning_rate": 1e30})
+  with pytest.raises(FloatingPointError, match=r"the loss of identities \[.*\] is not"):
+    entry.run(config, str(tmp_path))
+  assert not _shards(str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, "weights", "index.json"))
+
+
 def test_a_loss_that_is_not_finite_stops_before_writing():
   preopt.check_finite(np.array([0.1, 0.2]), np.array([3, 4]), "block", "w")  # fine
   with pytest.raises(FloatingPointError, match=r"block: the loss of identities \[4\] is not"):
