@@ -28,12 +28,33 @@ def test_unknown_config_keys_are_refused(module, tmp_path):
   assert not (tmp_path / "w").exists()
 
 
-def test_values_of_the_wrong_type_are_refused(tmp_path):
-  done = _run("train.evaluate", ENTRY_POINTS["train.evaluate"], "--config.identities=many",
-              tmp_path / "w")
+# an integer setting of each entry point's config
+INTEGER_KEYS = {"train.lidb_dreambooth": "train.steps", "train.preoptimize": "preopt.steps",
+                "train.train_hypernet": "train.steps", "train.evaluate": "identities"}
+
+
+@pytest.mark.parametrize("module", sorted(ENTRY_POINTS))
+def test_values_of_the_wrong_type_are_refused(module, tmp_path):
+  key = INTEGER_KEYS[module]
+  done = _run(module, ENTRY_POINTS[module], f"--config.{key}=many", tmp_path / "w")
   assert done.returncode != 0
-  assert "identities" in done.stderr and "many" in done.stderr, done.stderr[-2000:]
+  assert key.split(".")[-1] in done.stderr and "many" in done.stderr, done.stderr[-2000:]
   assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["info"], ["import", "--lora", "x.safetensors", "--out", "OUT/x.safetensors"],
+    ["export-base", "--out", "OUT/base"], ["personalize", "--image", "x.png", "--out", "OUT/me"],
+    ["demo"]], ids=lambda c: c[0])
+def test_hdb_commands_refuse_values_of_the_wrong_type(command, tmp_path, capsys):
+  """Every `hdb` command that reads a config (--set KEY=VALUE): refused by name before
+  any work, exit 1, nothing written."""
+  from hdb_jax import cli
+  argv = [a.replace("OUT", str(tmp_path / "out")) for a in command]
+  assert cli.main(argv + ["--config", os.path.join(REPO, "configs", "mini.py"),
+                          "--set", "personalize.rank=abc"]) == 1
+  assert "'personalize.rank' cannot take 'abc'" in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
 
 
 def test_hdb_takes_config_flags_as_the_train_scripts_do(tmp_path, capsys):
