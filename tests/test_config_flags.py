@@ -33,7 +33,9 @@ INTEGER_KEYS = {"train.lidb_dreambooth": "train.steps", "train.preoptimize": "pr
                 "train.train_hypernet": "train.steps", "train.evaluate": "identities"}
 
 
-@pytest.mark.parametrize("module", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("module", [  # one new interpreter each: three of them slow
+    pytest.param(m, marks=() if m == "train.evaluate" else pytest.mark.slow)
+    for m in sorted(ENTRY_POINTS)])
 def test_values_of_the_wrong_type_are_refused(module, tmp_path):
   key = INTEGER_KEYS[module]
   done = _run(module, ENTRY_POINTS[module], f"--config.{key}=many", tmp_path / "w")

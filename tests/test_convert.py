@@ -222,6 +222,14 @@ def _respell(tensors, old, new):
           for key, value in tensors.items()}
 
 
+def test_exports_carry_the_base_their_file_was_made_for(exported):
+  """`hdb export` takes no base to check against: the LiDB file's base fingerprint goes
+  into every exported file's metadata, for the tool that loads it."""
+  for fmt in FORMATS:
+    assert _metadata(exported[("lidb", fmt)])["hdb_base_fingerprint"] == "test"
+    assert _metadata(exported[("mixed", fmt)])["hdb_base_fingerprint"] == ""  # none recorded
+
+
 def _rooted_adapter_metadata(metadata):
   """The text encoder's target_modules / rank_pattern / alpha_pattern as a tool working on
   transformers 4's module tree writes them: `text_model.encoder.layers...`."""

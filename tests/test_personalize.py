@@ -216,6 +216,27 @@ def test_a_full_disk_leaves_no_partial_output(tmp_path, capsys, monkeypatch, cac
   assert os.listdir(tmp_path) == []
 
 
+def test_a_hypernetwork_made_for_another_base_is_refused(tmp_path, capsys, cache):
+  """hdb personalize with a hypernetwork trained on another base (its hypernet.json names
+  another base fingerprint): exit 1 naming the folder and both bases, nothing written."""
+  import shutil
+  other = tmp_path / "other_hypernet"
+  shutil.copytree(os.path.join(REPO, "assets", "mini_hypernet"), other)
+  with open(other / "hypernet.json") as f:
+    info = json.load(f)
+  info["base_fingerprint"] = "0123456789abcdef"
+  with open(other / "hypernet.json", "w") as f:
+    json.dump(info, f)
+  out = tmp_path / "runs" / "me"
+  assert _personalize(PHOTO, out, "--set", f"personalize.hypernet={other}",
+                      cache_dir=cache) == 1
+  err = capsys.readouterr().err
+  assert str(other) in err and "trained on base 0123456789abcdef" in err
+  assert "config.model is " + json.load(open(os.path.join(
+      REPO, "assets", "mini_hypernet", "hypernet.json")))["base_fingerprint"] in err
+  assert not (tmp_path / "runs").exists() or os.listdir(tmp_path / "runs") == []
+
+
 @pytest.mark.slow  # the finetuning step compiled for its own learning rate
 def test_a_finetuning_that_diverges_exits_1_with_nothing_written(tmp_path, capsys, cache):
   """Through the CLI, a real divergence (learning rate 1e30: Adam moves every LoRA entry by
