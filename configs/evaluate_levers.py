@@ -34,5 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
       "full_80_lr1e-2_rank16": dict(kind="personalize", steps=80, learning_rate=1e-2,
                                     rank=16),
       "full_160_lr1e-2": dict(kind="personalize", steps=160, learning_rate=1e-2),
+      "full_lr1e-2_rank16": dict(kind="personalize", learning_rate=1e-2, rank=16),
+      "full_80_rank16": dict(kind="personalize", steps=80, rank=16),
   }
   return config
