@@ -36,5 +36,19 @@ def get_config() -> ml_collections.ConfigDict:
       "full_160_lr1e-2": dict(kind="personalize", steps=160, learning_rate=1e-2),
       "full_lr1e-2_rank16": dict(kind="personalize", learning_rate=1e-2, rank=16),
       "full_80_rank16": dict(kind="personalize", steps=80, rank=16),
+      # the rate's warmup and schedule (the table's full: constant, no warmup)
+      "full_warmup10": dict(kind="personalize", warmup_steps=10),
+      "full_cosine_lr1e-2": dict(kind="personalize", schedule="cosine", learning_rate=1e-2),
+      # the text encoder's rate (the table's full: the UNet's)
+      "full_lr1e-2_te0.25": dict(kind="personalize", learning_rate=1e-2,
+                                 text_encoder_lr_scale=0.25),
+      # augmented views: 3 random crops (shifts and zooms to 0.85 of the side) of the
+      # photo and of its mirror, 8 views (the table's full: the photo and its mirror)
+      "full_crops3": dict(kind="personalize", augment_crops=3),
+      # the relaxation inside the LiDB subspace (D_train [a, r'], U_train [r', b])
+      "full_lidb": dict(kind="personalize", relax="lidb"),
+      "full_lidb_rank16": dict(kind="personalize", relax="lidb", rank=16),
+      # the best recipe with the context kept, with augmented views
+      "full_80_rank16_crops3": dict(kind="personalize", steps=80, rank=16, augment_crops=3),
   }
   return config

@@ -84,6 +84,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.personalize = dict(
       hypernet=os.path.join(REPO, "assets", "mini_hypernet"), iterations=0,  # 0: as trained
       rank=4, steps=40, learning_rate=5e-3, batch_size=4, train_text_encoder=True,
+      # The finetuning recipe's other settings (hdb_jax/finetune.py; docs/results.md's
+      # levers measured them): warmup steps and schedule ("constant" | "cosine") of the
+      # rate, the text encoder's rate as a multiple of the UNet's, extra random crops of
+      # the photo and its mirror (shifts and zooms to `augment_min_crop` of the side), and
+      # where the relaxation lives ("lora": a rank-`rank` LoRA; "lidb": inside the LiDB
+      # subspace, D_train [a, rank] and U_train [rank, b] with the aux matrices frozen).
+      warmup_steps=0, schedule="constant", text_encoder_lr_scale=1.0,
+      augment_crops=0, augment_min_crop=0.85, relax="lora",
       hflip=True, seed=0,
       face_check="mini_recognizer",  # the mini world's recognizer refuses non-faces;
                                      # "dlib" for real photos (configs/sd15.py), "none"

@@ -27,6 +27,32 @@ def encode_subject(sd, vae_params, images: np.ndarray, hflip: bool) -> dict:
   return {"mean": mean, "std": std}
 
 
+def subject_views(photo: np.ndarray, hflip: bool, crops: int = 0, min_crop: float = 0.85,
+                  seed: int = 0) -> np.ndarray:
+  """The photo [S, S, 3] as training views [V, S, S, 3]: itself, its mirror image (with
+  `hflip`), and `crops` random crops of each (a square of side U(min_crop, 1) x S at a
+  random place, resized back to S: small shifts and zooms), V = (1 + hflip)(1 + crops).
+  Deterministic for a `seed`."""
+  bases = [photo, photo[:, ::-1]] if hflip else [photo]
+  if not crops:
+    return np.stack(bases).astype(np.float32)
+  from PIL import Image  # resampling with a sub-pixel box: PIL's resize does it exactly
+  size = photo.shape[0]
+  rng = np.random.default_rng(seed)
+  views = []
+  for base in bases:
+    views.append(base)
+    for _ in range(crops):
+      side = rng.uniform(min_crop, 1.0) * size
+      left, top = rng.uniform(0.0, size - side, 2)
+      box = (left, top, left + side, top + side)
+      views.append(np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(base[..., c],
+                                                                             np.float32))
+                                        .resize((size, size), Image.BICUBIC, box=box))
+                             for c in range(base.shape[-1])], -1))
+  return np.stack(views).astype(np.float32)
+
+
 def make_pool(latents: Mapping[str, jax.Array], input_ids: np.ndarray, weight: float) -> dict:
   """A pool of examples to draw batches from: latents, prompt ids [M, L], loss weight [M]."""
   count = latents["mean"].shape[0]

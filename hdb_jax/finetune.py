@@ -25,11 +25,50 @@ import optax
 
 from hdb_jax import dreambooth, lora, relax
 
+# In `fixed`, the aux matrices of a finetuning inside the LiDB subspace (relax "lidb").
+AUX = "aux"
+RELAXATIONS = ("lora", "lidb")
+SCHEDULES = ("constant", "cosine")
+
 
 def initial_lora(train: Mapping, aux: Mapping, rank: int) -> dict:
   """Predicted LiDB train values -> a LoRA of rank `rank` with exactly their residual
   (traceable: jit it, or call it eagerly)."""
   return relax.relax_lora(lora.lidb_factors(train, aux), rank)
+
+
+def initial_lidb(train: Mapping, aux: Mapping, rank: int) -> dict:
+  """Predicted LiDB train values -> LiDB train values of rank `rank` with the same
+  residual: the relaxation inside the LiDB subspace (relax "lidb"). Each layer's
+  D_train [a, 1] @ U_train [1, b] is relaxed as a LoRA of the small [a, b] core
+  (D_train [a, rank] orthonormal, U_train [rank, b]); the aux matrices stay frozen, so
+  the trained values are ~rank x 26K on SD1.5 (~0.4 MB at rank 4) where a rank-`rank`
+  LoRA has ~rank x 1.1M."""
+  cores = {c: {layer: {"down": w["D_train"], "up": w["U_train"]} for layer, w in layers.items()}
+           for c, layers in train.items()}
+  return {c: {layer: {"D_train": f["down"], "U_train": f["up"]} for layer, f in layers.items()}
+          for c, layers in relax.relax_lora(cores, rank).items()}
+
+
+def start_of(train: Mapping, aux: Mapping, cfg) -> tuple[dict, dict]:
+  """The prediction -> (trained, fixed) by `cfg.relax` ("lora": `initial_lora`; "lidb":
+  `initial_lidb`, with the aux matrices in `fixed[AUX]`). Traceable."""
+  relaxation = cfg.get("relax", "lora")
+  if relaxation not in RELAXATIONS:
+    raise ValueError(f"config.personalize.relax must be one of {RELAXATIONS}, "
+                     f"got {relaxation!r}")
+  if relaxation == "lora":
+    return split(initial_lora(train, aux, cfg.rank), cfg.train_text_encoder)
+  trained, fixed = split(initial_lidb(train, aux, cfg.rank), cfg.train_text_encoder)
+  return trained, {**fixed, AUX: dict(aux)}
+
+
+def lora_of(trained: Mapping, fixed: Mapping) -> dict:
+  """A finetuning state (trained, fixed) -> the whole LoRA {component: {layer: {"down",
+  "up"}}}: the layers as they are, or, with `fixed[AUX]` (relax "lidb"), their LiDB
+  values through the aux matrices (down = D_aux @ D_train, up = U_train @ U_aux)."""
+  layers = {**trained, **{c: v for c, v in fixed.items() if c != AUX}}
+  return lora.lidb_factors(layers, fixed[AUX]) if AUX in fixed else layers
 
 
 def layer_shapes(aux: Mapping) -> dict:
@@ -57,8 +96,8 @@ def split(lora_tree: Mapping, train_text_encoder: bool) -> tuple[dict, dict]:
 
 
 def loss_fn(sd, trained, fixed, frozen, pools, rng, batch_size: int):
-  """Diffusion loss of the base with the whole LoRA (trained + fixed) merged."""
-  return dreambooth.pools_loss(sd, lora.merge(frozen, {**trained, **fixed}), pools, rng,
+  """Diffusion loss of the base with the whole LoRA (`lora_of(trained, fixed)`) merged."""
+  return dreambooth.pools_loss(sd, lora.merge(frozen, lora_of(trained, fixed)), pools, rng,
                                batch_size)
 
 
@@ -68,6 +107,40 @@ def optimizer(learning_rate: float, weight_decay: float = 0.0) -> optax.Gradient
   (benchmarks/finetune_step.py uses torch's 1e-2 on both sides); personalization and
   the evaluation's LoRA rows use 0."""
   return optax.adamw(learning_rate, weight_decay=weight_decay)
+
+
+def learning_rate_schedule(cfg):
+  """config.personalize's rate: `learning_rate`, after `warmup_steps` of linear warmup
+  from 0, then constant (`schedule` "constant") or a cosine decay to 0 at `steps`
+  ("cosine"). A plain float when constant without warmup."""
+  peak, warmup = float(cfg.learning_rate), int(cfg.get("warmup_steps", 0))
+  schedule = cfg.get("schedule", "constant")
+  if schedule not in SCHEDULES:
+    raise ValueError(f"config.personalize.schedule must be one of {SCHEDULES}, "
+                     f"got {schedule!r}")
+  if schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(int(cfg.steps), warmup + 1))
+  if warmup:
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
+                                 optax.constant_schedule(peak)], [warmup])
+  return peak
+
+
+def optimizer_of(cfg) -> optax.GradientTransformation:
+  """config.personalize's optimizer: Adam at `learning_rate_schedule(cfg)`, the text
+  encoder's layers at `text_encoder_lr_scale` (default 1) times that rate. With the
+  defaults (constant, no warmup, scale 1) it is `optimizer(cfg.learning_rate)`. The
+  schedule runs over `cfg.steps`; a run with other steps (`personalize.run(steps=)`)
+  keeps it."""
+  rate, scale = learning_rate_schedule(cfg), float(cfg.get("text_encoder_lr_scale", 1.0))
+  if scale == 1.0:
+    return optimizer(rate)
+  scaled = (lambda step: scale * rate(step)) if callable(rate) else scale * rate
+  return optax.multi_transform(
+      {"unet": optimizer(rate), "text_encoder": optimizer(scaled)},
+      lambda tree: {c: jax.tree_util.tree_map(
+          lambda _, c=c: "text_encoder" if c == "text_encoder" else "unet", layers)
+          for c, layers in tree.items()})
 
 
 def make_step(sd, tx: optax.GradientTransformation, batch_size: int):
@@ -84,7 +157,7 @@ def make_step(sd, tx: optax.GradientTransformation, batch_size: int):
 def train(step_fn, trained, opt_state, fixed, frozen, pools, *, steps: int, seed: int,
           progress=None) -> tuple[dict, list[float]]:
   """The loop: `steps` calls of `step_fn` (`make_step`'s; it donates `trained` and
-  `opt_state`) -> (the whole LoRA, trained + fixed, and the loss per step).
+  `opt_state`) -> (the whole LoRA, `lora_of(trained, fixed)`, and the loss per step).
   `progress(iterable)` wraps the loop (e.g. tqdm)."""
   key = jax.random.key(seed)
   losses = []
@@ -97,7 +170,7 @@ def train(step_fn, trained, opt_state, fixed, frozen, pools, *, steps: int, seed
   if bad:
     raise FloatingPointError(f"fast finetuning: the loss is {losses[bad[0]]} at step "
                              f"{bad[0] + 1} of {steps} (learning rate too high?); nothing kept")
-  return {**trained, **fixed}, losses
+  return lora_of(trained, fixed), losses
 
 
 def finetune(sd, frozen, lora_init: Mapping, pools, *, steps: int, learning_rate: float,

@@ -209,14 +209,13 @@ def _trace(config, cfg, spec, aux, net_params, info, prompts, exported_one=None,
   tokens = dict(zip(texts, sd.tokenize(texts).tolist()))
   net = hypernet.make(hypernet.weight_layout(spec), net_config(info), encoder_of(info))
   iterations = int(cfg.iterations or info["hypernet"]["iterations"])
-  tx = finetune.optimizer(cfg.learning_rate)
+  tx = finetune.optimizer_of(cfg)
 
   def start(predicted, aux):
     predicted = jax.tree_util.tree_map(lambda x: x[0], predicted)
     if not cfg.steps:  # hypernetwork only: its rank-1 residual as a LoRA
       return lora.lidb_factors(predicted, aux)
-    trained, fixed = finetune.split(finetune.initial_lora(predicted, aux, cfg.rank),
-                                    cfg.train_text_encoder)
+    trained, fixed = finetune.start_of(predicted, aux, cfg)
     return trained, fixed, tx.init(trained)
 
   def generate(frozen, lora_tree, cond_ids, uncond_ids, rng, guidance_scale):
@@ -232,7 +231,7 @@ def _trace(config, cfg, spec, aux, net_params, info, prompts, exported_one=None,
     return exported[name]
 
   size = sd.image_size
-  views = 2 if cfg.hflip else 1
+  views = num_views(cfg)
   export("predict", lambda p, x: net.apply({"params": p}, x, iterations=iterations),
          net_params, np.zeros((1, size, size, 3), np.float32))
   predicted = jax.eval_shape(exported["predict"].call, net_params,
@@ -251,7 +250,7 @@ def _trace(config, cfg, spec, aux, net_params, info, prompts, exported_one=None,
     step = finetune.make_step(sd, tx, cfg.batch_size)
     export("step", step, trained, opt_state, fixed, frozen, (pool,), jax.random.key(0),
            jitted=True)
-    lora_shapes = {**trained, **fixed}
+    lora_shapes = jax.eval_shape(finetune.lora_of, trained, fixed)
   else:
     lora_shapes = started
   cond = np.zeros((len(prompts) * cfg.per_prompt, sd.max_length), np.int32)
@@ -295,8 +294,9 @@ def load(config, prompts: list[str], cache: dict | None = None,
   aux = learned_aux if learned_aux is not None else lidb.make_aux(spec)
   # The optimizer state's named tuples cross the program files (the same types for any
   # params tree): registered before any program is read or written.
-  programs.register_namedtuples(jax.eval_shape(finetune.optimizer(cfg.learning_rate).init,
-                                               {"x": jax.ShapeDtypeStruct((1,), np.float32)}))
+  leaf = {"x": jax.ShapeDtypeStruct((1,), np.float32)}
+  programs.register_namedtuples(jax.eval_shape(finetune.optimizer_of(cfg).init,
+                                               {"unet": leaf, "text_encoder": leaf}))
   store = programs.Store(cache["programs"]) if cache else None
   key = _program_key(config, info, prompts, render_batch)
   bundle = store.load(key) if store else None
@@ -340,10 +340,18 @@ def load(config, prompts: list[str], cache: dict | None = None,
       seconds={"load": loaded - began}, stored=stored, compile_began=compile_began)
 
 
+def num_views(cfg) -> int:
+  """Training views of the photo: itself, its mirror image (`hflip`) and `augment_crops`
+  random crops of each (`dreambooth.subject_views`)."""
+  return (2 if cfg.hflip else 1) * (1 + int(cfg.get("augment_crops", 0)))
+
+
 def _pools(p: Personalizer, photo: np.ndarray):
-  """The photo (and its mirror image), encoded once by the frozen VAE, as a pool."""
+  """The photo's training views (`num_views`), encoded once by the frozen VAE, as a pool."""
   from hdb_jax import dreambooth
-  images = np.stack([photo, photo[:, ::-1]]) if p.cfg.hflip else photo[None]
+  images = dreambooth.subject_views(np.asarray(photo, np.float32), p.cfg.hflip,
+                                    int(p.cfg.get("augment_crops", 0)),
+                                    float(p.cfg.get("augment_min_crop", 0.85)), p.cfg.seed)
   mean, std = p.encode(p.frozen["vae"], images)
   return (dreambooth.make_pool({"mean": mean, "std": std}, np.asarray([p.tokens[p.prompt]]),
                                1.0),)
@@ -376,9 +384,11 @@ def run(p: Personalizer, photo: np.ndarray, progress=None, from_zero: bool = Fal
   began = time.perf_counter()
   if p.cfg.steps:
     if from_zero:
+      if p.cfg.get("relax", "lora") != "lora":
+        raise ValueError("from_zero starts a LoRA (relax 'lora'), not a LiDB relaxation")
       trained, fixed = finetune.split(finetune.random_start(p.aux, p.cfg.rank, seed),
                                       p.cfg.train_text_encoder)
-      opt_state = finetune.optimizer(p.cfg.learning_rate).init(trained)
+      opt_state = finetune.optimizer_of(p.cfg).init(trained)
     else:
       trained, fixed, opt_state = p.start(batched, p.aux)
     tuned, losses = finetune.train(p.step, trained, opt_state, fixed, p.frozen,

@@ -96,6 +96,10 @@ def load(config, prompts: list[str], block: int, mesh=None) -> BlockPersonalizer
         f"multi-process launch: run it on one host, or one command per host on its own "
         f"photos (docs/pods.md)")
   cfg = config.personalize
+  if cfg.get("relax", "lora") != "lora" or cfg.get("augment_crops", 0):
+    raise ValueError("batched personalization finetunes a LoRA on the photo and its mirror "
+                     "image: set personalize.relax='lora' and personalize.augment_crops=0, "
+                     "or personalize one photo at a time")
   sd, frozen = models.load_or_build(config.model)
   params, info = hypernet.read(cfg.hypernet)
   spec = info["lidb_spec"]
@@ -113,7 +117,7 @@ def load(config, prompts: list[str], block: int, mesh=None) -> BlockPersonalizer
   if block % mesh.shape["data"]:
     raise ValueError(f"block {block} does not split over {mesh.shape['data']} devices")
   per_identity, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-  tx = finetune.optimizer(cfg.learning_rate)
+  tx = finetune.optimizer_of(cfg)
 
   def start(predicted, aux):
     def one(train):
