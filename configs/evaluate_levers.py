@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
       "full_warmup10": dict(kind="personalize", warmup_steps=10),
       "full_cosine_lr1e-2": dict(kind="personalize", schedule="cosine", learning_rate=1e-2),
       # the text encoder's rate (the table's full: the UNet's)
-      "full_lr1e-2_te0.25": dict(kind="personalize", learning_rate=1e-2,
+      "full_lr1e-2_te_quarter": dict(kind="personalize", learning_rate=1e-2,
                                  text_encoder_lr_scale=0.25),
       # augmented views: 3 random crops (shifts and zooms to 0.85 of the side) of the
       # photo and of its mirror, 8 views (the table's full: the photo and its mirror)
