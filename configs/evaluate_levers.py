@@ -50,5 +50,11 @@ def get_config() -> ml_collections.ConfigDict:
       "full_lidb_rank16": dict(kind="personalize", relax="lidb", rank=16),
       # the best recipe with the context kept, with augmented views
       "full_80_rank16_crops3": dict(kind="personalize", steps=80, rank=16, augment_crops=3),
+      # the prior term (hdb_jax/prior.py): 16 class images the base made, per step as many
+      # draws of them as of the photo, at loss weight 1 or 0.3
+      "full_prior16": dict(kind="personalize", prior_images=16, prior_weight=1.0),
+      "full_prior16_w03": dict(kind="personalize", prior_images=16, prior_weight=0.3),
+      "full_80_rank16_prior16": dict(kind="personalize", steps=80, rank=16, prior_images=16,
+                                     prior_weight=1.0),
   }
   return config

@@ -92,6 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
       # subspace, D_train [a, rank] and U_train [rank, b] with the aux matrices frozen).
       warmup_steps=0, schedule="constant", text_encoder_lr_scale=1.0,
       augment_crops=0, augment_min_crop=0.85, relax="lora",
+      # A prior term against the class prompt's drift (hdb_jax/prior.py): each step also
+      # draws `batch_size` of `prior_images` images the base made of `prior_prompt`, at loss
+      # weight `prior_weight`; made once per base and cached. 0 images: off.
+      prior_images=0, prior_weight=1.0, prior_prompt="a {class_name}",
       hflip=True, seed=0,
       face_check="mini_recognizer",  # the mini world's recognizer refuses non-faces;
                                      # "dlib" for real photos (configs/sd15.py), "none"

@@ -118,6 +118,8 @@ def learning_rate_schedule(cfg):
   if schedule not in SCHEDULES:
     raise ValueError(f"config.personalize.schedule must be one of {SCHEDULES}, "
                      f"got {schedule!r}")
+  if schedule == "cosine" and not warmup:
+    return optax.cosine_decay_schedule(peak, max(int(cfg.steps), 1))
   if schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(int(cfg.steps), warmup + 1))
   if warmup:

@@ -30,7 +30,7 @@ import time
 import jax
 import numpy as np
 
-from hdb_jax import files, finetune, hypernet, lidb, lora, model_folder, programs
+from hdb_jax import files, finetune, hypernet, lidb, lora, model_folder, prior, programs
 from hdb_jax import weights_dataset
 from hdb_jax import params as params_lib
 
@@ -43,11 +43,12 @@ PROGRAMS = ("predict", "start", "encode", "step", "generate")
 
 def cache_dirs(path: str | None = None) -> dict[str, str]:
   """The cache folders under `path` ($HDB_CACHE, else ~/.cache/hdb-jax): "xla" (XLA's
-  compiled code) and "programs" (exported programs), created; the XLA one is enabled.
+  compiled code), "programs" (exported programs) and "prior" (the prior term's class
+  latents, `hdb_jax/prior.py`), created; the XLA one is enabled.
   A JAX compilation cache the user set ($JAX_COMPILATION_CACHE_DIR) is kept as "xla"."""
   root = os.path.expanduser(path or os.environ.get("HDB_CACHE") or DEFAULT_CACHE)
   dirs = {"xla": os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(root, "xla"),
-          "programs": os.path.join(root, "programs")}
+          "programs": os.path.join(root, "programs"), "prior": os.path.join(root, "prior")}
   for folder in dirs.values():
     os.makedirs(folder, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", dirs["xla"])
@@ -125,6 +126,10 @@ class Personalizer:
   seconds: dict             # load
   stored: bool              # the programs came from the store (no tracing)
   compile_began: float      # perf_counter when the programs began compiling
+  generate_rows: int = 0           # rows of `generate`: len(prompts) x per_prompt
+  prior_prompt: str | None = None  # the prior term's class prompt (prior_images > 0)
+  prior_folder: str | None = None  # where the prior term's class latents are cached
+  prior_pool: dict | None = None   # made on the first `run` (config.personalize.prior_images)
 
   def ready(self) -> float:
     """Wait until every program is compiled -> seconds from the start of compiling to the
@@ -206,6 +211,8 @@ def _trace(config, cfg, spec, aux, net_params, info, prompts, exported_one=None,
   sd, frozen = models.load_or_build(config.model)
   instance = config.instance_prompt.format(token=config.token, class_name=config.class_name)
   texts = [instance, ""] + list(prompts)
+  if prior.enabled(cfg):
+    texts.append(prior.prompt_of(cfg, config.token, config.class_name))
   tokens = dict(zip(texts, sd.tokenize(texts).tolist()))
   net = hypernet.make(hypernet.weight_layout(spec), net_config(info), encoder_of(info))
   iterations = int(cfg.iterations or info["hypernet"]["iterations"])
@@ -247,8 +254,15 @@ def _trace(config, cfg, spec, aux, net_params, info, prompts, exported_one=None,
     pool = dreambooth.make_pool({"mean": np.zeros(mean.shape, mean.dtype),
                                  "std": np.zeros(std.shape, std.dtype)},
                                 np.asarray([tokens[instance]]), 1.0)
+    pools = (pool,)
+    if prior.enabled(cfg):
+      class_shape = (int(cfg.prior_images),) + mean.shape[1:]
+      pools += (dreambooth.make_pool(
+          {"mean": np.zeros(class_shape, mean.dtype), "std": np.zeros(class_shape, std.dtype)},
+          np.asarray([tokens[prior.prompt_of(cfg, config.token, config.class_name)]]),
+          float(cfg.get("prior_weight", 1.0))),)
     step = finetune.make_step(sd, tx, cfg.batch_size)
-    export("step", step, trained, opt_state, fixed, frozen, (pool,), jax.random.key(0),
+    export("step", step, trained, opt_state, fixed, frozen, pools, jax.random.key(0),
            jitted=True)
     lora_shapes = jax.eval_shape(finetune.lora_of, trained, fixed)
   else:
@@ -260,7 +274,8 @@ def _trace(config, cfg, spec, aux, net_params, info, prompts, exported_one=None,
     cond = np.zeros((render_batch, sd.max_length), np.int32)
     export("render", generate, frozen, lora_shapes, cond, cond, jax.random.key(0),
            np.float32(cfg.guidance_scale))
-  meta = {"tokens": tokens, "image_size": size, "instance_prompt": instance}
+  meta = {"tokens": tokens, "image_size": size, "instance_prompt": instance,
+          "prior_prompt": texts[-1] if prior.enabled(cfg) else None}
   return exported, meta, frozen
 
 
@@ -337,7 +352,9 @@ def load(config, prompts: list[str], cache: dict | None = None,
       image_size=int(meta["image_size"]), tokens=meta["tokens"],
       predict=compiled["predict"], start=compiled["start"], encode=compiled["encode"],
       step=compiled.get("step"), generate=compiled["generate"], render=compiled.get("render"),
-      seconds={"load": loaded - began}, stored=stored, compile_began=compile_began)
+      seconds={"load": loaded - began}, stored=stored, compile_began=compile_began,
+      generate_rows=len(prompts) * cfg.per_prompt, prior_prompt=meta.get("prior_prompt"),
+      prior_folder=cache.get("prior") if cache else None)
 
 
 def num_views(cfg) -> int:
@@ -353,8 +370,34 @@ def _pools(p: Personalizer, photo: np.ndarray):
                                     int(p.cfg.get("augment_crops", 0)),
                                     float(p.cfg.get("augment_min_crop", 0.85)), p.cfg.seed)
   mean, std = p.encode(p.frozen["vae"], images)
-  return (dreambooth.make_pool({"mean": mean, "std": std}, np.asarray([p.tokens[p.prompt]]),
-                               1.0),)
+  pools = (dreambooth.make_pool({"mean": mean, "std": std}, np.asarray([p.tokens[p.prompt]]),
+                                1.0),)
+  return pools + ((prior_pool(p),) if prior.enabled(p.cfg) else ())
+
+
+def prior_pool(p: Personalizer) -> dict:
+  """The prior term's pool (`hdb_jax/prior.py`): `prior_images` class images the base
+  made, as VAE latents (cached in `p.prior_folder`), loss weight `prior_weight`. Made on
+  the first call, then kept in `p`."""
+  if p.prior_pool is None:
+    from hdb_jax import dreambooth
+    class_ids = p.tokens[p.prior_prompt]
+    # A zero LoRA of the personalization's shapes: the base exactly, through its sampler.
+    zero_photo = np.zeros((1, p.image_size, p.image_size, 3), np.float32)
+    trained, fixed, _ = p.start(jax.tree_util.tree_map(np.zeros_like,
+                                                       p.predict(p.net_params, zero_photo)),
+                                p.aux)
+    zero = jax.tree_util.tree_map(np.zeros_like, finetune.lora_of(trained, fixed))
+    make = lambda: prior.make_latents(
+        p.generate, p.encode, p.frozen, zero, class_ids, p.tokens[""],
+        int(p.cfg.prior_images), p.generate_rows, num_views(p.cfg), int(p.cfg.seed),
+        float(p.cfg.guidance_scale))
+    latents = prior.cached_latents(p.prior_folder,
+                                   prior.key_of(p.fingerprint, p.cfg, class_ids, p.image_size),
+                                   make)
+    p.prior_pool = dreambooth.make_pool(latents, np.asarray([class_ids]),
+                                        float(p.cfg.get("prior_weight", 1.0)))
+  return p.prior_pool
 
 
 def run(p: Personalizer, photo: np.ndarray, progress=None, from_zero: bool = False,
