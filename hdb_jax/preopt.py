@@ -35,6 +35,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hdb_jax import diffusion, lidb
+from hdb_jax.nn import attention
 
 PURPOSE_INIT, PURPOSE_TRAIN, PURPOSE_EVAL = 0, 1, 2
 RESIDUALS = ("side", "merge")
@@ -103,7 +104,7 @@ def low_rank_side_path(factors: Mapping[str, Mapping[str, Mapping[str, jax.Array
     return out + jnp.einsum("g...r,gro->g...o", hidden, up).reshape(out.shape).astype(
         out.dtype)
 
-  with nn.intercept_methods(interceptor):
+  with nn.intercept_methods(interceptor), attention.separate_projections():
     yield
   missing = sorted(set(by_path) - called)
   if missing:

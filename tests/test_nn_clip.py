@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from hdb_jax.nn import clip, torch_keys, vit
+from hdb_jax.nn import attention, clip, torch_keys, vit
 
 TEXT = dict(vocab_size=99, hidden_size=32, intermediate_size=37, projection_dim=24,
             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=12,
@@ -196,11 +196,19 @@ def test_dense_module_paths_equal_param_paths():
     return next_fun(*args, **kwargs)
 
   ids = jnp.zeros((1, 4), jnp.int32)
-  with nn.intercept_methods(record):
+  # Per-projection interceptors (the LiDB side path) trace inside separate_projections():
+  # every Dense is called, at its param path.
+  with nn.intercept_methods(record), attention.separate_projections():
     jax.eval_shape(lambda p: module.apply({"params": p}, ids), params)
   assert "text_model/encoder/layers/1/self_attn/q_proj" in called
   assert len(called) == 2 * 6
-  for path in called:
+  # Otherwise q, k and v run as one matmul: only out_proj, fc1 and fc2 are Dense calls.
+  separate, called[:] = list(called), []
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda p: module.apply({"params": p}, ids), params)
+  assert len(called) == 2 * 3 and not any(p.endswith(("q_proj", "k_proj", "v_proj"))
+                                         for p in called)
+  for path in separate:
     node = params
     for name in path.split("/"):
       node = node[name]

@@ -102,6 +102,38 @@ def test_auto_attention_picks_the_platform_kernel_where_shapes_allow(monkeypatch
     attention.resolve("flash", bf16(8, 8), bf16(8, 8), None)
 
 
+def test_fused_projections_equal_separate_dense_calls():
+  """q, k, v that read the same input run as one matmul (hdb_jax/nn/attention.py
+  `projections`): UNet self- and cross-attention and CLIP's (with biases) give the values
+  and gradients (w.r.t. params and inputs) of one nn.Dense call each, with one param tree."""
+  from hdb_jax.nn import blocks, clip
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 6, 16)).astype(np.float32)
+  context = rng.normal(size=(2, 5, 24)).astype(np.float32)
+  text = clip.CLIPTextConfig.from_dict(dict(hidden_size=16, num_attention_heads=2,
+                                            intermediate_size=32, num_hidden_layers=1))
+  cases = ((blocks.Attention(heads=2, head_dim=8), (x,)),
+           (blocks.Attention(heads=2, head_dim=8), (x, context)),
+           (clip.CLIPAttention(text), (x,)))
+  for module, inputs in cases:
+    params = module.init(jax.random.key(0), *inputs)["params"]
+    params = jax.tree_util.tree_map(lambda p: p + 0.1 * rng.normal(size=p.shape), params)
+    cotangent = rng.normal(size=x.shape).astype(np.float32)
+
+    def loss(params, inputs):
+      return jnp.sum(module.apply({"params": params}, *inputs) * cotangent)
+    # A new function each time: the switch acts at trace time, and jit caches traces.
+    grads = lambda: jax.jit(jax.value_and_grad(lambda p, i: loss(p, i), argnums=(0, 1)))(
+        params, inputs)
+    dots = lambda: jax.jit(lambda p, i: loss(p, i)).lower(params, inputs).as_text().count(
+        "dot_general")
+    fused, fused_dots = grads(), dots()
+    with attention.separate_projections():
+      separate, separate_dots = grads(), dots()
+    assert_close(fused, separate, rtol=1e-5, atol=1e-5)
+    assert fused_dots == separate_dots - (2 if len(inputs) == 1 else 1)
+
+
 def with_options(sd, **options):
   """`sd` with its UNet and text encoder computing under other RunOptions fields."""
   return dataclasses.replace(sd, unet=sd.unet.clone(**options),

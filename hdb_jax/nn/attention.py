@@ -26,9 +26,13 @@ self-attention's maps are 8 heads x 4096^2 per example, 512 MB in float32.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 
+import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 
@@ -147,3 +151,54 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       return _chunked_attention(query, key, value)
     kernel = "xla"
   return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=kernel)
+
+
+# Fused projections. A step of the mini model runs ~1,900 small kernels, and on a CPU each
+# costs a few microseconds whatever its size (docs/benchmarks.md): the projections of
+# an attention layer that read the same input (q, k, v of a self-attention; k, v of a
+# cross-attention) run as one matmul against their kernels side by side, in the forward
+# and the backward pass. The parameters stay one nn.Dense each (`to_q/kernel`, ...), so
+# files, LoRA paths and `lora.merge` see the same trees.
+_SEPARATE = contextvars.ContextVar("separate_projections", default=False)
+
+
+@contextlib.contextmanager
+def separate_projections():
+  """Trace inside this block to run each projection as its own `nn.Dense` call: method
+  interceptors that act per projection (`preopt.low_rank_side_path`) need it, and the
+  benchmarks use it as the baseline. The same values either way."""
+  token = _SEPARATE.set(True)
+  try:
+    yield
+  finally:
+    _SEPARATE.reset(token)
+
+
+def projections(module: nn.Module, inputs: dict, features: int, use_bias: bool,
+                dtype) -> dict:
+  """{name: input [..., in]} -> {name: nn.Dense(features, name=name) of it, [..., features]}
+  for Dense submodules of `module` (call from its compact `__call__`). Projections whose
+  input is the same array run as one matmul against their concatenated kernels (and
+  biases), unless initializing or inside `separate_projections()`."""
+  dense = {name: nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name)
+           for name in inputs}
+  if module.is_initializing() or _SEPARATE.get():
+    return {name: dense[name](x) for name, x in inputs.items()}
+  groups = {}                                        # id(input) -> names, in call order
+  for name, x in inputs.items():
+    groups.setdefault(id(x), []).append(name)
+  params = module.variables["params"]
+  out = {}
+  for names in groups.values():
+    x = inputs[names[0]]
+    if len(names) == 1:
+      out[names[0]] = dense[names[0]](x)
+      continue
+    kernel = jnp.concatenate([params[n]["kernel"] for n in names], axis=1)  # [in, k * features]
+    bias = (jnp.concatenate([params[n]["bias"] for n in names]) if use_bias else None)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
+    y = jnp.dot(x, kernel)                                                # [..., k * features]
+    if bias is not None:
+      y = y + bias
+    out.update(zip(names, jnp.split(y, len(names), axis=-1)))
+  return out

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hdb_jax.nn.attention import dot_product_attention, merge_heads, split_heads
+from hdb_jax.nn.attention import dot_product_attention, merge_heads, projections, split_heads
 
 
 def read_config(cls, config: Mapping[str, Any], fixed: Mapping[str, tuple]):
@@ -144,11 +144,11 @@ class Attention(nn.Module):
   def __call__(self, x, context=None):
     # x [B, L, C], context [B, S, C_ctx]
     context = x if context is None else context
-    inner = self.heads * self.head_dim
-    dense = lambda name: nn.Dense(inner, use_bias=False, dtype=self.dtype, name=name)
-    q = split_heads(dense("to_q")(x), self.heads)  # [B, L, H, D]
-    k = split_heads(dense("to_k")(context), self.heads)  # [B, S, H, D]
-    v = split_heads(dense("to_v")(context), self.heads)
+    projected = projections(self, {"to_q": x, "to_k": context, "to_v": context},
+                            self.heads * self.head_dim, use_bias=False, dtype=self.dtype)
+    q = split_heads(projected["to_q"], self.heads)  # [B, L, H, D]
+    k = split_heads(projected["to_k"], self.heads)  # [B, S, H, D]
+    v = split_heads(projected["to_v"], self.heads)
     if self.upcast:
       q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
     out = dot_product_attention(q, k, v, implementation=self.attention)

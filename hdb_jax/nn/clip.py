@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from hdb_jax.nn import blocks
-from hdb_jax.nn.attention import dot_product_attention, merge_heads, split_heads
+from hdb_jax.nn.attention import dot_product_attention, merge_heads, projections, split_heads
 
 # transformers' `hidden_act` names -> functions (`gelu`: exact, erf).
 ACTIVATIONS = {
@@ -209,12 +209,13 @@ class CLIPAttention(nn.Module):
   def __call__(self, x, mask=None):
     # x [B, L, D]; mask broadcastable to [B, H, L, L], True = attend
     width, heads = self.config.hidden_size, self.config.num_attention_heads
-    dense = lambda name: nn.Dense(width, dtype=self.dtype, name=name)
-    q = split_heads(dense("q_proj")(x), heads)  # [B, L, H, D / H]
-    k = split_heads(dense("k_proj")(x), heads)
-    v = split_heads(dense("v_proj")(x), heads)
+    projected = projections(self, {"q_proj": x, "k_proj": x, "v_proj": x}, width,
+                            use_bias=True, dtype=self.dtype)
+    q = split_heads(projected["q_proj"], heads)  # [B, L, H, D / H]
+    k = split_heads(projected["k_proj"], heads)
+    v = split_heads(projected["v_proj"], heads)
     out = dot_product_attention(q, k, v, mask, implementation=self.attention)
-    return dense("out_proj")(merge_heads(out))
+    return nn.Dense(width, dtype=self.dtype, name="out_proj")(merge_heads(out))
 
 
 class CLIPMLP(nn.Module):
