@@ -56,5 +56,13 @@ def get_config() -> ml_collections.ConfigDict:
       "full_prior16_w03": dict(kind="personalize", prior_images=16, prior_weight=0.3),
       "full_80_rank16_prior16": dict(kind="personalize", steps=80, rank=16, prior_images=16,
                                      prior_weight=1.0),
+      # the LiDB-subspace relaxation pushed further (it keeps the context at rank 16)
+      "full_lidb_rank16_lr1e-2": dict(kind="personalize", relax="lidb", rank=16,
+                                      learning_rate=1e-2),
+      "full_lidb_80_rank16": dict(kind="personalize", relax="lidb", rank=16, steps=80),
+      "full_lidb_80_rank16_lr1e-2": dict(kind="personalize", relax="lidb", rank=16, steps=80,
+                                         learning_rate=1e-2),
+      "full_lidb_160_rank16_lr1e-2": dict(kind="personalize", relax="lidb", rank=16,
+                                          steps=160, learning_rate=1e-2),
   }
   return config
