@@ -64,5 +64,12 @@ def get_config() -> ml_collections.ConfigDict:
                                          learning_rate=1e-2),
       "full_lidb_160_rank16_lr1e-2": dict(kind="personalize", relax="lidb", rank=16,
                                           steps=160, learning_rate=1e-2),
+      "full_lidb_120_rank16": dict(kind="personalize", relax="lidb", rank=16, steps=120),
+      "full_lidb_160_rank16": dict(kind="personalize", relax="lidb", rank=16, steps=160),
+      "full_lidb_80_rank16_lr7e-3": dict(kind="personalize", relax="lidb", rank=16, steps=80,
+                                         learning_rate=7e-3),
+      # the prior term at a small weight on the best recipe with the context kept
+      "full_lidb_80_rank16_prior16_w01": dict(kind="personalize", relax="lidb", rank=16,
+                                              steps=80, prior_images=16, prior_weight=0.1),
   }
   return config
