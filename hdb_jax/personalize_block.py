@@ -80,8 +80,9 @@ class BlockPersonalizer:
   predict: object           # (net params, photos [G, S, S, 3]) -> LiDB train [G, ...]
   start: object             # (LiDB train, aux) -> (trained, fixed, opt state), leaves [G, ...]
   encode: object            # (vae params, photos [G, S, S, 3]) -> pool (leaves [G, M, ...])
-  step: object              # (trained, opt, fixed, frozen, pools, rng) -> (.., losses [G])
+  step: object              # (trained, opt, fixed, frozen, aux, pools, rng) -> (.., losses [G])
   generate: object          # dreambooth.make_generate_per_identity_lora's
+  to_lora: object           # (trained + fixed layers, aux) -> LoRAs, leaves [G, ...]
 
 
 def load(config, prompts: list[str], block: int, mesh=None) -> BlockPersonalizer:
@@ -96,10 +97,11 @@ def load(config, prompts: list[str], block: int, mesh=None) -> BlockPersonalizer
         f"multi-process launch: run it on one host, or one command per host on its own "
         f"photos (docs/pods.md)")
   cfg = config.personalize
-  if cfg.get("relax", "lora") != "lora" or cfg.get("augment_crops", 0):
-    raise ValueError("batched personalization finetunes a LoRA on the photo and its mirror "
-                     "image: set personalize.relax='lora' and personalize.augment_crops=0, "
+  if cfg.get("augment_crops", 0) or cfg.get("prior_images", 0):
+    raise ValueError("batched personalization finetunes on the photo and its mirror image "
+                     "only: set personalize.augment_crops=0 and personalize.prior_images=0, "
                      "or personalize one photo at a time")
+  relax_lidb = cfg.get("relax", "lora") == "lidb"
   sd, frozen = models.load_or_build(config.model)
   params, info = hypernet.read(cfg.hypernet)
   spec = info["lidb_spec"]
@@ -120,11 +122,16 @@ def load(config, prompts: list[str], block: int, mesh=None) -> BlockPersonalizer
   tx = finetune.optimizer_of(cfg)
 
   def start(predicted, aux):
-    def one(train):
-      return finetune.split(finetune.initial_lora(train, aux, cfg.rank),
-                            cfg.train_text_encoder)
+    def one(train):  # finetune.start_of, with the (shared) aux matrices kept out of `fixed`
+      relaxed = (finetune.initial_lidb(train, aux, cfg.rank) if relax_lidb
+                 else finetune.initial_lora(train, aux, cfg.rank))
+      return finetune.split(relaxed, cfg.train_text_encoder)
     trained, fixed = jax.vmap(one)(predicted)
     return trained, fixed, jax.vmap(tx.init)(trained)
+
+  def block_lora(layers, aux):
+    """The block's layers (leaves [G, ...]) -> its LoRAs: LiDB values through `aux`."""
+    return jax.vmap(lora.lidb_factors, in_axes=(0, None))(layers, aux) if relax_lidb else layers
 
   def encode(vae_params, photos):
     views = jnp.stack([photos, photos[:, :, ::-1]], 1) if cfg.hflip else photos[:, None]
@@ -136,9 +143,10 @@ def load(config, prompts: list[str], block: int, mesh=None) -> BlockPersonalizer
     return ({"mean": unflat(mean), "std": unflat(std), "input_ids": ids,
              "weight": jnp.ones((count, num_views), jnp.float32)},)
 
-  def step(trained, opt_state, fixed, frozen, pools, rng):
+  def step(trained, opt_state, fixed, frozen, aux, pools, rng):
     def total(trained):  # identities share no params: d(sum)/d(lora_g) = d(loss_g)/d(lora_g)
-      losses = block_losses(sd, {**trained, **fixed}, frozen, pools, rng, cfg.batch_size)
+      losses = block_losses(sd, block_lora({**trained, **fixed}, aux), frozen, pools, rng,
+                            cfg.batch_size)
       return losses.sum(), losses
     (_, losses), grads = jax.value_and_grad(total, has_aux=True)(trained)
     updates, opt_state = jax.vmap(tx.update)(grads, opt_state, trained)
@@ -152,8 +160,9 @@ def load(config, prompts: list[str], block: int, mesh=None) -> BlockPersonalizer
                       in_shardings=(r, s), out_shardings=s),
       start=jax.jit(start, in_shardings=(s, r), out_shardings=s),
       encode=jax.jit(encode, in_shardings=(r, s), out_shardings=s),
-      step=jax.jit(step, in_shardings=(s, s, s, r, s, r), out_shardings=s,
+      step=jax.jit(step, in_shardings=(s, s, s, r, r, s, r), out_shardings=s,
                    donate_argnums=(0, 1)),
+      to_lora=jax.jit(block_lora, in_shardings=(s, r), out_shardings=s),
       generate=dreambooth.make_generate_per_identity_lora(sd, cfg.sample_steps))
 
 
@@ -174,14 +183,14 @@ def run(p: BlockPersonalizer, photos: np.ndarray, progress=None) -> dict:
     pools = p.encode(p.frozen["vae"], padded)
     key, losses = jax.random.key(p.cfg.seed), []
     for step in (progress or (lambda x: x))(range(p.cfg.steps)):
-      trained, opt_state, loss = p.step(trained, opt_state, fixed, p.frozen, pools,
+      trained, opt_state, loss = p.step(trained, opt_state, fixed, p.frozen, p.aux, pools,
                                         jax.random.fold_in(key, step))
       losses.append(loss)
     losses = np.asarray(jnp.stack(losses))[:, :count]
     if not np.all(np.isfinite(losses)):
       raise FloatingPointError("fast finetuning: the loss is not finite for photos "
                                f"{sorted(set(np.nonzero(~np.isfinite(losses))[1]))} of the block")
-    tuned = {**trained, **fixed}
+    tuned = p.to_lora({**trained, **fixed}, p.aux)
   else:  # hypernetwork only: its rank-1 residuals as LoRAs
     tuned = jax.vmap(lora.lidb_factors, in_axes=(0, None))(predicted, p.aux)
     losses = np.zeros((0, count))
