@@ -1,9 +1,14 @@
-"""Rank-relaxed fast finetuning: a predicted LiDB residual -> a rank-r' LoRA -> ~40 steps.
+"""Rank-relaxed fast finetuning: a predicted LiDB residual -> rank r' -> tens of steps.
 
 HyperDreamBooth's second stage (docs/method.md): the hypernetwork's prediction is
-re-parameterized as a LoRA of higher rank (`initial_lora`: `relax.relax_lora`, the same
-residual, with extra components free to learn) and trained with Adam and the diffusion
-loss on the one photo (and its mirror image), prompt "a [V] <class>". Runs without a
+re-parameterized at a higher rank r' (the same residual, with extra components free to
+learn) and trained with Adam and the diffusion loss on the one photo (and its mirror
+image), prompt "a [V] <class>". Where the relaxation lives is `config.personalize.relax`
+(`start_of`): "lora", the paper's, a LoRA of rank r' (`initial_lora`: `relax.relax_lora`);
+"lidb", inside the LiDB subspace (`initial_lidb`: D_train [a, r'], U_train [r', b] with
+the aux matrices frozen, in `fixed[AUX]`; `lora_of` turns a state into its LoRA). The
+recipe's other switches (`optimizer_of`: warmup, cosine schedule, the text encoder's
+rate) are config keys too; docs/results.md "Levers" measured each. Runs without a
 prediction (the "no hypernetwork" ablation, LoRA DreamBooth) start from `random_start`
 instead: the usual LoRA init as peft makes it (`lora.random_init`: kaiming-uniform
 `down`, zero `up`). The result is a normal LoRA pytree

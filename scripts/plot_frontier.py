@@ -30,6 +30,8 @@ SECONDS = "benchmarks/results/method_seconds.json"
 # method) points; `full` is the full method at the config's 40 steps.
 FAMILIES = {
     "full method (hypernetwork + fast finetuning)": (r"full(?:_(\d+))?$", 40),
+    "full method, rank 16 in the LiDB subspace (levers; the default at 120)":
+        (r"full_lidb(?:_(\d+))?_rank16$", 40),
     "LoRA DreamBooth (rank 4)": (r"lora_dreambooth_(\d+)$", None),
     "LiDB DreamBooth (rank 1)": (r"lidb_dreambooth_(\d+)$", None),
     "DreamBooth (whole UNet, prior)": (r"dreambooth_(\d+)$", None),
