@@ -170,6 +170,7 @@ def test_missing_images_are_a_clear_error(tmp_path):
     files.read_image(str(broken), 32)
 
 
+@pytest.mark.slow  # ~24 s: a run made to diverge (README: slow checks)
 def test_a_loss_that_is_not_finite_stops_before_checkpointing(run_config, tmp_path):
   config = run_config.copy_and_resolve_references()
   config.train.learning_rate = 1e30  # the first update sends the weights to ~1e30

@@ -82,6 +82,7 @@ def test_two_identities_two_prompts_two_methods_and_resume(uninterrupted):
   assert "to do" not in again.stderr
 
 
+@pytest.mark.slow  # ~24 s: a process stopped by SIGTERM, then resumed
 def test_sigterm_stops_after_a_chunk_and_the_same_command_finishes_the_table(tmp_path,
                                                                             uninterrupted):
   """SIGTERM once the first chunk is saved (one identity per chunk here): the run ends

@@ -99,6 +99,7 @@ def test_per_identity_sampling_equals_merged_weights(stand_in):
   assert np.abs(grouped[0] - grouped[1]).max() > 0.05  # each row had its own weights
 
 
+@pytest.mark.slow  # ~26 s: the hypernetwork step compiled twice
 def test_a_frozen_encoder_gets_no_gradient_and_the_rest_the_same(stand_in):
   """frozen_encoder (encoder_lr_scale 0): the same loss and the same gradients of the rest
   of the network, none taken through the encoder (no activations kept for it). The weight

@@ -28,7 +28,8 @@ def photos():
   return np.concatenate([shipped[None], np.asarray(recognizer.to_float(renders))])
 
 
-@pytest.mark.parametrize("relax", ["lidb", pytest.param("lora", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~50 s each; the folder command's test (not slow) runs a block too
+@pytest.mark.parametrize("relax", ["lidb", "lora"])
 def test_each_identity_of_a_block_equals_its_single_photo_run(photos, relax):
   """Same draws, same steps; the side path vs merged kernels reassociates float sums, and
   Adam's normalized steps carry that (3e-5 after 3 steps on components near zero). Both

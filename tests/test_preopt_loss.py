@@ -48,6 +48,7 @@ def test_side_path_equals_merge(tiny_model, tiny_lidb):
   assert np.all(np.abs(np.asarray(side) - np.asarray(unweighted)) > 1e-4)  # weights count
 
 
+@pytest.mark.slow  # ~36 s: the loss compiled twice; per-block remat is checked (slow) too
 def test_rematerialized_loss_has_the_same_values_and_gradients(tiny_model, tiny_lidb):
   """remat="dots" (the accelerator configs' memory option) changes what the backward pass
   keeps, not what it computes; an unknown policy is refused by name."""

@@ -153,12 +153,13 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=kernel)
 
 
-# Fused projections. A step of the mini model runs ~1,900 small kernels, and on a CPU each
-# costs a few microseconds whatever its size (docs/benchmarks.md): the projections of
-# an attention layer that read the same input (q, k, v of a self-attention; k, v of a
-# cross-attention) run as one matmul against their kernels side by side, in the forward
-# and the backward pass. The parameters stay one nn.Dense each (`to_q/kernel`, ...), so
-# files, LoRA paths and `lora.merge` see the same trees.
+# Fused projections: the projections of an attention layer that read the same input (q,
+# k, v of a self-attention; k, v of a cross-attention) run as one matmul against their
+# kernels side by side, in the forward and the backward pass: fewer, larger GEMMs, what
+# accelerators run closest to peak. (On the 2-core CPU the mini step's time did not
+# change measurably: docs/benchmarks.md "Speed on the embedded default".) The parameters
+# stay one nn.Dense each (`to_q/kernel`, ...), so files, LoRA paths and `lora.merge` see
+# the same trees.
 _SEPARATE = contextvars.ContextVar("separate_projections", default=False)
 
 
