@@ -77,6 +77,7 @@ def uninterrupted(run_config, tmp_path_factory):
   return lidb_dreambooth.run(run_config, str(tmp_path_factory.mktemp("full")))
 
 
+@pytest.mark.slow  # ~80 s: a whole run, stopped and resumed (its step: tests above)
 def test_run_writes_artefacts_and_resumes(run_config, uninterrupted, tmp_path, monkeypatch):
 
   # SIGTERM during step 2, between checkpoints: it checkpoints step 2 and

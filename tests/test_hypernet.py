@@ -78,6 +78,7 @@ def test_weight_loss(mini_spec):
   np.testing.assert_allclose(hypernet.weight_loss(shifted, train), 4.0, rtol=1e-6)
 
 
+@pytest.mark.slow  # ~28 s: the SD1.5 configs' CLIP encoder variant, built and saved
 def test_pretrained_clip_encoder_loads_frozen_and_round_trips(mini_spec, tmp_path):
   """A local CLIP vision folder as the encoder: its weights go into params["encoder"],
   encoder_lr_scale=0 keeps them fixed, and a saved hypernetwork rebuilds it."""

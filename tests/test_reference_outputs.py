@@ -39,7 +39,7 @@ def test_modules_on_the_mini_base_give_the_recorded_outputs():
     assert relative_error(outputs[name], REFERENCE[name]) <= 1e-5, name
 
 
-@pytest.mark.parametrize("steps", [0, 40])
+@pytest.mark.parametrize("steps", [0, pytest.param(40, marks=pytest.mark.slow)])  # 40: ~30 s
 def test_personalize_gives_the_recorded_lora_and_samples(steps):
   prefix = "steps0/" if steps == 0 else ""
   outputs = recorder.personalize_outputs(steps)
