@@ -71,5 +71,13 @@ def get_config() -> ml_collections.ConfigDict:
       # the prior term at a small weight on the best recipe with the context kept
       "full_lidb_80_rank16_prior16_w01": dict(kind="personalize", relax="lidb", rank=16,
                                               steps=80, prior_images=16, prior_weight=0.1),
+      # LoRA+'s ratio (Hayou et al. 2024): the second factor (U_train) at a multiple of
+      # the rate, on the 80-step LiDB-subspace recipe; and 8 draws a step there
+      "full_lidb_80_rank16_up4": dict(kind="personalize", relax="lidb", rank=16, steps=80,
+                                      up_lr_scale=4.0),
+      "full_lidb_80_rank16_up16_lr2e-3": dict(kind="personalize", relax="lidb", rank=16,
+                                              steps=80, up_lr_scale=16.0, learning_rate=2e-3),
+      "full_lidb_80_rank16_batch8": dict(kind="personalize", relax="lidb", rank=16, steps=80,
+                                         batch_size=8),
   }
   return config

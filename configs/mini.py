@@ -89,11 +89,12 @@ def get_config() -> ml_collections.ConfigDict:
       rank=16, steps=120, learning_rate=5e-3, batch_size=4, train_text_encoder=True,
       # The finetuning recipe's other settings (hdb_jax/finetune.py; docs/results.md's
       # levers measured them): warmup steps and schedule ("constant" | "cosine") of the
-      # rate, the text encoder's rate as a multiple of the UNet's, extra random crops of
+      # rate, the text encoder's rate and each layer's second factor's ("up", LoRA+'s
+      # ratio) as multiples of the rate, extra random crops of
       # the photo and its mirror (shifts and zooms to `augment_min_crop` of the side), and
       # where the relaxation lives ("lora": a rank-`rank` LoRA; "lidb": inside the LiDB
       # subspace, D_train [a, rank] and U_train [rank, b] with the aux matrices frozen).
-      warmup_steps=0, schedule="constant", text_encoder_lr_scale=1.0,
+      warmup_steps=0, schedule="constant", text_encoder_lr_scale=1.0, up_lr_scale=1.0,
       augment_crops=0, augment_min_crop=0.85, relax="lidb",
       # A prior term against the class prompt's drift (hdb_jax/prior.py): each step also
       # draws `batch_size` of `prior_images` images the base made of `prior_prompt`, at loss

@@ -91,11 +91,12 @@ def get_config() -> ml_collections.ConfigDict:
       iterations=0, rank=4, steps=40, learning_rate=1e-4, batch_size=1,
       # The finetuning recipe's other settings (hdb_jax/finetune.py; docs/results.md's
       # levers measured them): warmup steps and schedule ("constant" | "cosine") of the
-      # rate, the text encoder's rate as a multiple of the UNet's, extra random crops of
+      # rate, the text encoder's rate and each layer's second factor's ("up", LoRA+'s
+      # ratio) as multiples of the rate, extra random crops of
       # the photo and its mirror (shifts and zooms to `augment_min_crop` of the side), and
       # where the relaxation lives ("lora": a rank-`rank` LoRA; "lidb": inside the LiDB
       # subspace, D_train [a, rank] and U_train [rank, b] with the aux matrices frozen).
-      warmup_steps=0, schedule="constant", text_encoder_lr_scale=1.0,
+      warmup_steps=0, schedule="constant", text_encoder_lr_scale=1.0, up_lr_scale=1.0,
       augment_crops=0, augment_min_crop=0.85, relax="lora",
       # A prior term against the class prompt's drift (hdb_jax/prior.py): each step also
       # draws `batch_size` of `prior_images` images the base made of `prior_prompt`, at loss

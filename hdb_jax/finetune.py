@@ -33,6 +33,9 @@ from hdb_jax import dreambooth, lora, relax
 # In `fixed`, the aux matrices of a finetuning inside the LiDB subspace (relax "lidb").
 AUX = "aux"
 RELAXATIONS = ("lora", "lidb")
+# The second factor of a layer: a LoRA's "up" [r', out], or "U_train" [r', b] inside the
+# LiDB subspace (`up_lr_scale`).
+UP_FACTORS = ("up", "U_train")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -134,20 +137,33 @@ def learning_rate_schedule(cfg):
 
 
 def optimizer_of(cfg) -> optax.GradientTransformation:
-  """config.personalize's optimizer: Adam at `learning_rate_schedule(cfg)`, the text
-  encoder's layers at `text_encoder_lr_scale` (default 1) times that rate. With the
-  defaults (constant, no warmup, scale 1) it is `optimizer(cfg.learning_rate)`. The
-  schedule runs over `cfg.steps`; a run with other steps (`personalize.run(steps=)`)
+  """config.personalize's optimizer: Adam at `learning_rate_schedule(cfg)`, each leaf at a
+  multiple of that rate: the text encoder's layers at `text_encoder_lr_scale` (default 1),
+  the second factor of each layer ("up" of a LoRA, "U_train" inside the LiDB subspace) at
+  `up_lr_scale` (default 1; > 1 is LoRA+'s ratio, Hayou et al. 2024: the factor that
+  starts at zero in the usual LoRA init learns faster), both for a text-encoder "up".
+  With the defaults (constant, no warmup, scales 1) it is `optimizer(cfg.learning_rate)`.
+  The schedule runs over `cfg.steps`; a run with other steps (`personalize.run(steps=)`)
   keeps it."""
-  rate, scale = learning_rate_schedule(cfg), float(cfg.get("text_encoder_lr_scale", 1.0))
-  if scale == 1.0:
+  rate = learning_rate_schedule(cfg)
+  text_encoder_scale = float(cfg.get("text_encoder_lr_scale", 1.0))
+  up_scale = float(cfg.get("up_lr_scale", 1.0))
+  if text_encoder_scale == 1.0 and up_scale == 1.0:
     return optimizer(rate)
-  scaled = (lambda step: scale * rate(step)) if callable(rate) else scale * rate
+
+  def scale_of(component: str, factor: str) -> float:
+    return ((text_encoder_scale if component == "text_encoder" else 1.0)
+            * (up_scale if factor in UP_FACTORS else 1.0))
+
+  def labels(tree):  # {component: {layer: {factor: leaf}}} -> the same tree of scales
+    return {c: {layer: {f: str(scale_of(c, f)) for f in factors}
+                for layer, factors in layers.items()}
+            for c, layers in tree.items()}
+
+  scales = {scale_of(c, f) for c in ("unet", "text_encoder") for f in ("down", "up")}
   return optax.multi_transform(
-      {"unet": optimizer(rate), "text_encoder": optimizer(scaled)},
-      lambda tree: {c: jax.tree_util.tree_map(
-          lambda _, c=c: "text_encoder" if c == "text_encoder" else "unet", layers)
-          for c, layers in tree.items()})
+      {str(s): optimizer((lambda step, s=s: s * rate(step)) if callable(rate) else s * rate)
+       for s in scales}, labels)
 
 
 def make_step(sd, tx: optax.GradientTransformation, batch_size: int):

@@ -16,7 +16,7 @@ from hdb_jax import dreambooth, finetune, lidb, lora
 
 def recipe(**overrides):
   cfg = dict(rank=4, steps=10, learning_rate=1e-2, train_text_encoder=True, relax="lora",
-             warmup_steps=0, schedule="constant", text_encoder_lr_scale=1.0)
+             warmup_steps=0, schedule="constant", text_encoder_lr_scale=1.0, up_lr_scale=1.0)
   return ml_collections.ConfigDict({**cfg, **overrides})
 
 
@@ -65,9 +65,9 @@ def test_learning_rate_schedules():
     finetune.learning_rate_schedule(recipe(schedule="linear"))
 
 
-def test_text_encoder_rate_scale_scales_only_its_updates():
-  params = {"unet": {"l": {"down": jnp.ones((3, 2))}},
-            "text_encoder": {"t": {"down": jnp.ones((3, 2))}}}
+def test_rate_scales_scale_only_their_leaves():
+  params = {"unet": {"l": {"down": jnp.ones((3, 2)), "up": jnp.ones((2, 3))}},
+            "text_encoder": {"t": {"down": jnp.ones((3, 2)), "up": jnp.ones((2, 3))}}}
   grads = jax.tree_util.tree_map(lambda x: 0.3 * x, params)
 
   def first_update(cfg):
@@ -78,6 +78,21 @@ def test_text_encoder_rate_scale_scales_only_its_updates():
   np.testing.assert_allclose(scaled["unet"]["l"]["down"], plain["unet"]["l"]["down"])
   np.testing.assert_allclose(scaled["text_encoder"]["t"]["down"],
                              0.25 * np.asarray(plain["text_encoder"]["t"]["down"]), rtol=1e-6)
+  # LoRA+'s ratio: the second factor ("up"; "U_train" inside the LiDB subspace) only,
+  # multiplied by the text encoder's scale on its layers.
+  both = first_update(recipe(up_lr_scale=4.0, text_encoder_lr_scale=0.25))
+  for component, scale in (("unet", 1.0), ("text_encoder", 0.25)):
+    layer = "l" if component == "unet" else "t"
+    np.testing.assert_allclose(both[component][layer]["down"],
+                               scale * np.asarray(plain[component][layer]["down"]), rtol=1e-6)
+    np.testing.assert_allclose(both[component][layer]["up"],
+                               4 * scale * np.asarray(plain[component][layer]["up"]), rtol=1e-6)
+  lidb_tree = {"unet": {"l": {"D_train": jnp.ones((3, 2)), "U_train": jnp.ones((2, 3))}}}
+  tx = finetune.optimizer_of(recipe(up_lr_scale=4.0))
+  lidb_updates, _ = tx.update(jax.tree_util.tree_map(lambda x: 0.3 * x, lidb_tree),
+                              tx.init(lidb_tree), lidb_tree)
+  np.testing.assert_allclose(lidb_updates["unet"]["l"]["U_train"],
+                             4 * np.asarray(lidb_updates["unet"]["l"]["D_train"]).T, rtol=1e-6)
   # The default recipe is Adam exactly (optax.adamw with weight decay 0).
   default = finetune.optimizer_of(recipe())
   np.testing.assert_allclose(default.update(grads, default.init(params), params)[0]["unet"]["l"]["down"],
