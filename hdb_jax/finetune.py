@@ -156,9 +156,8 @@ def optimizer_of(cfg) -> optax.GradientTransformation:
             * (up_scale if factor in UP_FACTORS else 1.0))
 
   def labels(tree):  # {component: {layer: {factor: leaf}}} -> the same tree of scales
-    return {c: {layer: {f: str(scale_of(c, f)) for f in factors}
-                for layer, factors in layers.items()}
-            for c, layers in tree.items()}
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: str(scale_of(path[0].key, path[-1].key)), tree)
 
   scales = {scale_of(c, f) for c in ("unet", "text_encoder") for f in ("down", "up")}
   return optax.multi_transform(

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hdb_jax import diffusion, dreambooth, finetune, hypernet, lidb, lora, personalize, preopt
+from hdb_jax import diffusion, dreambooth, finetune, hypernet, lidb, lora, personalize_programs, preopt
 
 
 def _identity_examples(sd, pools, rng, batch_size: int) -> dict:
@@ -107,9 +107,9 @@ def load(config, prompts: list[str], block: int, mesh=None) -> BlockPersonalizer
   spec = info["lidb_spec"]
   net_params, learned_aux = hypernet.split_aux(params, hypernet.weight_layout(spec))
   aux = learned_aux if learned_aux is not None else lidb.make_aux(spec)
-  fingerprint = personalize.check_pair(spec, frozen, info, cfg.hypernet, sd.image_size)
-  net = hypernet.make(hypernet.weight_layout(spec), personalize.net_config(info),
-                     personalize.encoder_of(info))
+  fingerprint = personalize_programs.check_pair(spec, frozen, info, cfg.hypernet, sd.image_size)
+  net = hypernet.make(hypernet.weight_layout(spec), personalize_programs.net_config(info),
+                     personalize_programs.encoder_of(info))
   iterations = int(cfg.iterations or info["hypernet"]["iterations"])
   instance = config.instance_prompt.format(token=config.token, class_name=config.class_name)
   texts = [instance, ""] + list(prompts)

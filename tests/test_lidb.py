@@ -175,18 +175,18 @@ def test_aux_kept_in_the_programs_cache(tmp_path, tiny_lidb, monkeypatch):
   """`hdb personalize` keeps the aux matrices beside its stored programs: the first call
   makes and writes them, the next reads the same bits without making them; a damaged
   file is made again."""
-  from hdb_jax import personalize
+  from hdb_jax import personalize_programs
   spec, seed_aux = tiny_lidb
   cache = {"programs": str(tmp_path)}
-  first = personalize.stored_aux(spec, cache)
+  first = personalize_programs.stored_aux(spec, cache)
   jax.tree_util.tree_map(np.testing.assert_array_equal, first, seed_aux)
   (stored,) = tmp_path.glob("aux-*.npz")
   monkeypatch.setattr(lidb, "make_aux", lambda spec: pytest.fail("made again"))
   jax.tree_util.tree_map(np.testing.assert_array_equal,
-                         personalize.stored_aux(spec, cache), seed_aux)
+                         personalize_programs.stored_aux(spec, cache), seed_aux)
   stored.write_bytes(b"damaged")
   monkeypatch.setattr(lidb, "make_aux", lambda spec: seed_aux)
   jax.tree_util.tree_map(np.testing.assert_array_equal,
-                         personalize.stored_aux(spec, cache), seed_aux)
+                         personalize_programs.stored_aux(spec, cache), seed_aux)
   with np.load(stored) as written:  # written again, readable
     assert len(written.files) == 2 * sum(len(layers) for layers in spec.layers.values())

@@ -93,6 +93,8 @@ def test_rate_scales_scale_only_their_leaves():
                               tx.init(lidb_tree), lidb_tree)
   np.testing.assert_allclose(lidb_updates["unet"]["l"]["U_train"],
                              4 * np.asarray(lidb_updates["unet"]["l"]["D_train"]).T, rtol=1e-6)
+  # Any tree initializes (personalize.load registers the state's types on a 2-level one).
+  jax.eval_shape(tx.init, {"unet": {"x": jnp.ones(1)}, "text_encoder": {"x": jnp.ones(1)}})
   # The default recipe is Adam exactly (optax.adamw with weight decay 0).
   default = finetune.optimizer_of(recipe())
   np.testing.assert_allclose(default.update(grads, default.init(params), params)[0]["unet"]["l"]["down"],
