@@ -1,0 +1,42 @@
+"""Levers of the hypernetwork in the mini world: networks trained another way, each scored
+as hypernetwork only (no finetuning) at the iterations it was trained with, on the
+comparison table's held-out identities, prompts and noise.
+
+    python -m train.evaluate --config configs/evaluate_hypernet_levers.py \
+        --workdir workdir/hypernet_levers
+
+Everything but `methods` is configs/evaluate_mini.py's, so rows compare pairwise with the
+table's; the paired differences are against `hypernet_only_1200`, the committed recipe
+(s = 4, alpha = beta = 1, 5,000 steps) on the same 1,200 pre-optimized identities
+(assets/mini_preopt) as the levers' networks. Each network's training command is in its
+folder's provenance.json; docs/results.md "Levers of the hypernetwork" has the table
+(raw results: docs/mini_hypernet_levers/).
+"""
+
+import os
+
+import ml_collections
+
+from hdb_jax import config_file
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = config_file.sibling(__file__, "evaluate_mini").get_config()
+  assets = os.path.dirname(config.personalize.hypernet)
+  network = lambda name: os.path.join(assets, name)
+  config.reference_method = "hypernet_only_1200"
+  config.methods = {
+      # the committed recipe on the levers' 1,200 identities (the reference) and on 2,400
+      # (the table's hypernet_only and hypernet_only_s6: s = 6 only at prediction)
+      "hypernet_only_1200": dict(kind="personalize", steps=0,
+                                 hypernet=network("mini_hypernet_1200")),
+      "hypernet_only": dict(kind="personalize", steps=0),
+      "hypernet_only_s6": dict(kind="personalize", steps=0, iterations=6),
+      # trained with s = 6 refinement steps (config.hypernet.iterations=6), predicting with 6
+      "hypernet_only_trained_s6": dict(kind="personalize", steps=0,
+                                       hypernet=network("mini_hypernet_s6")),
+      # the diffusion loss at 4x the weight-space loss's weight (train.alpha=4)
+      "hypernet_only_alpha4": dict(kind="personalize", steps=0,
+                                   hypernet=network("mini_hypernet_alpha4")),
+  }
+  return config
