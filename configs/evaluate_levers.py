@@ -79,5 +79,12 @@ def get_config() -> ml_collections.ConfigDict:
                                               steps=80, up_lr_scale=16.0, learning_rate=2e-3),
       "full_lidb_80_rank16_batch8": dict(kind="personalize", relax="lidb", rank=16, steps=80,
                                          batch_size=8),
+      # the loss on the face of the aligned crop (background_weight outside its ellipse,
+      # face_ellipse: the mini world's mean face mask), on the 80-step LiDB-subspace recipe
+      "full_lidb_80_rank16_bg01": dict(kind="personalize", relax="lidb", rank=16, steps=80,
+                                       background_weight=0.1),
+      "full_lidb_80_rank16_lr1e-2_bg01": dict(kind="personalize", relax="lidb", rank=16,
+                                              steps=80, learning_rate=1e-2,
+                                              background_weight=0.1),
   }
   return config

@@ -95,6 +95,10 @@ def get_config() -> ml_collections.ConfigDict:
       # where the relaxation lives ("lora": a rank-`rank` LoRA; "lidb": inside the LiDB
       # subspace, D_train [a, rank] and U_train [rank, b] with the aux matrices frozen).
       warmup_steps=0, schedule="constant", text_encoder_lr_scale=1.0, up_lr_scale=1.0,
+      # The loss weight outside the face of the aligned crop (1: the plain loss), the face
+      # an ellipse (cx, cy, rx, ry; units of the side, y down): here the mini world's mean
+      # face mask above 0.2 (hair included) on its photos.
+      background_weight=1.0, face_ellipse=(0.5, 0.48, 0.34, 0.38),
       augment_crops=0, augment_min_crop=0.85, relax="lidb",
       # A prior term against the class prompt's drift (hdb_jax/prior.py): each step also
       # draws `batch_size` of `prior_images` images the base made of `prior_prompt`, at loss

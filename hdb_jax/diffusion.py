@@ -58,11 +58,13 @@ def loss_given_noise(sd, unet_params, context, latents, noise, timesteps,
       weights.sum(axis=(1, 2, 3)) * error.shape[1] + 1e-8)
 
 
-def text_conditioned_loss(sd, params, input_ids, latents, rng, weights=None):
+def text_conditioned_loss(sd, params, input_ids, latents, rng, weights=None,
+                          pixel_weights=None):
   """Diffusion loss of `params` (unet + text_encoder) on latents [B, C, h, w] and
-  prompts [B, L]; `weights` [B] (e.g. prior-preservation weight) default to 1."""
+  prompts [B, L]; `weights` [B] (e.g. prior-preservation weight) default to 1;
+  `pixel_weights` [B, h, w]: per-position weights (`loss_given_noise`)."""
   context = sd.encode_text(params["text_encoder"], input_ids)
-  losses = per_example_loss(sd, params["unet"], context, latents, rng)
+  losses = per_example_loss(sd, params["unet"], context, latents, rng, pixel_weights)
   if weights is None:
     return losses.mean()
   return (losses * weights).sum() / weights.sum()

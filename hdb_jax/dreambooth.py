@@ -53,13 +53,35 @@ def subject_views(photo: np.ndarray, hflip: bool, crops: int = 0, min_crop: floa
   return np.stack(views).astype(np.float32)
 
 
-def make_pool(latents: Mapping[str, jax.Array], input_ids: np.ndarray, weight: float) -> dict:
-  """A pool of examples to draw batches from: latents, prompt ids [M, L], loss weight [M]."""
+def face_weights(shape: tuple[int, int], ellipse, background_weight: float) -> np.ndarray:
+  """Per-position loss weights [h, w] of an aligned face crop on its latent grid: 1 inside
+  the ellipse (cx, cy, rx, ry, in units of the side, y down) where the face of an aligned
+  crop lies, `background_weight` outside. The photo's own face mask is not known (a
+  user's photo has none), the crop's geometry is: the face is centred. Symmetric about
+  the vertical axis when cx = 0.5, so a mirrored view takes the same weights."""
+  cx, cy, rx, ry = (float(v) for v in ellipse)
+  h, w = shape
+  y, x = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
+  inside = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0
+  return np.where(inside, 1.0, float(background_weight)).astype(np.float32)
+
+
+def make_pool(latents: Mapping[str, jax.Array], input_ids: np.ndarray, weight: float,
+              pixel_weights: np.ndarray | None = None) -> dict:
+  """A pool of examples to draw batches from: latents, prompt ids [M, L], loss weight [M],
+  and with `pixel_weights` ([h, w] for all, or [M, h, w]) a weighted mean over the latent
+  positions in place of the plain mean (`diffusion.loss_given_noise`). Pools drawn
+  together all have pixel weights or none."""
   count = latents["mean"].shape[0]
   ids = np.broadcast_to(np.asarray(input_ids, np.int32).reshape(-1, input_ids.shape[-1]),
                         (count, input_ids.shape[-1]))
-  return {"mean": latents["mean"], "std": latents["std"], "input_ids": jnp.asarray(ids),
+  pool = {"mean": latents["mean"], "std": latents["std"], "input_ids": jnp.asarray(ids),
           "weight": jnp.full((count,), weight, jnp.float32)}
+  if pixel_weights is not None:
+    grid = tuple(latents["mean"].shape[-2:])
+    pool["pixel_weights"] = jnp.broadcast_to(jnp.asarray(pixel_weights, jnp.float32),
+                                             (count,) + grid)
+  return pool
 
 
 def draw(pool: Mapping[str, jax.Array], rng, batch_size: int) -> dict:
@@ -76,7 +98,7 @@ def pools_loss(sd, params, pools, rng, batch_size: int):
   batch = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *batches)
   latents = diffusion.sample_latents(latent_rng, batch["mean"], batch["std"])
   return diffusion.text_conditioned_loss(sd, params, batch["input_ids"], latents, noise_rng,
-                                         batch["weight"])
+                                         batch["weight"], batch.get("pixel_weights"))
 
 
 def loss_fn(sd, train, frozen, aux, pools, rng, batch_size: int):

@@ -211,14 +211,15 @@ def load(config, prompts: list[str], cache: dict | None = None,
 
 
 def _pools(p: Personalizer, photo: np.ndarray):
-  """The photo's training views (`num_views`), encoded once by the frozen VAE, as a pool."""
+  """The photo's training views (`num_views`), encoded once by the frozen VAE, as a pool
+  (with the face ellipse's loss weights when `background_weight` < 1)."""
   from hdb_jax import dreambooth
   images = dreambooth.subject_views(np.asarray(photo, np.float32), p.cfg.hflip,
                                     int(p.cfg.get("augment_crops", 0)),
                                     float(p.cfg.get("augment_min_crop", 0.85)), p.cfg.seed)
   mean, std = p.encode(p.frozen["vae"], images)
   pools = (dreambooth.make_pool({"mean": mean, "std": std}, np.asarray([p.tokens[p.prompt]]),
-                                1.0),)
+                                1.0, programs_lib.pixel_weights(p.cfg, mean.shape[-2:])),)
   return pools + ((prior_pool(p),) if prior.enabled(p.cfg) else ())
 
 
@@ -242,8 +243,10 @@ def prior_pool(p: Personalizer) -> dict:
     latents = prior.cached_latents(p.prior_folder,
                                    prior.key_of(p.fingerprint, p.cfg, class_ids, p.image_size),
                                    make)
+    weights = programs_lib.pixel_weights(p.cfg, latents["mean"].shape[-2:])
     p.prior_pool = dreambooth.make_pool(latents, np.asarray([class_ids]),
-                                        float(p.cfg.get("prior_weight", 1.0)))
+                                        float(p.cfg.get("prior_weight", 1.0)),
+                                        None if weights is None else np.ones_like(weights))
   return p.prior_pool
 
 

@@ -97,9 +97,11 @@ def load(config, prompts: list[str], block: int, mesh=None) -> BlockPersonalizer
         f"multi-process launch: run it on one host, or one command per host on its own "
         f"photos (docs/pods.md)")
   cfg = config.personalize
-  if cfg.get("augment_crops", 0) or cfg.get("prior_images", 0):
+  if (cfg.get("augment_crops", 0) or cfg.get("prior_images", 0)
+      or float(cfg.get("background_weight", 1.0)) != 1.0):
     raise ValueError("batched personalization finetunes on the photo and its mirror image "
-                     "only: set personalize.augment_crops=0 and personalize.prior_images=0, "
+                     "with the plain loss only: set personalize.augment_crops=0, "
+                     "personalize.prior_images=0 and personalize.background_weight=1, "
                      "or personalize one photo at a time")
   relax_lidb = cfg.get("relax", "lora") == "lidb"
   sd, frozen = models.load_or_build(config.model)

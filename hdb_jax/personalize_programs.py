@@ -30,6 +30,19 @@ def num_views(cfg) -> int:
   return (2 if cfg.hflip else 1) * (1 + int(cfg.get("augment_crops", 0)))
 
 
+def pixel_weights(cfg, grid: tuple[int, int]):
+  """The instance pool's per-position loss weights [h, w] on the latent grid: with
+  `background_weight` < 1, the face ellipse of an aligned crop (`face_ellipse`) at 1 and
+  the rest at that weight (`dreambooth.face_weights`); None (the plain loss) at 1."""
+  weight = float(cfg.get("background_weight", 1.0))
+  if weight == 1.0:
+    return None
+  if not 0.0 <= weight < 1.0:
+    raise ValueError(f"config.personalize.background_weight must be in [0, 1], got {weight}")
+  from hdb_jax import dreambooth
+  return dreambooth.face_weights(grid, cfg.face_ellipse, weight)
+
+
 def program_key(config, info, prompts: list[str], render_batch: int = 0) -> str:
   """Everything that shapes the programs (weights are arguments, so not them)."""
   model = config.model.to_dict()
@@ -153,16 +166,18 @@ def trace(config, cfg, spec, aux, net_params, info, prompts, exported_one=None,
     trained, fixed, opt_state = started
     mean, std = jax.eval_shape(exported["encode"].call, frozen["vae"],
                                jax.ShapeDtypeStruct((views, size, size, 3), np.float32))
+    weights = pixel_weights(cfg, mean.shape[-2:])
     pool = dreambooth.make_pool({"mean": np.zeros(mean.shape, mean.dtype),
                                  "std": np.zeros(std.shape, std.dtype)},
-                                np.asarray([tokens[instance]]), 1.0)
+                                np.asarray([tokens[instance]]), 1.0, weights)
     pools = (pool,)
     if prior.enabled(cfg):
       class_shape = (int(cfg.prior_images),) + mean.shape[1:]
       pools += (dreambooth.make_pool(
           {"mean": np.zeros(class_shape, mean.dtype), "std": np.zeros(class_shape, std.dtype)},
           np.asarray([tokens[prior.prompt_of(cfg, config.token, config.class_name)]]),
-          float(cfg.get("prior_weight", 1.0))),)
+          float(cfg.get("prior_weight", 1.0)),
+          None if weights is None else np.ones_like(weights)),)
     step = finetune.make_step(sd, tx, cfg.batch_size)
     export("step", step, trained, opt_state, fixed, frozen, pools, jax.random.key(0),
            jitted=True)

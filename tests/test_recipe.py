@@ -119,6 +119,31 @@ def test_subject_views_are_the_photo_its_mirror_and_crops_of_each():
   np.testing.assert_allclose(whole[1], photo, atol=1e-5)
 
 
+def test_face_weights_count_the_face_of_the_aligned_crop(tiny_model):
+  weights = dreambooth.face_weights((8, 8), (0.5, 0.48, 0.34, 0.38), 0.1)
+  assert weights.shape == (8, 8) and set(np.unique(weights)) == {np.float32(0.1), 1.0}
+  assert weights[4, 4] == 1.0 and weights[0, 0] == weights[7, 7] == np.float32(0.1)
+  np.testing.assert_array_equal(weights, weights[:, ::-1])  # the mirror view's too
+  cfg = recipe(background_weight=1.0, face_ellipse=(0.5, 0.48, 0.34, 0.38))
+  from hdb_jax import personalize_programs
+  assert personalize_programs.pixel_weights(cfg, (8, 8)) is None  # 1: the plain loss
+  cfg.background_weight = 1.5
+  with pytest.raises(ValueError, match="background_weight must be in"):
+    personalize_programs.pixel_weights(cfg, (8, 8))
+  # In the loss: weights of 1 everywhere are the plain loss; the face's weights are not.
+  sd, params = tiny_model
+  grid = (sd.latent_size, sd.latent_size)
+  latents = jax.random.normal(jax.random.key(1), (2, sd.latent_channels) + grid)
+  subject = {"mean": latents, "std": jnp.full_like(latents, 0.1)}
+  ids = sd.tokenize(["a sks face"])
+  loss = lambda pool: float(dreambooth.pools_loss(sd, params, (pool,), jax.random.key(2), 4))
+  plain = loss(dreambooth.make_pool(subject, ids, 1.0))
+  np.testing.assert_allclose(loss(dreambooth.make_pool(subject, ids, 1.0, np.ones(grid))), plain,
+                             rtol=1e-5)
+  face = dreambooth.face_weights(grid, (0.5, 0.5, 0.3, 0.3), 0.0)
+  assert abs(loss(dreambooth.make_pool(subject, ids, 1.0, face)) - plain) > 1e-4 * plain
+
+
 @pytest.mark.slow  # compiles the mini personalization's programs with a prior pool
 def test_prior_term_class_images_are_made_once_per_base_and_cached(tmp_path):
   import os
