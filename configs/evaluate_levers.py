@@ -86,10 +86,10 @@ def get_config() -> ml_collections.ConfigDict:
       "full_lidb_80_rank16_lr1e-2_bg01": dict(kind="personalize", relax="lidb", rank=16,
                                               steps=80, learning_rate=1e-2,
                                               background_weight=0.1),
-      # LoRA+'s ratio with the face-weighted loss, and a smaller ratio
-      "full_lidb_80_rank16_up4_bg01": dict(kind="personalize", relax="lidb", rank=16,
-                                           steps=80, up_lr_scale=4.0, background_weight=0.1),
-      "full_lidb_80_rank16_up2": dict(kind="personalize", relax="lidb", rank=16, steps=80,
-                                      up_lr_scale=2.0),
+      # the face-weighted loss at background weight 0.3, and with 8 draws a step
+      "full_lidb_80_rank16_bg03": dict(kind="personalize", relax="lidb", rank=16, steps=80,
+                                       background_weight=0.3),
+      "full_lidb_80_rank16_batch8_bg01": dict(kind="personalize", relax="lidb", rank=16,
+                                              steps=80, batch_size=8, background_weight=0.1),
   }
   return config
