@@ -91,5 +91,12 @@ def get_config() -> ml_collections.ConfigDict:
                                        background_weight=0.3),
       "full_lidb_80_rank16_batch8_bg01": dict(kind="personalize", relax="lidb", rank=16,
                                               steps=80, batch_size=8, background_weight=0.1),
+      # the photo's prompt names its style ("a photo of a sks face", a caption the base
+      # was trained with), so that the identifier need not carry it
+      "full_lidb_80_rank16_photo": dict(kind="personalize", relax="lidb", rank=16, steps=80,
+                                        instance_prompt="a photo of a {token} {class_name}"),
+      "full_lidb_80_rank16_bg01_photo": dict(kind="personalize", relax="lidb", rank=16,
+                                             steps=80, background_weight=0.1,
+                                             instance_prompt="a photo of a {token} {class_name}"),
   }
   return config

@@ -86,7 +86,9 @@ def personalize_method(config, method, cache):
   config = copy.deepcopy(config)
   from_zero = method.get("from_zero", False)
   for key, value in method.items():
-    if key not in ("kind", "from_zero"):
+    if key == "instance_prompt":  # the prompt of the photo in finetuning (a config key)
+      config.instance_prompt = value
+    elif key not in ("kind", "from_zero"):
       config.personalize[key] = value
   prompt = config.instance_prompt.format(token=config.token, class_name=config.class_name)
   config.personalize.per_prompt = 1  # its own sampler is not used here: keep it small
