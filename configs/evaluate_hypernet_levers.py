@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   network = lambda name: os.path.join(assets, name)
   config.reference_method = "hypernet_only_1200"
   config.methods = {
+      "base": dict(kind="base"),  # the table's: the target is base + 0.15 (plain prompt)
       # the committed recipe on the levers' 1,200 identities (the reference) and on 2,400
       # (the table's hypernet_only and hypernet_only_s6: s = 6 only at prediction)
       "hypernet_only_1200": dict(kind="personalize", steps=0,
