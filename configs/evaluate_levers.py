@@ -98,5 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
       "full_lidb_80_rank16_bg01_photo": dict(kind="personalize", relax="lidb", rank=16,
                                              steps=80, background_weight=0.1,
                                              instance_prompt="a photo of a {token} {class_name}"),
+      "full_lidb_80_rank16_batch8_bg03": dict(kind="personalize", relax="lidb", rank=16,
+                                              steps=80, batch_size=8, background_weight=0.3),
   }
   return config

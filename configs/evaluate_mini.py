@@ -45,13 +45,14 @@ from hdb_jax.mini import render
 # The fast finetuning's recipe in config.personalize (configs/mini.py documents each key).
 RECIPE = ("rank", "steps", "learning_rate", "batch_size", "train_text_encoder", "relax",
           "warmup_steps", "schedule", "text_encoder_lr_scale", "up_lr_scale", "augment_crops",
-          "augment_min_crop", "prior_images", "prior_weight", "background_weight")
+          "augment_min_crop", "prior_images", "prior_weight", "background_weight",
+          "prediction_scale")
 PAPER_RECIPE = dict(rank=4, steps=40, learning_rate=5e-3, batch_size=4,
                     train_text_encoder=True, relax="lora", warmup_steps=0,
                     schedule="constant", text_encoder_lr_scale=1.0, up_lr_scale=1.0,
                     augment_crops=0,
                     augment_min_crop=0.85, prior_images=0, prior_weight=1.0,
-                    background_weight=1.0)
+                    background_weight=1.0, prediction_scale=1.0)
 
 
 def get_config() -> ml_collections.ConfigDict:

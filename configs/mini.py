@@ -86,6 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   # base); the paper's (rank-4 LoRA, 40 steps) is configs/evaluate_mini.py's PAPER_RECIPE.
   config.personalize = dict(
       hypernet=os.path.join(REPO, "assets", "mini_hypernet"), iterations=0,  # 0: as trained
+      prediction_scale=1.0,  # the predicted residual times this before finetuning
       rank=16, steps=120, learning_rate=5e-3, batch_size=4, train_text_encoder=True,
       # The finetuning recipe's other settings (hdb_jax/finetune.py; docs/results.md's
       # levers measured them): warmup steps and schedule ("constant" | "cosine") of the

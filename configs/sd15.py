@@ -88,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   # rank-relaxed LoRA (r' = 4, the ports' setting), text encoder included.
   config.personalize = dict(
       hypernet="",  # required: a folder written by train.train_hypernet for this base
-      iterations=0, rank=4, steps=40, learning_rate=1e-4, batch_size=1,
+      iterations=0, prediction_scale=1.0, rank=4, steps=40, learning_rate=1e-4, batch_size=1,
       # The finetuning recipe's other settings (hdb_jax/finetune.py; docs/results.md's
       # levers measured them): warmup steps and schedule ("constant" | "cosine") of the
       # rate, the text encoder's rate and each layer's second factor's ("up", LoRA+'s

@@ -147,6 +147,13 @@ def deltas(train: Mapping, aux: Mapping) -> dict:
           for component, layers in factors(train, aux).items()}
 
 
+def scale(train: Mapping, factor: float) -> dict:
+  """The LiDB weights whose every residual is `factor` times `train`'s (U_train scaled)."""
+  return {c: {layer: {"D_train": w["D_train"], "U_train": factor * w["U_train"]}
+              for layer, w in layers.items()}
+          for c, layers in train.items()}
+
+
 def merge(frozen: Mapping[str, Mapping], train: Mapping, aux: Mapping,
           scale: float = 1.0) -> dict:
   """Params with every target kernel replaced by `K + scale * dW`. Pure, jittable.

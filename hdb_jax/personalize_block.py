@@ -158,7 +158,8 @@ def load(config, prompts: list[str], block: int, mesh=None) -> BlockPersonalizer
   return BlockPersonalizer(
       sd=sd, frozen=frozen, fingerprint=fingerprint, hypernet_info=info, net_params=net_params, aux=aux, cfg=cfg, block=block,
       tokens=tokens, instance_prompt=instance,
-      predict=jax.jit(lambda p, x: net.apply({"params": p}, x, iterations=iterations),
+      predict=jax.jit(lambda p, x: personalize_programs.predict_scaled(net, p, x, iterations,
+                                                                       cfg),
                       in_shardings=(r, s), out_shardings=s),
       start=jax.jit(start, in_shardings=(s, r), out_shardings=s),
       encode=jax.jit(encode, in_shardings=(r, s), out_shardings=s),

@@ -43,6 +43,15 @@ def pixel_weights(cfg, grid: tuple[int, int]):
   return dreambooth.face_weights(grid, cfg.face_ellipse, weight)
 
 
+def predict_scaled(net, net_params, photos, iterations: int, cfg):
+  """The hypernetwork's LiDB weights for photos [G, S, S, 3], each residual times
+  `prediction_scale` (1: as predicted; > 1 goes on in the direction it predicts, as more
+  iterations do)."""
+  predicted = net.apply({"params": net_params}, photos, iterations=iterations)
+  factor = float(cfg.get("prediction_scale", 1.0))
+  return predicted if factor == 1.0 else lidb.scale(predicted, factor)
+
+
 def program_key(config, info, prompts: list[str], render_batch: int = 0) -> str:
   """Everything that shapes the programs (weights are arguments, so not them)."""
   model = config.model.to_dict()
@@ -154,7 +163,7 @@ def trace(config, cfg, spec, aux, net_params, info, prompts, exported_one=None,
 
   size = sd.image_size
   views = num_views(cfg)
-  export("predict", lambda p, x: net.apply({"params": p}, x, iterations=iterations),
+  export("predict", lambda p, x: predict_scaled(net, p, x, iterations, cfg),
          net_params, np.zeros((1, size, size, 3), np.float32))
   predicted = jax.eval_shape(exported["predict"].call, net_params,
                              jax.ShapeDtypeStruct((1, size, size, 3), np.float32))

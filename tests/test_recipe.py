@@ -52,6 +52,17 @@ def test_lidb_relaxation_keeps_the_residual_and_trains_only_the_small_factors(ti
     finetune.start_of(predicted, aux, recipe(relax="dense"))
 
 
+def test_prediction_scale_scales_every_residual(tiny_lidb):
+  spec, aux = tiny_lidb
+  predicted = prediction(spec)
+  doubled = lidb.scale(predicted, 2.0)
+  want, got = lidb.deltas(predicted, aux), lidb.deltas(doubled, aux)
+  for component, residuals in want.items():
+    for layer, residual in residuals.items():
+      np.testing.assert_allclose(got[component][layer], 2 * np.asarray(residual), rtol=1e-5,
+                                 atol=1e-7)
+
+
 def test_learning_rate_schedules():
   assert finetune.learning_rate_schedule(recipe()) == 1e-2  # constant: a plain float
   warm = finetune.learning_rate_schedule(recipe(warmup_steps=4))
