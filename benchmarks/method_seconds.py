@@ -39,7 +39,8 @@ from train import evaluate_methods  # noqa: E402
 
 flags.DEFINE_string("out", None, "JSON file to write.")
 flags.DEFINE_list("configs", ["configs/evaluate_mini.py", "configs/evaluate_frontier.py",
-                              "configs/evaluate_levers.py"],
+                              "configs/evaluate_levers.py",
+                              "configs/evaluate_hypernet_levers.py"],
                   "Evaluation configs whose methods are timed (same base and photos).")
 flags.DEFINE_list("fit_steps", ["10", "40"], "The two step counts of each fit.")
 flags.DEFINE_integer("repeats", 3, "Photos timed per step count (median).")

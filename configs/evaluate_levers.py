@@ -100,5 +100,15 @@ def get_config() -> ml_collections.ConfigDict:
                                              instance_prompt="a photo of a {token} {class_name}"),
       "full_lidb_80_rank16_batch8_bg03": dict(kind="personalize", relax="lidb", rank=16,
                                               steps=80, batch_size=8, background_weight=0.3),
+      # ... with the text encoder at a quarter of the rate, at background weight 0.2, and
+      # from the prediction scaled 2x
+      "full_lidb_80_rank16_batch8_bg01_te_quarter": dict(
+          kind="personalize", relax="lidb", rank=16, steps=80, batch_size=8,
+          background_weight=0.1, text_encoder_lr_scale=0.25),
+      "full_lidb_80_rank16_batch8_bg02": dict(kind="personalize", relax="lidb", rank=16,
+                                              steps=80, batch_size=8, background_weight=0.2),
+      "full_lidb_80_rank16_batch8_bg01_scale200": dict(
+          kind="personalize", relax="lidb", rank=16, steps=80, batch_size=8,
+          background_weight=0.1, prediction_scale=2.0),
   }
   return config

@@ -59,6 +59,7 @@ GENERATED = {
     "docs/mini_results_table.md": lambda: _table("docs/mini_results.json"),
     "docs/mini_frontier/table.md": lambda: _table("docs/mini_frontier/summary.json"),
     "docs/mini_levers/table.md": lambda: _table("docs/mini_levers/summary.json"),
+    "docs/mini_hypernet_levers/table.md": lambda: _table("docs/mini_hypernet_levers/summary.json"),
 }
 
 def _hypernet_table(rows: list[tuple[str, str, str]], bold=()) -> str:
