@@ -110,5 +110,8 @@ def get_config() -> ml_collections.ConfigDict:
       "full_lidb_80_rank16_batch8_bg01_scale200": dict(
           kind="personalize", relax="lidb", rank=16, steps=80, batch_size=8,
           background_weight=0.1, prediction_scale=2.0),
+      "full_lidb_80_rank16_batch8_bg02_lr4e-3": dict(
+          kind="personalize", relax="lidb", rank=16, steps=80, batch_size=8,
+          background_weight=0.2, learning_rate=4e-3),
   }
   return config

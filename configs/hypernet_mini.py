@@ -29,6 +29,14 @@ evaluation during training; it changes nothing in the weights):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.train_hypernet \
         --config configs/hypernet_mini.py:k1 --workdir workdir/hypernet_k1
+
+Two levers of the hypernetwork (docs/results.md "Levers of the hypernetwork"), each the
+standard recipe on the same 1,200 identities with one change and no held-out evaluation
+during training: `:s6` trains with s = 6 refinement steps (assets/mini_hypernet_s6),
+`:alpha4` weighs the diffusion loss 4x (assets/mini_hypernet_alpha4):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.train_hypernet \
+        --config configs/hypernet_mini.py:s6 --workdir workdir/hypernet_s6
 """
 
 import os
@@ -38,13 +46,15 @@ import ml_collections
 from hdb_jax import config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = ("", "learnable_aux", "k1", "s6", "alpha4")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  """variant "" (the committed standard network's recipe), "learnable_aux" or "k1"."""
-  if variant not in ("", "learnable_aux", "k1"):
+  """variant "" (the committed standard network's recipe), "learnable_aux", "k1", "s6"
+  or "alpha4"."""
+  if variant not in VARIANTS:
     raise ValueError(f"configs/hypernet_mini.py: unknown variant {variant!r} "
-                     "(known: '', 'learnable_aux', 'k1')")
+                     f"(known: {', '.join(repr(v) for v in VARIANTS)})")
   config = ml_collections.ConfigDict()
   config.model = config_file.sibling(__file__, "mini").mini_model()
   config.token = "sks"
@@ -97,5 +107,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.face_background_weight = None
   elif variant == "k1":
     config.hypernet.iterations = 1
+    config.train.eval_every = 0
+  elif variant == "s6":
+    config.hypernet.iterations = 6
+    config.train.eval_every = 0
+  elif variant == "alpha4":
+    config.train.alpha = 4.0
     config.train.eval_every = 0
   return config

@@ -57,6 +57,22 @@ def test_committed_hypernetworks_are_their_documented_configs(folder, variant):
   assert record["last_logged_step"] == config.train.steps
 
 
+@pytest.mark.parametrize("variant", ["s6", "alpha4"])
+def test_hypernetwork_levers_recorded_their_own_runs(variant):
+  """The levers' networks (docs/results.md) wrote their provenance as they ran: their
+  weights, their config (configs/hypernet_mini.py:<variant> today, the run's workdir aside)
+  and a clean code state."""
+  folder = f"assets/mini_hypernet_{variant}"
+  record = _record(folder)
+  assert record["format"] == provenance.FORMAT and record["code"]["dirty"] is False
+  assert record["fingerprint"] == hypernet.weights_fingerprint(os.path.join(REPO, folder))
+  config = config_file.load(os.path.join(REPO, "configs", "hypernet_mini.py") + f":{variant}")
+  today = provenance.record(config, steps=0, data={}, repo=REPO, argv=[])["config"]
+  assert record["config"] == json.loads(json.dumps(today))
+  assert record["steps"] == config.train.steps
+  assert "configs/hypernet_mini.py" in record["command"]
+
+
 def test_committed_preoptimization_is_its_documented_config():
   config = config_file.load(os.path.join(REPO, "configs", "preopt_mini.py"),
                             {"data.max_identities": 1200})
