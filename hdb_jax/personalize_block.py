@@ -38,15 +38,19 @@ from hdb_jax import diffusion, dreambooth, finetune, hypernet, lidb, lora, perso
 def _identity_examples(sd, pools, rng, batch_size: int) -> dict:
   """One identity's examples, drawn as `dreambooth.pools_loss` draws them from its pools
   (leaves [M, ...]): input_ids [n, L], latents, noise [n, C, h, w], timesteps and loss
-  weights [n] (n = batch_size x number of pools)."""
+  weights [n] (n = batch_size x number of pools), and the pools' pixel weights [n, h, w]
+  when they have them."""
   draw_rng, latent_rng, noise_rng = jax.random.split(rng, 3)
   batches = [dreambooth.draw(pool, key, batch_size)
              for pool, key in zip(pools, jax.random.split(draw_rng, len(pools)))]
   batch = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *batches)
   latents = diffusion.sample_latents(latent_rng, batch["mean"], batch["std"])
   noise, timesteps = diffusion.noise_and_timesteps(sd, noise_rng, latents)
-  return {"input_ids": batch["input_ids"], "latents": latents, "noise": noise,
-          "timesteps": timesteps, "weight": batch["weight"]}
+  examples = {"input_ids": batch["input_ids"], "latents": latents, "noise": noise,
+              "timesteps": timesteps, "weight": batch["weight"]}
+  if "pixel_weights" in batch:
+    examples["pixel_weights"] = batch["pixel_weights"]
+  return examples
 
 
 def block_losses(sd, lora_tree, frozen, pools, rng, batch_size: int):
@@ -58,7 +62,8 @@ def block_losses(sd, lora_tree, frozen, pools, rng, batch_size: int):
   with preopt.low_rank_side_path(lora_tree):
     context = sd.encode_text(frozen["text_encoder"], flat["input_ids"])
     losses = diffusion.loss_given_noise(sd, frozen["unet"], context, flat["latents"],
-                                        flat["noise"], flat["timesteps"])
+                                        flat["noise"], flat["timesteps"],
+                                        flat.get("pixel_weights"))
   losses = losses.reshape(count, per_identity)
   weights = examples["weight"]
   return (losses * weights).sum(1) / weights.sum(1)
@@ -97,11 +102,9 @@ def load(config, prompts: list[str], block: int, mesh=None) -> BlockPersonalizer
         f"multi-process launch: run it on one host, or one command per host on its own "
         f"photos (docs/pods.md)")
   cfg = config.personalize
-  if (cfg.get("augment_crops", 0) or cfg.get("prior_images", 0)
-      or float(cfg.get("background_weight", 1.0)) != 1.0):
+  if cfg.get("augment_crops", 0) or cfg.get("prior_images", 0):
     raise ValueError("batched personalization finetunes on the photo and its mirror image "
-                     "with the plain loss only: set personalize.augment_crops=0, "
-                     "personalize.prior_images=0 and personalize.background_weight=1, "
+                     "only: set personalize.augment_crops=0 and personalize.prior_images=0, "
                      "or personalize one photo at a time")
   relax_lidb = cfg.get("relax", "lora") == "lidb"
   sd, frozen = models.load_or_build(config.model)
@@ -142,8 +145,12 @@ def load(config, prompts: list[str], block: int, mesh=None) -> BlockPersonalizer
     unflat = lambda x: x.reshape((count, num_views) + x.shape[1:])
     ids = jnp.broadcast_to(jnp.asarray(tokens[instance], jnp.int32),
                            (count, num_views, len(tokens[instance])))
-    return ({"mean": unflat(mean), "std": unflat(std), "input_ids": ids,
-             "weight": jnp.ones((count, num_views), jnp.float32)},)
+    pool = {"mean": unflat(mean), "std": unflat(std), "input_ids": ids,
+            "weight": jnp.ones((count, num_views), jnp.float32)}
+    face = personalize_programs.pixel_weights(cfg, mean.shape[-2:])  # [h, w] or None
+    if face is not None:
+      pool["pixel_weights"] = jnp.broadcast_to(face, (count, num_views) + face.shape)
+    return (pool,)
 
   def step(trained, opt_state, fixed, frozen, aux, pools, rng):
     def total(trained):  # identities share no params: d(sum)/d(lora_g) = d(loss_g)/d(lora_g)

@@ -29,15 +29,19 @@ def photos():
 
 
 @pytest.mark.slow  # ~50 s each; the folder command's test (not slow) runs a block too
-@pytest.mark.parametrize("relax", ["lidb", "lora"])
+@pytest.mark.parametrize("relax", ["lidb", "lora", "lidb_face"])
 def test_each_identity_of_a_block_equals_its_single_photo_run(photos, relax):
   """Same draws, same steps; the side path vs merged kernels reassociates float sums, and
   Adam's normalized steps carry that (3e-5 after 3 steps on components near zero). Both
-  relaxations: a rank-r' LoRA, and inside the LiDB subspace (through the aux matrices)."""
+  relaxations: a rank-r' LoRA, and inside the LiDB subspace (through the aux matrices);
+  and the loss weighted to the face (background_weight)."""
   # The LoRA at the paper's rank 4: at rank 16 its many near-zero components let Adam
   # carry the reassociation to ~1e-4 in a few entries (the LiDB one keeps configs/mini.py's 16).
-  rank = {"lora": {"personalize.rank": 4}, "lidb": {}}[relax]
-  config = config_file.load(MINI, {**SETTINGS, "personalize.relax": relax, **rank})
+  settings = {"lora": {"personalize.relax": "lora", "personalize.rank": 4},
+              "lidb": {"personalize.relax": "lidb", "personalize.background_weight": 1.0},
+              "lidb_face": {"personalize.relax": "lidb",
+                            "personalize.background_weight": 0.3}}[relax]
+  config = config_file.load(MINI, {**SETTINGS, **settings})
   prompt = config.instance_prompt.format(token=config.token, class_name=config.class_name)
   block = personalize_block.load(config, [prompt], block=4)  # 3 photos + 1 padding row
   together = personalize_block.run(block, photos[:3])
@@ -48,9 +52,12 @@ def test_each_identity_of_a_block_equals_its_single_photo_run(photos, relax):
     np.testing.assert_allclose(together["losses"][:, g], alone.losses, rtol=1e-4)
     got = {c: {l: {k: v[g] for k, v in f.items()} for l, f in ls.items()}
            for c, ls in together["lora"].items()}
+    # Adam moves an entry by at most ~lr a step whatever its gradient's size: the bound
+    # is 2% of that over the run (1.1e-4 seen in 2 of 1,024 entries with the face loss).
+    atol = 0.02 * config.personalize.learning_rate * config.personalize.steps
     for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(got),
                                  jax.tree_util.tree_leaves_with_path(alone.lora)):
-      np.testing.assert_allclose(x, y, atol=1e-4, err_msg=jax.tree_util.keystr(path))
+      np.testing.assert_allclose(x, y, atol=atol, err_msg=jax.tree_util.keystr(path))
   samples = personalize_block.sample(block, together["lora"], [prompt], seed=0)
   assert samples.shape == (3, 1, 1, 32, 32, 3) and np.isfinite(samples).all()
 
