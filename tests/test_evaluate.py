@@ -249,3 +249,32 @@ def test_committed_lever_rows_recompute_from_their_raw_results():
   with open(os.path.join(folder, "results", "full.jsonl")) as a, \
        open(os.path.join(REPO, "docs", "mini_results", "full.jsonl")) as b:
     assert a.read() == b.read()
+
+
+def test_committed_hypernetwork_lever_rows_recompute_from_their_raw_results():
+  """docs/mini_hypernet_levers: every method of configs/evaluate_hypernet_levers.py as
+  configured, recomputed from its raw results; the rows it shares with the table (base,
+  hypernetwork only at s = 4 and 6) are the table's own results."""
+  from hdb_jax import config_file
+  folder = os.path.join(REPO, "docs", "mini_hypernet_levers")
+  with open(os.path.join(folder, "summary.json")) as f:
+    summary = json.load(f)
+  from hdb_jax import files
+  config = config_file.load(os.path.join(REPO, "configs", "evaluate_hypernet_levers.py"))
+  assert sorted(summary["table"]) == sorted(config.methods)
+  for name, row in summary["table"].items():
+    method = {k: files.portable_path(v, REPO) if isinstance(v, str) and os.path.isabs(v) else v
+              for k, v in config.methods[name].to_dict().items()}
+    assert summary["methods"][name] == method, name
+    with open(os.path.join(folder, "results", f"{name}.jsonl")) as f:
+      lines = [json.loads(line) for line in f]
+    again = evaluate.summarize(lines, summary["seeds"])
+    assert row["identities"] == again["identities"] == 50, name
+    for metric in ("identity_plain", "identity", "background", "style"):
+      assert abs(row[metric] - again[metric]) < 1e-12, (name, metric)
+    if name != summary.get("reference_method", "hypernet_only_1200"):
+      assert "minus_hypernet_only_1200" in row, name
+  for name in ("base", "hypernet_only", "hypernet_only_s6"):
+    with open(os.path.join(folder, "results", f"{name}.jsonl")) as a, \
+         open(os.path.join(REPO, "docs", "mini_results", f"{name}.jsonl")) as b:
+      assert a.read() == b.read(), name
