@@ -39,7 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
       # the diffusion loss at 4x the weight-space loss's weight (train.alpha=4)
       "hypernet_only_alpha4": dict(kind="personalize", steps=0,
                                    hypernet=network("mini_hypernet_alpha4")),
-      # the committed network's prediction at s = 4, each residual scaled (prediction_scale, in percent in the name)
+      # the committed network's prediction at s = 4, each residual scaled (prediction_scale;
+      # the name has the factor in percent)
       "hypernet_only_scale150": dict(kind="personalize", steps=0, prediction_scale=1.5),
       "hypernet_only_scale200": dict(kind="personalize", steps=0, prediction_scale=2.0),
   }

@@ -50,9 +50,8 @@ RECIPE = ("rank", "steps", "learning_rate", "batch_size", "train_text_encoder", 
 PAPER_RECIPE = dict(rank=4, steps=40, learning_rate=5e-3, batch_size=4,
                     train_text_encoder=True, relax="lora", warmup_steps=0,
                     schedule="constant", text_encoder_lr_scale=1.0, up_lr_scale=1.0,
-                    augment_crops=0,
-                    augment_min_crop=0.85, prior_images=0, prior_weight=1.0,
-                    background_weight=1.0, prediction_scale=1.0)
+                    augment_crops=0, augment_min_crop=0.85, prior_images=0,
+                    prior_weight=1.0, background_weight=1.0, prediction_scale=1.0)
 
 
 def get_config() -> ml_collections.ConfigDict:

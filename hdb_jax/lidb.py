@@ -147,7 +147,7 @@ def deltas(train: Mapping, aux: Mapping) -> dict:
           for component, layers in factors(train, aux).items()}
 
 
-def scale(train: Mapping, factor: float) -> dict:
+def scale_residuals(train: Mapping, factor: float) -> dict:
   """The LiDB weights whose every residual is `factor` times `train`'s (U_train scaled)."""
   return {c: {layer: {"D_train": w["D_train"], "U_train": factor * w["U_train"]}
               for layer, w in layers.items()}

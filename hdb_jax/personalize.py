@@ -9,9 +9,9 @@ iterations, the relaxed rank r', the finetuning steps, learning rate, batch, whe
 text encoder trains, and the sampling settings.
 
 Speed: `load` builds five programs (predict, start: relax + optimizer state, encode,
-step, generate; `hdb_jax/personalize_programs.py` traces them), compiled once per process
-for any photo. They are also stored on disk
-(`hdb_jax/programs.py`: `jax.export` under a key of everything that shapes them, and
+step, generate; `hdb_jax/personalize_programs.py` traces them), compiled once per
+process for any photo. They are also stored on disk (`hdb_jax/programs.py`:
+`jax.export` under a key of everything that shapes them, and
 XLA's persistent cache), so a new process with the same config, base folder (Flax
 weights) and code neither imports nor traces the model code: it reads the arrays,
 deserializes the programs and fetches their compiled code. Otherwise (first run, another

@@ -32,7 +32,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hdb_jax import diffusion, dreambooth, finetune, hypernet, lidb, lora, personalize_programs, preopt
+from hdb_jax import diffusion, dreambooth, finetune, hypernet, lidb, lora, preopt
+from hdb_jax import personalize_programs
 
 
 def _identity_examples(sd, pools, rng, batch_size: int) -> dict:
@@ -112,7 +113,8 @@ def load(config, prompts: list[str], block: int, mesh=None) -> BlockPersonalizer
   spec = info["lidb_spec"]
   net_params, learned_aux = hypernet.split_aux(params, hypernet.weight_layout(spec))
   aux = learned_aux if learned_aux is not None else lidb.make_aux(spec)
-  fingerprint = personalize_programs.check_pair(spec, frozen, info, cfg.hypernet, sd.image_size)
+  fingerprint = personalize_programs.check_pair(spec, frozen, info, cfg.hypernet,
+                                                sd.image_size)
   net = hypernet.make(hypernet.weight_layout(spec), personalize_programs.net_config(info),
                      personalize_programs.encoder_of(info))
   iterations = int(cfg.iterations or info["hypernet"]["iterations"])

@@ -49,7 +49,7 @@ def predict_scaled(net, net_params, photos, iterations: int, cfg):
   iterations do)."""
   predicted = net.apply({"params": net_params}, photos, iterations=iterations)
   factor = float(cfg.get("prediction_scale", 1.0))
-  return predicted if factor == 1.0 else lidb.scale(predicted, factor)
+  return predicted if factor == 1.0 else lidb.scale_residuals(predicted, factor)
 
 
 def program_key(config, info, prompts: list[str], render_batch: int = 0) -> str:

@@ -55,7 +55,7 @@ def test_lidb_relaxation_keeps_the_residual_and_trains_only_the_small_factors(ti
 def test_prediction_scale_scales_every_residual(tiny_lidb):
   spec, aux = tiny_lidb
   predicted = prediction(spec)
-  doubled = lidb.scale(predicted, 2.0)
+  doubled = lidb.scale_residuals(predicted, 2.0)
   want, got = lidb.deltas(predicted, aux), lidb.deltas(doubled, aux)
   for component, residuals in want.items():
     for layer, residual in residuals.items():
