@@ -262,10 +262,16 @@ def _run(config, workdir, stop, log_reads) -> bool:
           if writer:
             writer.scalars(done, {"heldout_identity_accuracy": accuracy,
                                   "heldout_identity_accuracy_base": evaluator.base_accuracy})
-      if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+      saved = done % cfg.checkpoint_every == 0 or done == cfg.steps
+      if saved:
         checkpoint.save(ckpt, done, state)
       if stop.agreed() and done < cfg.steps:
-        checkpoint.save(ckpt, done, state, wait=True)
+        # A signal that lands on a checkpoint step: that step is being saved already
+        # (orbax refuses a second save of one step).
+        if saved:
+          ckpt.wait_until_finished()
+        else:
+          checkpoint.save(ckpt, done, state, wait=True)
         logging.warning("stopped at step %d: rerun the same command to continue", done)
         return False
     ckpt.wait_until_finished()
