@@ -204,6 +204,16 @@ def test_committed_table_supports_what_docs_results_md_says():
   assert table["textual_inversion"]["minus_full"]["identity_plain"]["ci95"][1] < 0
 
 
+def _recomputes(folder, seeds, name, row):
+  """`row` of a committed summary is what evaluate.summarize makes of its raw results
+  (folder/results/<name>.jsonl), on 50 identities."""
+  with open(os.path.join(folder, "results", f"{name}.jsonl")) as f:
+    again = evaluate.summarize([json.loads(line) for line in f], seeds)
+  assert row["identities"] == again["identities"] == 50, name
+  for metric in ("identity_plain", "identity", "background", "style"):
+    assert abs(row[metric] - again[metric]) < 1e-12, (name, metric)
+
+
 def test_committed_frontier_rows_recompute_from_their_raw_results():
   """docs/mini_frontier: each row of summary.json is what evaluate.summarize makes of its
   raw results, on the table's 50 identities, for exactly configs/evaluate_frontier.py's
@@ -220,12 +230,7 @@ def test_committed_frontier_rows_recompute_from_their_raw_results():
   assert {k: summary[k] for k in table_settings} == table_settings
   for name, row in summary["table"].items():
     assert summary["methods"][name] == config.methods[name].to_dict(), name
-    with open(os.path.join(folder, "results", f"{name}.jsonl")) as f:
-      lines = [json.loads(line) for line in f]
-    again = evaluate.summarize(lines, summary["seeds"])
-    assert row["identities"] == again["identities"] == 50, name
-    for metric in ("identity_plain", "identity", "background", "style"):
-      assert abs(row[metric] - again[metric]) < 1e-12, (name, metric)
+    _recomputes(folder, summary["seeds"], name, row)
 
 
 def test_committed_lever_rows_recompute_from_their_raw_results():
@@ -240,12 +245,7 @@ def test_committed_lever_rows_recompute_from_their_raw_results():
   assert set(summary["table"]) <= set(config.methods) and "full" in summary["table"]
   for name, row in summary["table"].items():
     assert summary["methods"][name] == config.methods[name].to_dict(), name
-    with open(os.path.join(folder, "results", f"{name}.jsonl")) as f:
-      lines = [json.loads(line) for line in f]
-    again = evaluate.summarize(lines, summary["seeds"])
-    assert row["identities"] == again["identities"] == 50, name
-    for metric in ("identity_plain", "identity", "background", "style"):
-      assert abs(row[metric] - again[metric]) < 1e-12, (name, metric)
+    _recomputes(folder, summary["seeds"], name, row)
   with open(os.path.join(folder, "results", "full.jsonl")) as a, \
        open(os.path.join(REPO, "docs", "mini_results", "full.jsonl")) as b:
     assert a.read() == b.read()
@@ -266,13 +266,8 @@ def test_committed_hypernetwork_lever_rows_recompute_from_their_raw_results():
     method = {k: files.portable_path(v, REPO) if isinstance(v, str) and os.path.isabs(v) else v
               for k, v in config.methods[name].to_dict().items()}
     assert summary["methods"][name] == method, name
-    with open(os.path.join(folder, "results", f"{name}.jsonl")) as f:
-      lines = [json.loads(line) for line in f]
-    again = evaluate.summarize(lines, summary["seeds"])
-    assert row["identities"] == again["identities"] == 50, name
-    for metric in ("identity_plain", "identity", "background", "style"):
-      assert abs(row[metric] - again[metric]) < 1e-12, (name, metric)
-    if name != summary.get("reference_method", "hypernet_only_1200"):
+    _recomputes(folder, summary["seeds"], name, row)
+    if name != "hypernet_only_1200":  # the reference
       assert "minus_hypernet_only_1200" in row, name
   for name in ("base", "hypernet_only", "hypernet_only_s6"):
     with open(os.path.join(folder, "results", f"{name}.jsonl")) as a, \
