@@ -229,3 +229,41 @@ def open_dataset(folder: str) -> WeightsDataset:
   stats = {k: merged[k] for k in STATS if k in merged}
   return WeightsDataset(os.path.abspath(folder), spec, index.get("metadata", {}),
                         merged["identity"], train, stats)
+
+
+def write_mean(out: str, folders: list[str]) -> dict:
+  """The mean of several weights datasets of the same identities, spec and base (the same
+  pre-optimization with other training noise: `preopt.seed` varied, `preopt.init_seed`
+  fixed, so every run starts from the same D_train and the factors stay comparable) ->
+  a new dataset in `out`, one shard. Averages the train factors D_train and U_train
+  leaf by leaf, as the hypernetwork's weight-space loss sees them, and the stats.
+  Returns the index."""
+  if len(folders) < 2:
+    raise ValueError("averaging needs two or more weights datasets")
+  if os.path.exists(os.path.join(out, INDEX)):
+    raise FileExistsError(f"{os.path.join(out, INDEX)}: exists; not overwriting a dataset")
+  runs = [open_dataset(folder) for folder in folders]
+  first = runs[0]
+  for run in runs[1:]:
+    where = f"{run.folder} against {first.folder}"
+    if spec_to_json(run.spec) != spec_to_json(first.spec):
+      raise ValueError(f"{where}: the LiDB specs differ (seed, sizes or layers)")
+    if not np.array_equal(run.identities, first.identities):
+      raise ValueError(f"{where}: the identities differ")
+    fingerprints = {r.metadata.get("base_fingerprint") for r in (first, run)}
+    if len(fingerprints) > 1:
+      raise ValueError(f"{where}: pre-optimized on other bases ({sorted(map(str, fingerprints))})")
+  mean = lambda leaves: np.mean(np.stack(leaves), axis=0)
+  train = {c: {l: {k: mean([r.train[c][l][k] for r in runs]) for k in weights}
+               for l, weights in layers.items()} for c, layers in first.train.items()}
+  stats = {k: mean([r.stats[k] for r in runs]) for k in first.stats
+           if all(k in r.stats for r in runs)}
+  metadata = {k: str(v) for k, v in first.metadata.items()}
+  metadata["mean_of"] = json.dumps([os.path.basename(os.path.dirname(os.path.abspath(f)))
+                                    + "/" + os.path.basename(os.path.abspath(f))
+                                    for f in folders])
+  metadata["seed"] = ",".join(str(r.metadata.get("seed", "?")) for r in runs)
+  os.makedirs(out, exist_ok=True)
+  name = shard_name(0, 0, len(first.identities))
+  write_shard(out, name, first.identities, train, stats, first.spec, metadata)
+  return finalize(out, first.identities, metadata)
