@@ -37,6 +37,14 @@ during training: `:s6` trains with s = 6 refinement steps (assets/mini_hypernet_
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.train_hypernet \
         --config configs/hypernet_mini.py:s6 --workdir workdir/hypernet_s6
+
+`:mean_targets` trains on averaged targets (assets/mini_hypernet_mean2): the same 1,200
+identities pre-optimized once more with another seed from the same start, and the two
+runs averaged (train/average_targets.py has the two commands that make
+workdir/preopt_mean/weights, which this variant reads):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.train_hypernet \
+        --config configs/hypernet_mini.py:mean_targets --workdir workdir/hypernet_mean2
 """
 
 import os
@@ -46,12 +54,12 @@ import ml_collections
 from hdb_jax import config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("", "learnable_aux", "k1", "s6", "alpha4")
+VARIANTS = ("", "learnable_aux", "k1", "s6", "alpha4", "mean_targets")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  """variant "" (the committed standard network's recipe), "learnable_aux", "k1", "s6"
-  or "alpha4"."""
+  """variant "" (the committed standard network's recipe), "learnable_aux", "k1", "s6",
+  "alpha4" or "mean_targets"."""
   if variant not in VARIANTS:
     raise ValueError(f"configs/hypernet_mini.py: unknown variant {variant!r} "
                      f"(known: {', '.join(repr(v) for v in VARIANTS)})")
@@ -113,5 +121,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.eval_every = 0
   elif variant == "alpha4":
     config.train.alpha = 4.0
+    config.train.eval_every = 0
+  elif variant == "mean_targets":
+    config.data.weights = os.path.join("workdir", "preopt_mean", "weights")
     config.train.eval_every = 0
   return config
