@@ -45,6 +45,16 @@ workdir/preopt_mean/weights, which this variant reads):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.train_hypernet \
         --config configs/hypernet_mini.py:mean_targets --workdir workdir/hypernet_mean2
+
+`:views4_targets` trains on targets pre-optimized from 4 photos of each identity (the
+network still reads one; assets/mini_hypernet_views4), which this variant reads from
+workdir/preopt_views4/weights:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.preoptimize \
+        --config configs/preopt_mini.py --workdir workdir/preopt_views4 \
+        --config.data.max_identities=1200 --config.data.num_images=4
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.train_hypernet \
+        --config configs/hypernet_mini.py:views4_targets --workdir workdir/hypernet_views4
 """
 
 import os
@@ -54,12 +64,13 @@ import ml_collections
 from hdb_jax import config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("", "learnable_aux", "k1", "s6", "alpha4", "mean_targets")
+VARIANTS = ("", "learnable_aux", "k1", "s6", "alpha4", "mean_targets",
+            "views4_targets")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   """variant "" (the committed standard network's recipe), "learnable_aux", "k1", "s6",
-  "alpha4" or "mean_targets"."""
+  "alpha4", "mean_targets" or "views4_targets"."""
   if variant not in VARIANTS:
     raise ValueError(f"configs/hypernet_mini.py: unknown variant {variant!r} "
                      f"(known: {', '.join(repr(v) for v in VARIANTS)})")
@@ -122,7 +133,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   elif variant == "alpha4":
     config.train.alpha = 4.0
     config.train.eval_every = 0
-  elif variant == "mean_targets":
-    config.data.weights = os.path.join("workdir", "preopt_mean", "weights")
+  elif variant in ("mean_targets", "views4_targets"):
+    run = {"mean_targets": "preopt_mean", "views4_targets": "preopt_views4"}[variant]
+    config.data.weights = os.path.join("workdir", run, "weights")
     config.train.eval_every = 0
   return config
