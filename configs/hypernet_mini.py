@@ -38,7 +38,7 @@ during training: `:s6` trains with s = 6 refinement steps (assets/mini_hypernet_
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.train_hypernet \
         --config configs/hypernet_mini.py:s6 --workdir workdir/hypernet_s6
 
-`:mean_targets` trains on averaged targets (assets/mini_hypernet_mean2): the same 1,200
+`:mean_targets` trains on averaged targets (assets/mini_hypernet_mean_targets): the same 1,200
 identities pre-optimized once more with another seed from the same start, and the two
 runs averaged (train/average_targets.py has the two commands that make
 workdir/preopt_mean/weights, which this variant reads):
