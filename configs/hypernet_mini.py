@@ -47,8 +47,8 @@ workdir/preopt_mean/weights, which this variant reads):
         --config configs/hypernet_mini.py:mean_targets --workdir workdir/hypernet_mean2
 
 `:views4_targets` trains on targets pre-optimized from 4 photos of each identity (the
-network still reads one; assets/mini_hypernet_views4), which this variant reads from
-workdir/preopt_views4/weights:
+network still reads one), which this variant reads from workdir/preopt_views4/weights
+(no network of it is committed yet):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.preoptimize \
         --config configs/preopt_mini.py --workdir workdir/preopt_views4 \
