@@ -43,5 +43,12 @@ def get_config() -> ml_collections.ConfigDict:
       # the name has the factor in percent)
       "hypernet_only_scale150": dict(kind="personalize", steps=0, prediction_scale=1.5),
       "hypernet_only_scale200": dict(kind="personalize", steps=0, prediction_scale=2.0),
+      # trained on averaged targets: the mean of the 1,200 identities pre-optimized with two
+      # seeds (configs/hypernet_mini.py:mean_targets), alone and with its prediction at 2x
+      "hypernet_only_mean_targets": dict(kind="personalize", steps=0,
+                                         hypernet=network("mini_hypernet_mean_targets")),
+      "hypernet_only_mean_targets_scale200": dict(
+          kind="personalize", steps=0, prediction_scale=2.0,
+          hypernet=network("mini_hypernet_mean_targets")),
   }
   return config
