@@ -30,7 +30,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from hdb_jax import files, lora, personalize as personalize_lib
+from hdb_jax import files, lidb as lidb_lib, lora, personalize as personalize_lib
 
 PERSONALIZATION_FILE, SAMPLES_FILE, TIMINGS_FILE = (
     "personalization.safetensors", "samples.png", "timings.json")
@@ -58,6 +58,9 @@ class Personalization:
   seconds: dict             # per stage
   upscale: int = 1          # of samples.png
   together: int = 1         # photos personalized in the same block run (personalize_many)
+  # The same personalization inside the LiDB subspace (relax "lidb", or the prediction at
+  # steps 0): what `save` writes, a tenth of the LoRA's bytes or less. None: a LoRA.
+  lidb: lidb_lib.Weights | None = None
 
   @property
   def stem(self) -> str:
@@ -69,13 +72,28 @@ class Personalization:
     rows = [np.concatenate([self.photo.pixels[None], row]) for row in self.samples]
     return files.labelled_rows(rows, self.prompts, upscale=self.upscale)
 
+  @property
+  def weights_format(self) -> str:
+    """The format `save_weights` writes: "hdb-lidb" or "hdb-lora"."""
+    return lidb_lib.FILE_FORMAT if self.lidb is not None else lora.FILE_FORMAT
+
+  def save_weights(self, path: str) -> str:
+    """The personalization's weights file at `path` (atomically), with the metadata: a
+    LiDB file of its rank (`lidb`) when it has one, else an hdb-lora file. `lora.read`
+    and `hdb export` read both."""
+    if self.lidb is None:
+      lora.save(path, self.lora, metadata=self.metadata)
+    else:
+      extra = {k: str(v) for k, v in self.metadata.items() if k != "base_fingerprint"}
+      self.lidb.save(path, str(self.metadata.get("base_fingerprint", "")), extra)
+    return path
+
   def save(self, folder: str) -> list[str]:
-    """personalization.safetensors (an hdb-lora file) and samples.png into `folder`
+    """personalization.safetensors (`save_weights`) and samples.png into `folder`
     (created if missing) -> the paths written."""
     os.makedirs(folder, exist_ok=True)
-    weights = os.path.join(folder, PERSONALIZATION_FILE)
+    weights = self.save_weights(os.path.join(folder, PERSONALIZATION_FILE))
     samples = os.path.join(folder, SAMPLES_FILE)
-    lora.save(weights, self.lora, metadata=self.metadata)
     with files.atomic_path(samples) as tmp:
       Image.fromarray(self.samples_grid()).save(tmp, format="PNG")
     return [weights, samples]
@@ -84,7 +102,7 @@ class Personalization:
     """The LoRA as a PyTorch LoRA file (`hdb export`'s): "peft" (diffusers'
     load_lora_weights) or "kohya" (A1111, ComfyUI) -> `path`."""
     from hdb_jax import convert
-    provenance = {"hdb_source": self.photo.name, "hdb_source_format": "hdb-lora",
+    provenance = {"hdb_source": self.photo.name, "hdb_source_format": self.weights_format,
                   "hdb_base_fingerprint": self.metadata.get("base_fingerprint", ""),
                   "hdb_token": self.metadata.get("token", ""),
                   "hdb_class_name": self.metadata.get("class_name", "")}
@@ -230,7 +248,7 @@ class Pipeline:
         lora=result.lora, photo=photo, prompts=list(self.prompts), samples=samples,
         metadata=self._metadata(photo, steps, p.fingerprint,
                                 p.hypernet_info["fingerprint"], p.prompt, rank),
-        losses=result.losses, seconds=seconds, upscale=self.cfg.upscale)
+        losses=result.losses, seconds=seconds, upscale=self.cfg.upscale, lidb=result.lidb)
 
   def personalize_many(self, images, *, block: int = 8, progress=None,
                        fixed_block: bool = False):
@@ -248,7 +266,7 @@ class Pipeline:
     tick = time.perf_counter()
     p = self.block_programs(block)
     load_seconds = time.perf_counter() - tick
-    lidb_rank = p.hypernet_info["lidb_spec"].rank
+    spec = p.hypernet_info["lidb_spec"]
     for first in range(0, len(photos), block):
       group = photos[first:first + block]
       out = personalize_block.run(p, np.stack([ph.pixels for ph in group]))
@@ -266,10 +284,12 @@ class Pipeline:
             samples=samples[g],
             metadata=self._metadata(photo, self.cfg.steps, p.fingerprint,
                                     p.hypernet_info["fingerprint"], p.instance_prompt,
-                                    self.cfg.rank if self.cfg.steps else lidb_rank,
+                                    self.cfg.rank if self.cfg.steps else spec.rank,
                                     block=block),
             losses=[float(x) for x in out["losses"][:, g]], seconds=seconds,
-            upscale=self.cfg.upscale, together=len(group))
+            upscale=self.cfg.upscale, together=len(group),
+            lidb=None if out["lidb"] is None else personalize_lib.lidb_weights(
+                _identity_row(out["lidb"], g), spec, p.aux, p.learned_aux))
       if progress:
         progress(len(group))
 
@@ -298,7 +318,7 @@ class Pipeline:
 
 
 def _identity_row(tree, index: int):
-  """Identity `index`'s LoRA of a block's (leaves [G, ...] -> [...])."""
+  """Identity `index`'s LoRA (or LiDB values) of a block's (leaves [G, ...] -> [...])."""
   return {c: {layer: {k: v[index] for k, v in f.items()} for layer, f in layers.items()}
           for c, layers in tree.items()}
 

@@ -44,7 +44,10 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 
 def info(args) -> dict:
-  """Parameter counts of the base components and of the LiDB residual (jax.eval_shape)."""
+  """Parameter counts of the base components and of the LiDB residual (jax.eval_shape),
+  and the bytes per rank of a personalization on the LiDB's layers: inside the LiDB
+  subspace (rank x (a + b) values a layer: what personalization.safetensors holds with
+  relax "lidb") and as a LoRA (rank x (in + out): relax "lora", and the exports)."""
   from hdb_jax import config_file, lidb, models
   from hdb_jax import params as params_lib
   config = config_file.load(args.config, _parse_overrides(args.set), args.allow_download)
@@ -58,6 +61,9 @@ def info(args) -> dict:
       "lidb_trainable_params": spec.num_trainable,
       "lidb_bytes_fp32": 4 * spec.num_trainable,
       "lidb": {"a": spec.a, "b": spec.b, "rank": spec.rank, "seed": spec.seed},
+      "bytes_fp32_per_rank": {
+          "lidb_subspace": 4 * spec.num_trainable // spec.rank,
+          "lora": 4 * sum(i + o for ls in spec.layers.values() for i, o in ls.values())},
       "base_params": {c: params_lib.count(v) for c, v in abstract.items()},
       "base_params_total": params_lib.count(abstract),
   }
@@ -148,10 +154,12 @@ from hdb_jax.api import PERSONALIZATION_FILE, SAMPLES_FILE, TIMINGS_FILE  # noqa
 
 
 def personalize(args) -> dict:
-  """One face photo -> a personalized model in --out: personalization.safetensors (an
-  hdb-lora file: `hdb export` makes it a PyTorch LoRA), samples.png (the photo beside
+  """One face photo -> a personalized model in --out: personalization.safetensors (a LiDB
+  file of rank r' when the relaxation stays in the LiDB subspace, configs/mini.py's
+  default, or of rank 1 with --steps 0; an hdb-lora file for relax "lora": `hdb export`
+  makes either a PyTorch LoRA), samples.png (the photo beside
   samples of each prompt, rows labelled) and timings.json (seconds per stage). The
-  hypernetwork predicts LiDB weights, they are relaxed to a rank-r' LoRA and finetuned on
+  hypernetwork predicts LiDB weights, they are relaxed to rank r' and finetuned on
   the photo for `personalize.steps` steps (--steps 0: the hypernetwork alone). Compiled
   programs are stored on disk (--cache-dir), so a second run in a new process neither
   traces nor compiles them. The job itself is hdb_jax/api.py's."""

@@ -9,7 +9,7 @@ the crop the job will use, or says why the photo is refused (not an image, trunc
 too small, too many pixels, no face, over the upload limit); a refused upload is deleted.
 Personalize runs the job with a progress bar over its stages and finetuning steps, then
 shows the samples of the config's prompts (labelled as in samples.png), the timings, and
-three downloads named after the photo: the personalization (hdb-lora) and the PyTorch
+three downloads named after the photo: the personalization (hdb-jax's own file) and the PyTorch
 LoRA in the PEFT/diffusers and kohya formats. A prompt box renders any prompt with the
 person's LoRA.
 
@@ -40,7 +40,7 @@ import urllib.parse
 import numpy as np
 from PIL import Image
 
-from hdb_jax import api, files, lora
+from hdb_jax import api, files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "assets", "mini_subject", "photo_0.png")
@@ -277,7 +277,7 @@ class Demo:
       gallery.append((self._tile(row, os.path.join(folder, f"sample_{k}.png")), prompt))
     stem = result.stem
     own = os.path.join(folder, f"{stem}_hdb.safetensors")
-    lora.save(own, result.lora, metadata=result.metadata)
+    result.save_weights(own)
     peft = result.export(os.path.join(folder, f"{stem}_peft.safetensors"), "peft")
     kohya = result.export(os.path.join(folder, f"{stem}_kohya.safetensors"), "kohya")
     waited = (job.started or job.submitted) - job.submitted

@@ -56,7 +56,7 @@ def build(handlers: demo_lib.Demo):
         go = gr.Button("Personalize", variant="primary", elem_id=ELEM["personalize"])
         message = gr.Markdown("", elem_id=ELEM["message"])
         timings = gr.Markdown("", elem_id=ELEM["timings"])
-        download_hdb = gr.DownloadButton("Personalization (hdb-lora)", value=None,
+        download_hdb = gr.DownloadButton("Personalization (hdb-jax)", value=None,
                                          elem_id=ELEM["download_hdb"])
         download_peft = gr.DownloadButton("PyTorch LoRA: PEFT / diffusers", value=None,
                                           elem_id=ELEM["download_peft"])

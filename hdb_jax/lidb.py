@@ -178,6 +178,20 @@ def _spec_metadata(spec: LiDBSpec) -> dict[str, str]:
                                         for c, ls in spec.layers.items()})}
 
 
+@dataclasses.dataclass(frozen=True)
+class Weights:
+  """What a LiDB file holds: train values {component: {layer: {"D_train" [a, r],
+  "U_train" [r, b]}}} of `spec` (whose rank is r), and the aux matrices when they are
+  learned (None: the spec's seed makes them)."""
+  train: Mapping
+  spec: LiDBSpec
+  aux: Mapping | None = None
+
+  def save(self, path: str, base_fingerprint: str = "",
+           extra_metadata: Mapping[str, str] | None = None) -> None:
+    save(path, self.train, self.spec, base_fingerprint, extra_metadata, self.aux)
+
+
 def save(path: str, train: Mapping, spec: LiDBSpec, base_fingerprint: str = "",
          extra_metadata: Mapping[str, str] | None = None, aux: Mapping | None = None) -> None:
   """Write a LiDB file atomically. Keys: "<component>/<layer path>/<D_train|U_train>".

@@ -128,6 +128,7 @@ class Personalizer:
   prior_prompt: str | None = None  # the prior term's class prompt (prior_images > 0)
   prior_folder: str | None = None  # where the prior term's class latents are cached
   prior_pool: dict | None = None   # made on the first `run` (config.personalize.prior_images)
+  learned_aux: bool = False        # the hypernetwork learned its aux matrices (in `aux`)
 
   def ready(self) -> float:
     """Wait until every program is compiled -> seconds from the start of compiling to the
@@ -145,6 +146,17 @@ class Result:
   predicted: dict           # the hypernetwork's LiDB train values
   losses: list[float]
   seconds: dict[str, float]
+  # The same personalization as a LiDB (its compact file): the prediction for steps 0,
+  # the finetuned rank-r' values for relax "lidb"; None for a LoRA relaxation.
+  lidb: lidb.Weights | None = None
+
+
+def lidb_weights(train, spec: lidb.LiDBSpec, aux, learned_aux: bool) -> lidb.Weights:
+  """LiDB train values of any rank with the aux matrices of `spec` -> their `lidb.Weights`
+  (the spec at the values' rank; the aux matrices kept only when learned)."""
+  first = next(iter(next(iter(train.values())).values()))["D_train"]  # [a, r]
+  return lidb.Weights(train, dataclasses.replace(spec, rank=int(first.shape[-1])),
+                      aux if learned_aux else None)
 
 
 def load(config, prompts: list[str], cache: dict | None = None,
@@ -207,7 +219,7 @@ def load(config, prompts: list[str], cache: dict | None = None,
       step=compiled.get("step"), generate=compiled["generate"], render=compiled.get("render"),
       seconds={"load": loaded - began}, stored=stored, compile_began=compile_began,
       generate_rows=len(prompts) * cfg.per_prompt, prior_prompt=meta.get("prior_prompt"),
-      prior_folder=cache.get("prior") if cache else None)
+      prior_folder=cache.get("prior") if cache else None, learned_aux=learned_aux is not None)
 
 
 def _pools(p: Personalizer, photo: np.ndarray):
@@ -284,14 +296,19 @@ def run(p: Personalizer, photo: np.ndarray, progress=None, from_zero: bool = Fal
       opt_state = finetune.optimizer_of(p.cfg).init(trained)
     else:
       trained, fixed, opt_state = p.start(batched, p.aux)
-    tuned, losses = finetune.train(p.step, trained, opt_state, fixed, p.frozen,
-                                   _pools(p, photo), steps=steps, seed=seed,
-                                   progress=progress)
-  else:
-    tuned, losses = p.start(batched, p.aux), []
+    trained, losses = finetune.train(p.step, trained, opt_state, fixed, p.frozen,
+                                     _pools(p, photo), steps=steps, seed=seed,
+                                     progress=progress)
+    tuned, compact = finetune.lora_of(trained, fixed), finetune.lidb_of(trained, fixed)
+  else:  # the prediction itself (steps 0 keeps its residual exactly)
+    tuned, losses, compact = p.start(batched, p.aux), [], predicted
   tuned = jax.tree_util.tree_map(np.asarray, tuned)
+  if compact is not None:
+    compact = lidb_weights(jax.tree_util.tree_map(np.asarray, compact), p.spec, p.aux,
+                           p.learned_aux)
   seconds["finetune"] = time.perf_counter() - began
-  return Result(lora=tuned, predicted=predicted, losses=losses, seconds=seconds)
+  return Result(lora=tuned, predicted=predicted, losses=losses, seconds=seconds,
+                lidb=compact)
 
 
 def sample(p: Personalizer, lora_tree, prompts: list[str], seed: int = 0,

@@ -89,6 +89,7 @@ class BlockPersonalizer:
   step: object              # (trained, opt, fixed, frozen, aux, pools, rng) -> (.., losses [G])
   generate: object          # dreambooth.make_generate_per_identity_lora's
   to_lora: object           # (trained + fixed layers, aux) -> LoRAs, leaves [G, ...]
+  learned_aux: bool = False # the hypernetwork learned its aux matrices (in `aux`)
 
 
 def load(config, prompts: list[str], block: int, mesh=None) -> BlockPersonalizer:
@@ -175,13 +176,16 @@ def load(config, prompts: list[str], block: int, mesh=None) -> BlockPersonalizer
       step=jax.jit(step, in_shardings=(s, s, s, r, r, s, r), out_shardings=s,
                    donate_argnums=(0, 1)),
       to_lora=jax.jit(block_lora, in_shardings=(s, r), out_shardings=s),
-      generate=dreambooth.make_generate_per_identity_lora(sd, cfg.sample_steps))
+      generate=dreambooth.make_generate_per_identity_lora(sd, cfg.sample_steps),
+      learned_aux=learned_aux is not None)
 
 
 def run(p: BlockPersonalizer, photos: np.ndarray, progress=None) -> dict:
   """photos [n <= block, S, S, 3] in [-1, 1] -> {"lora": leaves [n, ...] (NumPy),
-  "losses": [steps, n], "seconds": per stage}. A short last block is padded with copies
-  of its first photo (their results are dropped)."""
+  "lidb": the same as LiDB train values, leaves [n, ...] (the prediction for steps 0, the
+  finetuned rank-r' values for relax "lidb"; None for a LoRA relaxation), "losses":
+  [steps, n], "seconds": per stage}. A short last block is padded with copies of its
+  first photo (their results are dropped)."""
   count = len(photos)
   if not 0 < count <= p.block:
     raise ValueError(f"a block holds 1 to {p.block} photos, got {count}")
@@ -203,12 +207,14 @@ def run(p: BlockPersonalizer, photos: np.ndarray, progress=None) -> dict:
       raise FloatingPointError("fast finetuning: the loss is not finite for photos "
                                f"{sorted(set(np.nonzero(~np.isfinite(losses))[1]))} of the block")
     tuned = p.to_lora({**trained, **fixed}, p.aux)
+    compact = {**trained, **fixed} if p.cfg.get("relax", "lora") == "lidb" else None
   else:  # hypernetwork only: its rank-1 residuals as LoRAs
     tuned = jax.vmap(lora.lidb_factors, in_axes=(0, None))(predicted, p.aux)
-    losses = np.zeros((0, count))
-  tuned = jax.tree_util.tree_map(lambda x: np.asarray(x)[:count], tuned)
+    losses, compact = np.zeros((0, count)), predicted
+  first_rows = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x)[:count], tree)
   seconds["finetune"] = time.perf_counter() - began
-  return {"lora": tuned, "losses": losses, "seconds": seconds}
+  return {"lora": first_rows(tuned), "lidb": None if compact is None else first_rows(compact),
+          "losses": losses, "seconds": seconds}
 
 
 def sample(p: BlockPersonalizer, lora_block, prompts: list[str], seed: int = 0) -> np.ndarray:

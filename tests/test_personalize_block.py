@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hdb_jax import cli, config_file, files, lora, personalize, personalize_block
+from hdb_jax import cli, config_file, files, lidb, lora, personalize, personalize_block
 from hdb_jax.mini import recognizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,6 +64,13 @@ def test_each_identity_of_a_block_equals_its_single_photo_run(photos, relax):
       difference = np.abs(np.asarray(x) - np.asarray(y))
       assert np.mean(difference <= 1e-4) >= 0.9, jax.tree_util.keystr(path)
       assert difference.max() <= bound, (jax.tree_util.keystr(path), difference.max())
+  if relax == "lora":
+    assert together["lidb"] is None
+  else:  # the same personalizations as LiDB values of rank r', leaves [3, ...]
+    aux = lidb.make_aux(block.hypernet_info["lidb_spec"])
+    as_lora = jax.vmap(lora.lidb_factors, in_axes=(0, None))(together["lidb"], aux)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                           as_lora, together["lora"])
   samples = personalize_block.sample(block, together["lora"], [prompt], seed=0)
   assert samples.shape == (3, 1, 1, 32, 32, 3) and np.isfinite(samples).all()
 
@@ -84,8 +91,9 @@ def test_folder_command_writes_one_result_per_photo(tmp_path, photos):
   for i in range(4):
     assert sorted(os.listdir(out / f"person_{i}")) == sorted([cli.PERSONALIZATION_FILE,
                                                               cli.SAMPLES_FILE])
-    weights, metadata = lora.load(str(out / f"person_{i}" / cli.PERSONALIZATION_FILE))
+    weights, metadata = lora.read(str(out / f"person_{i}" / cli.PERSONALIZATION_FILE))
     assert metadata["image"] == f"person_{i}.png" and metadata["block"] == "4"
+    assert metadata["format"] == "hdb-lidb" and metadata["rank"] == "16"  # relax "lidb"
     assert {r for ls in lora.ranks(weights).values() for r in ls.values()} == {16}  # configs/mini.py's rank
   with open(out / cli.TIMINGS_FILE) as f:
     timings = json.load(f)

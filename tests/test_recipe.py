@@ -52,6 +52,30 @@ def test_lidb_relaxation_keeps_the_residual_and_trains_only_the_small_factors(ti
     finetune.start_of(predicted, aux, recipe(relax="dense"))
 
 
+def test_a_finetuning_inside_the_subspace_saves_as_a_lidb_file_of_its_rank(tiny_lidb,
+                                                                          tmp_path):
+  """finetune.lidb_of -> personalize.lidb_weights -> a LiDB file of rank r' that reads
+  back (lora.read, what `hdb export` converts) as the state's whole LoRA (the bytes it
+  saves are tested on the mini world's sizes: here a and b clamp to the tiny layers)."""
+  from hdb_jax import personalize
+  spec, aux = tiny_lidb
+  trained, fixed = finetune.start_of(prediction(spec), aux, recipe(relax="lidb", rank=4,
+                                                                   train_text_encoder=False))
+  trained = jax.tree_util.tree_map(lambda x: x + 0.01, trained)  # as if trained
+  compact = personalize.lidb_weights(jax.tree_util.tree_map(
+      np.asarray, finetune.lidb_of(trained, fixed)), spec, aux, learned_aux=False)
+  assert compact.spec.rank == 4 and compact.aux is None
+  assert set(compact.train) == {"unet", "text_encoder"}  # the frozen component kept too
+  compact.save(str(tmp_path / "lidb.safetensors"), "f" * 16, {"steps": "10"})
+  read, metadata = lora.read(str(tmp_path / "lidb.safetensors"))
+  assert metadata["rank"] == "4" and metadata["steps"] == "10"
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                         read, jax.tree_util.tree_map(np.asarray,
+                                                      finetune.lora_of(trained, fixed)))
+  # A LoRA relaxation has no LiDB form.
+  assert finetune.lidb_of(*finetune.start_of(prediction(spec), aux, recipe())) is None
+
+
 def test_prediction_scale_scales_every_residual(tiny_lidb):
   spec, aux = tiny_lidb
   predicted = prediction(spec)
