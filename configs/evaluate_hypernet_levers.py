@@ -50,5 +50,12 @@ def get_config() -> ml_collections.ConfigDict:
       "hypernet_only_mean_targets_scale200": dict(
           kind="personalize", steps=0, prediction_scale=2.0,
           hypernet=network("mini_hypernet_mean_targets")),
+      # trained on targets pre-optimized from 4 photo views of each identity (the network
+      # still reads one photo; configs/hypernet_mini.py:views4_targets), alone and at 2x
+      "hypernet_only_views4_targets": dict(kind="personalize", steps=0,
+                                           hypernet=network("mini_hypernet_views4_targets")),
+      "hypernet_only_views4_targets_scale200": dict(
+          kind="personalize", steps=0, prediction_scale=2.0,
+          hypernet=network("mini_hypernet_views4_targets")),
   }
   return config
