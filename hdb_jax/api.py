@@ -59,7 +59,7 @@ class Personalization:
   upscale: int = 1          # of samples.png
   together: int = 1         # photos personalized in the same block run (personalize_many)
   # The same personalization inside the LiDB subspace (relax "lidb", or the prediction at
-  # steps 0): what `save` writes, a tenth of the LoRA's bytes or less. None: a LoRA.
+  # steps 0): what `save` writes (on SD1.5 a tenth of the LoRA's bytes). None: a LoRA.
   lidb: lidb_lib.Weights | None = None
 
   @property

@@ -14,7 +14,7 @@ instead: the usual LoRA init as peft makes it (`lora.random_init`: kaiming-unifo
 `down`, zero `up`). The result is a normal LoRA pytree
 ({component: {layer: {"down" [in, r'], "up" [r', out]}}}) that `lora.save` writes and
 `hdb export` converts as it is; inside the LiDB subspace it is also a LiDB of rank r'
-(`lidb_of`), which `lidb.save` writes in a tenth of the bytes or less.
+(`lidb_of`), which `lidb.save` writes in a tenth of the bytes on SD1.5.
 
 The frozen base and the fixed part of the LoRA (the text encoder's layers when they are
 not trained) are arguments of the jitted step, never closed over.

@@ -212,9 +212,9 @@ def run(p: BlockPersonalizer, photos: np.ndarray, progress=None) -> dict:
     tuned = jax.vmap(lora.lidb_factors, in_axes=(0, None))(predicted, p.aux)
     losses, compact = np.zeros((0, count)), predicted
   first_rows = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x)[:count], tree)
+  tuned, compact = first_rows(tuned), None if compact is None else first_rows(compact)
   seconds["finetune"] = time.perf_counter() - began
-  return {"lora": first_rows(tuned), "lidb": None if compact is None else first_rows(compact),
-          "losses": losses, "seconds": seconds}
+  return {"lora": tuned, "lidb": compact, "losses": losses, "seconds": seconds}
 
 
 def sample(p: BlockPersonalizer, lora_block, prompts: list[str], seed: int = 0) -> np.ndarray:
