@@ -57,5 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
       "hypernet_only_views4_targets_scale200": dict(
           kind="personalize", steps=0, prediction_scale=2.0,
           hypernet=network("mini_hypernet_views4_targets")),
+      # the committed recipe trained twice as long (10,000 steps; :steps10k)
+      "hypernet_only_steps10k": dict(kind="personalize", steps=0,
+                                     hypernet=network("mini_hypernet_steps10k")),
   }
   return config

@@ -34,7 +34,8 @@ Three levers of the hypernetwork (docs/results.md "Levers of the hypernetwork"),
 standard recipe on the same 1,200 identities with one change and no held-out evaluation
 during training: `:s6` trains with s = 6 refinement steps (assets/mini_hypernet_s6),
 `:alpha4` weighs the diffusion loss 4x (assets/mini_hypernet_alpha4), `:steps10k` trains
-twice as long, 10,000 steps on the same warmup and cosine decay:
+twice as long, 10,000 steps on the same warmup and cosine decay
+(assets/mini_hypernet_steps10k):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.train_hypernet \
         --config configs/hypernet_mini.py:s6 --workdir workdir/hypernet_s6

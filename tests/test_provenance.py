@@ -57,7 +57,8 @@ def test_committed_hypernetworks_are_their_documented_configs(folder, variant):
   assert record["last_logged_step"] == config.train.steps
 
 
-@pytest.mark.parametrize("variant", ["s6", "alpha4", "mean_targets", "views4_targets"])
+@pytest.mark.parametrize("variant", ["s6", "alpha4", "mean_targets", "views4_targets",
+                                     "steps10k"])
 def test_hypernetwork_levers_recorded_their_own_runs(variant):
   """The levers' networks (docs/results.md) wrote their provenance as they ran: their
   weights, their config (configs/hypernet_mini.py:<variant> today, the run's workdir aside)
