@@ -147,6 +147,7 @@ def test_the_page_personalizes_renders_downloads_and_refuses_bad_photos(
   page.close()
 
 
+@pytest.mark.slow  # two personalizations at once; the README command's time is at its 600 s
 def test_two_clients_personalize_at_once_each_with_its_own_result(server):
   """gradio_client: two sessions personalize two photos at the same time; the queue runs
   both, each gets the result of its own photo, and neither can fetch the other's files."""
