@@ -57,6 +57,13 @@ network still reads one), which this variant reads from workdir/preopt_views4/we
         --config.data.max_identities=1200 --config.data.num_images=4
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.train_hypernet \
         --config configs/hypernet_mini.py:views4_targets --workdir workdir/hypernet_views4
+
+`:steps10k_all` is the longer training on the committed network's data: 10,000 steps on
+all 2,400 pre-optimized identities (workdir/preopt_all/weights, made by the preoptimize
+command of docs/hypernet.md "Results in the mini world"):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.train_hypernet \
+        --config configs/hypernet_mini.py:steps10k_all --workdir workdir/hypernet_10k_all
 """
 
 import os
@@ -67,12 +74,12 @@ from hdb_jax import config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("", "learnable_aux", "k1", "s6", "alpha4", "mean_targets",
-            "views4_targets", "steps10k")
+            "views4_targets", "steps10k", "steps10k_all")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   """variant "" (the committed standard network's recipe), "learnable_aux", "k1", "s6",
-  "alpha4", "mean_targets", "views4_targets" or "steps10k"."""
+  "alpha4", "mean_targets", "views4_targets", "steps10k" or "steps10k_all"."""
   if variant not in VARIANTS:
     raise ValueError(f"configs/hypernet_mini.py: unknown variant {variant!r} "
                      f"(known: {', '.join(repr(v) for v in VARIANTS)})")
@@ -135,9 +142,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   elif variant == "alpha4":
     config.train.alpha = 4.0
     config.train.eval_every = 0
-  elif variant == "steps10k":
+  elif variant in ("steps10k", "steps10k_all"):
     config.train.steps = 10000
     config.train.eval_every = 0
+    if variant == "steps10k_all":
+      config.data.weights = os.path.join("workdir", "preopt_all", "weights")
   elif variant in ("mean_targets", "views4_targets"):
     run = {"mean_targets": "preopt_mean", "views4_targets": "preopt_views4"}[variant]
     config.data.weights = os.path.join("workdir", run, "weights")
