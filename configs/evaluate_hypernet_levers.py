@@ -6,8 +6,9 @@ comparison table's held-out identities, prompts and noise.
         --workdir workdir/hypernet_levers
 
 Everything but `methods` is configs/evaluate_mini.py's, so rows compare pairwise with the
-table's; the paired differences are against `hypernet_only_1200`, the committed recipe
-(s = 4, alpha = beta = 1, 5,000 steps) on the same 1,200 pre-optimized identities
+table's (whose network, assets/mini_hypernet_5k, is `hypernet_only`); the paired
+differences are against `hypernet_only_1200`, the table network's recipe (s = 4,
+alpha = beta = 1, 5,000 steps) on the same 1,200 pre-optimized identities
 (assets/mini_preopt) as the levers' networks. Each network's training command is in its
 folder's provenance.json; docs/results.md "Levers of the hypernetwork" has the table
 (raw results: docs/mini_hypernet_levers/).
@@ -25,9 +26,13 @@ def get_config() -> ml_collections.ConfigDict:
   assets = os.path.dirname(config.personalize.hypernet)
   network = lambda name: os.path.join(assets, name)
   config.reference_method = "hypernet_only_1200"
+  # the committed network against the table's, trained on the same 2,400 identities
+  config.paired_also = {"hypernet_only_steps10k_all": "hypernet_only",
+                        "hypernet_only_steps10k_all_scale150": "hypernet_only_scale150",
+                        "hypernet_only_steps10k_all_scale200": "hypernet_only_scale200"}
   config.methods = {
       "base": dict(kind="base"),  # the table's: the target is base + 0.15 (plain prompt)
-      # the committed recipe on the levers' 1,200 identities (the reference) and on 2,400
+      # the table network's recipe on the levers' 1,200 identities (the reference) and on 2,400
       # (the table's hypernet_only and hypernet_only_s6: s = 6 only at prediction)
       "hypernet_only_1200": dict(kind="personalize", steps=0,
                                  hypernet=network("mini_hypernet_1200")),
@@ -39,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
       # the diffusion loss at 4x the weight-space loss's weight (train.alpha=4)
       "hypernet_only_alpha4": dict(kind="personalize", steps=0,
                                    hypernet=network("mini_hypernet_alpha4")),
-      # the committed network's prediction at s = 4, each residual scaled (prediction_scale;
+      # the table's network's prediction at s = 4, each residual scaled (prediction_scale;
       # the name has the factor in percent)
       "hypernet_only_scale150": dict(kind="personalize", steps=0, prediction_scale=1.5),
       "hypernet_only_scale200": dict(kind="personalize", steps=0, prediction_scale=2.0),
@@ -57,8 +62,18 @@ def get_config() -> ml_collections.ConfigDict:
       "hypernet_only_views4_targets_scale200": dict(
           kind="personalize", steps=0, prediction_scale=2.0,
           hypernet=network("mini_hypernet_views4_targets")),
-      # the committed recipe trained twice as long (10,000 steps; :steps10k)
+      # the 5,000-step recipe trained twice as long (10,000 steps; :steps10k)
       "hypernet_only_steps10k": dict(kind="personalize", steps=0,
                                      hypernet=network("mini_hypernet_steps10k")),
+      # and so on the table's 2,400 identities: the committed network (:steps10k_all),
+      # alone, at 1.5x and at 2x
+      "hypernet_only_steps10k_all": dict(kind="personalize", steps=0,
+                                         hypernet=network("mini_hypernet")),
+      "hypernet_only_steps10k_all_scale150": dict(kind="personalize", steps=0,
+                                                  prediction_scale=1.5,
+                                                  hypernet=network("mini_hypernet")),
+      "hypernet_only_steps10k_all_scale200": dict(kind="personalize", steps=0,
+                                                  prediction_scale=2.0,
+                                                  hypernet=network("mini_hypernet")),
   }
   return config

@@ -1,10 +1,9 @@
 """HyperNetwork on the CPU mini world: one reference photo -> its LiDB weights.
 
 Trains on the pre-optimized weights of the mini world's train identities
-(assets/mini_preopt, made on the committed base assets/mini_base; the committed network
-assets/mini_hypernet was trained on all 2,400 of them: docs/hypernet.md has the commands)
-with their reference photos, face-masked diffusion loss, and reports the held-out
-identities' identity accuracy as it goes:
+(assets/mini_preopt, made on the committed base assets/mini_base) with their reference
+photos, face-masked diffusion loss, 10,000 steps, and reports the held-out identities'
+identity accuracy as it goes:
 
     python -m train.train_hypernet --config configs/hypernet_mini.py --workdir workdir/hypernet
 
@@ -14,6 +13,18 @@ With 2 host devices (the 2 cores) the batch is split over the mesh's `data` axis
         --config configs/hypernet_mini.py --workdir workdir/hypernet
 
 Kill it any time (SIGTERM/Ctrl-C checkpoint first); the same command continues.
+
+The committed network, assets/mini_hypernet, is `:steps10k_all`: this recipe on all 2,400
+pre-optimized identities (workdir/preopt_all/weights, made by the preoptimize command of
+docs/hypernet.md "Results in the mini world"), without the held-out evaluation:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.train_hypernet \
+        --config configs/hypernet_mini.py:steps10k_all --workdir workdir/hypernet_10k_all
+
+`:steps5k` is the recipe before 10,000 steps: the comparison table's network
+(assets/mini_hypernet_5k, on the same 2,400 identities with
+--config.data.weights=workdir/preopt_all/weights) and assets/mini_hypernet_1200 (on
+assets/mini_preopt's 1,200).
 
 `configs/hypernet_mini.py:learnable_aux` is the committed learnable-aux network's recipe
 (assets/mini_hypernet_aux): aux matrices learned with the network, no weight-space loss,
@@ -31,11 +42,11 @@ evaluation during training; it changes nothing in the weights):
         --config configs/hypernet_mini.py:k1 --workdir workdir/hypernet_k1
 
 Three levers of the hypernetwork (docs/results.md "Levers of the hypernetwork"), each the
-standard recipe on the same 1,200 identities with one change and no held-out evaluation
+5,000-step recipe on the same 1,200 identities with one change and no held-out evaluation
 during training: `:s6` trains with s = 6 refinement steps (assets/mini_hypernet_s6),
 `:alpha4` weighs the diffusion loss 4x (assets/mini_hypernet_alpha4), `:steps10k` trains
 twice as long, 10,000 steps on the same warmup and cosine decay
-(assets/mini_hypernet_steps10k):
+(assets/mini_hypernet_steps10k; the lever that won, now the recipe):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.train_hypernet \
         --config configs/hypernet_mini.py:s6 --workdir workdir/hypernet_s6
@@ -50,20 +61,13 @@ workdir/preopt_mean/weights, which this variant reads):
 
 `:views4_targets` trains on targets pre-optimized from 4 photos of each identity (the
 network still reads one), which this variant reads from workdir/preopt_views4/weights
-(no network of it is committed yet):
+(assets/mini_hypernet_views4_targets):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.preoptimize \
         --config configs/preopt_mini.py --workdir workdir/preopt_views4 \
         --config.data.max_identities=1200 --config.data.num_images=4
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.train_hypernet \
         --config configs/hypernet_mini.py:views4_targets --workdir workdir/hypernet_views4
-
-`:steps10k_all` is the longer training on the committed network's data: 10,000 steps on
-all 2,400 pre-optimized identities (workdir/preopt_all/weights, made by the preoptimize
-command of docs/hypernet.md "Results in the mini world"):
-
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m train.train_hypernet \
-        --config configs/hypernet_mini.py:steps10k_all --workdir workdir/hypernet_10k_all
 """
 
 import os
@@ -73,13 +77,16 @@ import ml_collections
 from hdb_jax import config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("", "learnable_aux", "k1", "s6", "alpha4", "mean_targets",
+VARIANTS = ("", "steps5k", "learnable_aux", "k1", "s6", "alpha4", "mean_targets",
             "views4_targets", "steps10k", "steps10k_all")
+# The networks trained before 10,000 steps became the recipe (docs/results.md "Levers of
+# the hypernetwork": twice the steps, +0.036 held-out identity) ran 5,000.
+STEPS_BEFORE = 5000
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  """variant "" (the committed standard network's recipe), "learnable_aux", "k1", "s6",
-  "alpha4", "mean_targets", "views4_targets", "steps10k" or "steps10k_all"."""
+  """variant "" (the standard recipe), "steps5k", "learnable_aux", "k1", "s6", "alpha4",
+  "mean_targets", "views4_targets", "steps10k" or "steps10k_all" (the committed network)."""
   if variant not in VARIANTS:
     raise ValueError(f"configs/hypernet_mini.py: unknown variant {variant!r} "
                      f"(known: {', '.join(repr(v) for v in VARIANTS)})")
@@ -109,7 +116,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       dtype="float32")
 
   config.train = dict(
-      steps=5000, batch_size=16, learning_rate=3e-4, warmup=200, weight_decay=0.01,
+      steps=10000, batch_size=16, learning_rate=3e-4, warmup=200, weight_decay=0.01,
       clip=1.0, seed=0, encoder_lr_scale=1.0,
       alpha=1.0,                 # diffusion loss with the predicted weights applied
       beta=1.0,                  # weight-space loss to the pre-optimized weights
@@ -128,6 +135,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2**18)
   config.distributed = dict(initialize=False, coordinator_address="", num_processes=0,
                             process_id=-1, cpu_collectives="")
+  if variant in ("steps5k", "k1", "s6", "alpha4", "mean_targets", "views4_targets"):
+    config.train.steps = STEPS_BEFORE
   if variant == "learnable_aux":
     config.hypernet.learnable_aux = True
     config.train.beta = 0.0
@@ -142,8 +151,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   elif variant == "alpha4":
     config.train.alpha = 4.0
     config.train.eval_every = 0
-  elif variant in ("steps10k", "steps10k_all"):
-    config.train.steps = 10000
+  elif variant in ("steps10k", "steps10k_all"):  # the standard steps, no held-out eval
     config.train.eval_every = 0
     if variant == "steps10k_all":
       config.data.weights = os.path.join("workdir", "preopt_all", "weights")

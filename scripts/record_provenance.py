@@ -25,6 +25,9 @@ import numpy as np  # noqa: E402
 from hdb_jax import config_file, files, provenance  # noqa: E402
 
 DATA_CODE = ["hdb_jax/mini/render.py", "hdb_jax/mini/synthetic_faces.py"]  # what the data is
+# The commit that added the 5,000-step network as assets/mini_hypernet (now
+# assets/mini_hypernet_5k)
+HYPERNET_5K_COMMIT = "edf259882452576a515a273dcfdb5c34653fbe51"
 WRITTEN = ("after the fact by scripts/record_provenance.py, from git history and the "
            "artefact's own files: the run that made it recorded no provenance")
 
@@ -34,10 +37,10 @@ def git(*args) -> str:
                         check=True).stdout.strip()
 
 
-def committed_in(path: str) -> dict:
-  """The commit that last added or changed `path` (the artefact as committed; not the one
-  that removed it) and its parent."""
-  commit = git("log", "-1", "--diff-filter=AM", "--format=%H", "--", path)
+def committed_in(path: str, rev: str = "HEAD") -> dict:
+  """The commit that last added or changed `path` up to `rev` (the artefact as committed;
+  not the one that removed it) and its parent."""
+  commit = git("log", "-1", "--diff-filter=AM", "--format=%H", rev, "--", path)
   return {"commit": commit, "date": git("log", "-1", "--format=%cI", commit),
           "parent": git("rev-parse", commit + "^"),
           "subject": git("log", "-1", "--format=%s", commit)[:200]}
@@ -163,15 +166,17 @@ def preopt_record(folder="assets/mini_preopt"):
 
 
 def hypernet_record(folder, variant, identities_note, command, weights_unknown,
-                    first_committed_as=None):
+                    first_committed_as=None, first_committed_by="HEAD"):
   from hdb_jax import hypernet
   from train import train_hypernet
   config = config_file.load(os.path.join(REPO, "configs", "hypernet_mini.py" +
                                          (f":{variant}" if variant else "")))
   with open(os.path.join(REPO, folder, "hypernet.json")) as f:
     info = json.load(f)
-  # a network restored from the history: the commit that made it, under its old folder
-  made = committed_in(os.path.join(first_committed_as or folder, "hypernet.safetensors"))
+  # a network restored or moved: the commit that made it, under its old folder (up to
+  # `first_committed_by` when another network took that folder later)
+  made = committed_in(os.path.join(first_committed_as or folder, "hypernet.safetensors"),
+                      first_committed_by)
   recorded = {"hypernet": info["hypernet"], "train.steps": info["steps"],
               "prompt": info["prompt"]}
   today = {"hypernet": config.hypernet.to_dict(), "train.steps": config.train.steps,
@@ -227,16 +232,20 @@ def main():
       "assets/mini_base": base_record,
       "assets/recognizer": recognizer_record,
       "assets/mini_preopt": preopt_record,
-      "assets/mini_hypernet": lambda: hypernet_record(
-          "assets/mini_hypernet", "", {"count": 2400, "targets": (
+      # the committed network until the 10,000-step one (which recorded its own run)
+      # replaced it; the comparison table's network
+      "assets/mini_hypernet_5k": lambda: hypernet_record(
+          "assets/mini_hypernet_5k", "steps5k", {"count": 2400, "targets": (
               "workdir/preopt_all/weights: assets/mini_preopt's 1,200 identities extended "
               "to all 2,400 (not committed)")},
           [two_devices + "python -m train.preoptimize --config configs/preopt_mini.py "
            "--workdir workdir/preopt_all --config.preopt.extend=assets/mini_preopt/weights",
-           two_devices + "python -m train.train_hypernet --config configs/hypernet_mini.py "
+           two_devices + "python -m train.train_hypernet --config configs/hypernet_mini.py:steps5k "
            "--workdir workdir/hypernet --config.data.weights=workdir/preopt_all/weights"],
           ["the fingerprint of its 2,400-identity targets (that weights dataset is not "
-           "committed)"]),
+           "committed)", "it was launched as configs/hypernet_mini.py when 5,000 steps were "
+           "that config's default (what the steps5k variant sets)"],
+          first_committed_as="assets/mini_hypernet", first_committed_by=HYPERNET_5K_COMMIT),
       "assets/mini_hypernet_aux": lambda: hypernet_record(
           "assets/mini_hypernet_aux", "learnable_aux", {"count": 1200, "targets": (
               "assets/mini_preopt/weights (identity list and LiDB spec only: beta = 0)")},
@@ -245,13 +254,15 @@ def main():
           ["which weights dataset the run read: the documented command reads "
            "assets/mini_preopt (1,200 identities); none is recorded"]),
       "assets/mini_hypernet_1200": lambda: hypernet_record(
-          "assets/mini_hypernet_1200", "", {"count": 1200, "targets": (
+          "assets/mini_hypernet_1200", "steps5k", {"count": 1200, "targets": (
               "assets/mini_preopt/weights (1,200 identities)")},
-          [two_devices + "python -m train.train_hypernet --config configs/hypernet_mini.py "
+          [two_devices + "python -m train.train_hypernet --config configs/hypernet_mini.py:steps5k "
            "--workdir workdir/hypernet_1200"],
           ["committed as assets/mini_hypernet_masked (removed when the 2,400-identity "
            "network replaced it) and restored from that commit for the k = 1 ablation's "
-           "pair"], first_committed_as="assets/mini_hypernet_masked"),
+           "pair", "it was launched as configs/hypernet_mini.py when 5,000 steps were that "
+           "config's default (what the steps5k variant sets)"],
+          first_committed_as="assets/mini_hypernet_masked"),
       "assets/mini_hypernet_k1": lambda: hypernet_record(
           "assets/mini_hypernet_k1", "k1", {"count": 1200, "targets": (
               "assets/mini_preopt/weights (1,200 identities)")},

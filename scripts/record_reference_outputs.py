@@ -61,8 +61,10 @@ def personalize_outputs(steps: int = 40) -> dict:
   cfg.face_check = "none"
   # The recipe recorded (the paper's: configs/mini.py's default then; evaluate_mini.py's
   # PAPER_RECIPE): a rank-4 LoRA relaxation, Adam at 5e-3, batch 4, the plain loss.
+  # And the network recorded: the 5,000-step one, the committed default then.
   cfg.update(rank=4, learning_rate=5e-3, batch_size=4, relax="lora", steps=steps,
-             background_weight=1.0, prediction_scale=1.0)
+             background_weight=1.0, prediction_scale=1.0,
+             hypernet=os.path.join(REPO, "assets", "mini_hypernet_5k"))
   words = dict(token=config.token, class_name=config.class_name)
   prompts = [prompt.format(**words) for prompt in cfg.prompts]
   size = personalize.photo_size(cfg)

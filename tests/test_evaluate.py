@@ -46,10 +46,10 @@ def test_two_identities_two_prompts_two_methods_and_resume(uninterrupted):
   with open(workdir / "summary.json") as f:
     summary = json.load(f)
   assert summary["prompts"] == ["a sks face", "a sketch of a sks face"]
-  from hdb_jax import hypernet  # hypernet_only predicts with the config's network
+  from hdb_jax import hypernet  # hypernet_only predicts with the table's pinned network
   assert summary["hypernet_fingerprints"] == {
-      "assets/mini_hypernet": hypernet.weights_fingerprint(
-          os.path.join(REPO, "assets", "mini_hypernet"))}
+      "assets/mini_hypernet_5k": hypernet.weights_fingerprint(
+          os.path.join(REPO, "assets", "mini_hypernet_5k"))}
   table = summary["table"]
   assert sorted(table) == ["base", "hypernet_only"]
   for row in table.values():
@@ -190,8 +190,10 @@ def test_committed_table_supports_what_docs_results_md_says():
   config = config_file.load(os.path.join(REPO, "configs", "evaluate_mini.py"))
   assert summary["hypernet_fingerprints"] == evaluate_report.hypernet_fingerprints(
       config, table)
+  # (the `default` row: configs/mini.py's network; the others: the table's pinned one)
   assert sorted(summary["hypernet_fingerprints"]) == ["assets/mini_hypernet",
                                                       "assets/mini_hypernet_1200",
+                                                      "assets/mini_hypernet_5k",
                                                       "assets/mini_hypernet_aux",
                                                       "assets/mini_hypernet_k1"]
   # Agg-1 (whole UNet, high lr) breaks the prompts; DreamBooth proper does not.
@@ -214,6 +216,14 @@ def _recomputes(folder, seeds, name, row):
     assert abs(row[metric] - again[metric]) < 1e-12, (name, metric)
 
 
+def _made_with_the_configured_networks(config, summary):
+  """The hypernetworks the summary's rows predicted with are the ones its config names
+  today (each folder's weights, by fingerprint)."""
+  from train import evaluate_report
+  assert summary["hypernet_fingerprints"] == evaluate_report.hypernet_fingerprints(
+      config, summary["table"])
+
+
 def test_committed_frontier_rows_recompute_from_their_raw_results():
   """docs/mini_frontier: each row of summary.json is what evaluate.summarize makes of its
   raw results, on the table's 50 identities, for exactly configs/evaluate_frontier.py's
@@ -231,6 +241,7 @@ def test_committed_frontier_rows_recompute_from_their_raw_results():
   for name, row in summary["table"].items():
     assert summary["methods"][name] == config.methods[name].to_dict(), name
     _recomputes(folder, summary["seeds"], name, row)
+  _made_with_the_configured_networks(config, summary)
 
 
 def test_committed_lever_rows_recompute_from_their_raw_results():
@@ -246,6 +257,7 @@ def test_committed_lever_rows_recompute_from_their_raw_results():
   for name, row in summary["table"].items():
     assert summary["methods"][name] == config.methods[name].to_dict(), name
     _recomputes(folder, summary["seeds"], name, row)
+  _made_with_the_configured_networks(config, summary)
   with open(os.path.join(folder, "results", "full.jsonl")) as a, \
        open(os.path.join(REPO, "docs", "mini_results", "full.jsonl")) as b:
     assert a.read() == b.read()
@@ -269,6 +281,7 @@ def test_committed_hypernetwork_lever_rows_recompute_from_their_raw_results():
     _recomputes(folder, summary["seeds"], name, row)
     if name != "hypernet_only_1200":  # the reference
       assert "minus_hypernet_only_1200" in row, name
+  _made_with_the_configured_networks(config, summary)
   for name in ("base", "hypernet_only", "hypernet_only_s6"):
     with open(os.path.join(folder, "results", f"{name}.jsonl")) as a, \
          open(os.path.join(REPO, "docs", "mini_results", f"{name}.jsonl")) as b:

@@ -118,15 +118,18 @@ def test_pretrained_clip_encoder_loads_frozen_and_round_trips(mini_spec, tmp_pat
     hypernet.make_encoder(ml_collections.ConfigDict(dict(kind="clip", path="")))
 
 
-def test_committed_hypernetwork_and_its_evaluation():
-  """assets/mini_hypernet is the network docs/mini_hypernet_eval.json measured, made for
-  the committed base; the measurement covers s = 1..8, shows identity gained and context
-  kept at s = 4 (as trained), and the issue's target (base + 0.12 identity, context within
-  5 points) reached at some s."""
+@pytest.mark.parametrize("network,evaluation", [
+    ("mini_hypernet", "mini_hypernet_eval.json"),        # the committed one
+    ("mini_hypernet_5k", "mini_hypernet_5k_eval.json")])  # the comparison table's
+def test_committed_hypernetwork_and_its_evaluation(network, evaluation):
+  """assets/<network> is the network docs/<evaluation> measured, made for the committed
+  base; the measurement covers s = 1..8, shows identity gained and context kept at s = 4
+  (as trained), and the issue's target (base + 0.12 identity, context within 5 points)
+  reached at some s."""
   import json
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  _, _, info = hypernet.load(os.path.join(repo, "assets", "mini_hypernet"))
-  with open(os.path.join(repo, "docs", "mini_hypernet_eval.json")) as f:
+  _, _, info = hypernet.load(os.path.join(repo, "assets", network))
+  with open(os.path.join(repo, "docs", evaluation)) as f:
     measured = json.load(f)
   assert info["fingerprint"] == measured["hypernet_fingerprint"]
   assert info["base_fingerprint"] == measured["base_fingerprint"]

@@ -14,7 +14,7 @@ from hdb_jax import config_file, hypernet, provenance, weights_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTEFACTS = ("assets/mini_base", "assets/recognizer", "assets/mini_preopt",
-             "assets/mini_hypernet", "assets/mini_hypernet_aux", "assets/mini_hypernet_1200",
+             "assets/mini_hypernet_5k", "assets/mini_hypernet_aux", "assets/mini_hypernet_1200",
              "assets/mini_hypernet_k1")
 
 
@@ -38,9 +38,9 @@ def test_every_committed_artefact_says_what_made_it(folder):
   assert isinstance(data["data_code_changed_since"], list)
 
 
-@pytest.mark.parametrize("folder,variant", [("assets/mini_hypernet", ""),
+@pytest.mark.parametrize("folder,variant", [("assets/mini_hypernet_5k", "steps5k"),
                                             ("assets/mini_hypernet_aux", "learnable_aux"),
-                                            ("assets/mini_hypernet_1200", ""),
+                                            ("assets/mini_hypernet_1200", "steps5k"),
                                             ("assets/mini_hypernet_k1", "k1")])
 def test_committed_hypernetworks_are_their_documented_configs(folder, variant):
   """The weights are the ones the provenance describes, and what hypernet.json recorded
@@ -57,13 +57,14 @@ def test_committed_hypernetworks_are_their_documented_configs(folder, variant):
   assert record["last_logged_step"] == config.train.steps
 
 
-@pytest.mark.parametrize("variant", ["s6", "alpha4", "mean_targets", "views4_targets",
-                                     "steps10k"])
-def test_hypernetwork_levers_recorded_their_own_runs(variant):
-  """The levers' networks (docs/results.md) wrote their provenance as they ran: their
-  weights, their config (configs/hypernet_mini.py:<variant> today, the run's workdir aside)
-  and a clean code state."""
-  folder = f"assets/mini_hypernet_{variant}"
+@pytest.mark.parametrize("folder,variant", [
+    *((f"assets/mini_hypernet_{variant}", variant)
+      for variant in ("s6", "alpha4", "mean_targets", "views4_targets", "steps10k")),
+    ("assets/mini_hypernet", "steps10k_all")])
+def test_hypernetworks_that_recorded_their_own_runs(folder, variant):
+  """The committed network and the levers' networks (docs/results.md) wrote their
+  provenance as they ran: their weights, their config (configs/hypernet_mini.py:<variant>
+  today, the run's workdir aside) and a clean code state."""
   record = _record(folder)
   assert record["format"] == provenance.FORMAT and record["code"]["dirty"] is False
   assert record["fingerprint"] == hypernet.weights_fingerprint(os.path.join(REPO, folder))

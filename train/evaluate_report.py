@@ -4,6 +4,7 @@ samples.png, plot.png and the table as text."""
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 
@@ -46,12 +47,15 @@ def write_summary(config, workdir: str, prompts: list[str]) -> dict:
   reference = config.get("reference_method", "full")
   scoring = config.get("scoring", "recognizer")
   spec = evaluate.SCORINGS[scoring]
-  if reference in raw:  # paired: the same identities and noise
-    for name, row in table.items():
-      if name != reference:
-        row["minus_" + reference] = {
-            metric: evaluate.paired_difference(raw[name], raw[reference], config.seeds, metric)
-            for metric in spec["paired"]}
+  # paired: the same identities and noise; against the reference, and the pairs of
+  # config.paired_also ({method: other method}) as well
+  pairs = [(name, reference) for name in table if name != reference]
+  pairs += list(config.get("paired_also", {}).items())
+  for name, other in pairs:
+    if name in raw and other in raw:
+      table[name]["minus_" + other] = {
+          metric: evaluate.paired_difference(raw[name], raw[other], config.seeds, metric)
+          for metric in spec["paired"]}
   from train import evaluate_methods
   for name, row in table.items():
     row["draws"] = evaluate_methods.instance_draws(config, config.methods[name])
@@ -169,9 +173,14 @@ def markdown_table(summary: dict, seconds: dict | None = None) -> str:
           + [cell(row, key, ci) for key, _, ci in spec["columns"]]
           + ([str(row.get("draws", "-"))] if draws else [])
           + ["-" if timed is None else f"{timed:.2f}"]) + " |")
-    paired = [(name, row) for name, row in rows if any(k.startswith("minus_") for k in row)]
+    # the reference: the method most rows are paired against (config.paired_also's pairs
+    # are the JSON's only)
+    against = collections.Counter(k for _, row in rows for k in row if k.startswith("minus_"))
+    paired = []
+    if against:
+      reference = against.most_common(1)[0][0][len("minus_"):]
+      paired = [(name, row) for name, row in rows if "minus_" + reference in row]
     if paired:
-      reference = next(k for k in paired[0][1] if k.startswith("minus_"))[len("minus_"):]
       headers = dict((key, h) for key, h, _ in spec["columns"])
       lines += ["", f"Paired against {reference} (the same identities and noise; mean "
                 f"difference [95% CI], negative: {reference} is higher):", "",

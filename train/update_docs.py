@@ -87,15 +87,22 @@ def _hypernet_table(rows: list[tuple[str, str, str]], bold=()) -> str:
 
 
 _EVAL = "docs/mini_hypernet_eval.json"
+_EVAL_5K = "docs/mini_hypernet_5k_eval.json"
 _VARIANTS = "docs/mini_hypernet_variants.json"
 _STANDARD = "docs/mini_hypernet_standard_eval.json"
 # Tables that live only inside a page: name -> function making their text.
+def _iterations_table(path: str) -> str:
+  """The base and each s of one train/eval_hypernet.py run."""
+  return _hypernet_table(
+      [("base model", path, "rows.base")]
+      + [(f"hypernetwork s = {s}" + (" (as trained)" if s == 4 else ""), path,
+          f"rows.hypernet_s{s}") for s in (1, 2, 3, 4, 5, 6, 8)],
+      bold=("hypernetwork s = 4 (as trained)", "hypernetwork s = 6"))
+
+
 BLOCKS = {
-    "hypernet_eval": lambda: _hypernet_table(
-        [("base model", _EVAL, "rows.base")]
-        + [(f"hypernetwork s = {s}" + (" (as trained)" if s == 4 else ""), _EVAL,
-            f"rows.hypernet_s{s}") for s in (1, 2, 3, 4, 5, 6, 8)],
-        bold=("hypernetwork s = 4 (as trained)", "hypernetwork s = 6")),
+    "hypernet_eval": lambda: _iterations_table(_EVAL),
+    "hypernet_eval_5k": lambda: _iterations_table(_EVAL_5K),
     "hypernet_earlier": lambda: _hypernet_table(
         [("base model", _STANDARD, "rows.base")]
         + [(f"hypernetwork s = {s}" + (" (as trained)" if s == 4 else ""), _STANDARD,
