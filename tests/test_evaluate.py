@@ -196,6 +196,15 @@ def test_committed_table_supports_what_docs_results_md_says():
                                                       "assets/mini_hypernet_5k",
                                                       "assets/mini_hypernet_aux",
                                                       "assets/mini_hypernet_k1"]
+  # config.paired_also: the default paired against the same recipe from the table's
+  # network too, from their raw results; the markdown's paired section stays against full.
+  def raw(name):
+    with open(os.path.join(REPO, "docs", "mini_results", f"{name}.jsonl")) as f:
+      return [json.loads(line) for line in f]
+  assert table["default"]["minus_default_5k"]["identity"] == evaluate.paired_difference(
+      raw("default"), raw("default_5k"), summary["seeds"], "identity")
+  assert "minus_default" not in table["default_5k"]
+  assert "Paired against full " in evaluate_report.markdown_table(summary)
   # Agg-1 (whole UNet, high lr) breaks the prompts; DreamBooth proper does not.
   assert table["dreambooth_agg1"]["background_drop"] > 0.3
   assert table["dreambooth_400"]["background_drop"] < 0.05
