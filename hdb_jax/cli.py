@@ -147,7 +147,7 @@ def predict(args) -> dict:
   hypernetwork and the iterations."""
   from hdb_jax import hub, hypernet
   folder = hub.resolve(args.hypernet, "--hypernet", args.allow_download)
-  return hypernet.predict_file(folder, args.image, args.out, args.iterations)
+  return hypernet.predict_file(folder, args.image, args.out, args.iterations, args.scale)
 
 
 from hdb_jax.api import PERSONALIZATION_FILE, SAMPLES_FILE, TIMINGS_FILE  # noqa: E402
@@ -302,6 +302,10 @@ def main(argv=None) -> int:
   p.add_argument("--out", required=True, help="output LiDB .safetensors file")
   p.add_argument("--iterations", type=int, default=None,
                  help="refinement iterations s (default: as trained)")
+  p.add_argument("--scale", type=float, default=1.0,
+                 help="multiply every predicted residual by this (default 1: as trained; "
+                      "1.5 on the mini world's network: more identity, context within a "
+                      "point, docs/results.md)")
   p = commands.add_parser("personalize", help="one face photo -> a personalized model "
                           "(hypernetwork + fast finetuning)", description=personalize.__doc__)
   p.add_argument("--config", required=True,

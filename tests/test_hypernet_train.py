@@ -207,6 +207,21 @@ def test_predict_writes_a_lidb_file(reference_run, stand_in, tmp_path):
   assert cli.main(["predict", "--hypernet", hypernet_dir, "--image", image, "--out", zero,
                    "--iterations", "0"]) == 0
   assert all(float(np.abs(x).max()) == 0 for x in jax.tree_util.tree_leaves(lidb.load(zero)[0]))
+  # --scale: every residual times the factor (U_train scaled), recorded in the metadata
+  scaled = str(tmp_path / "scaled.safetensors")
+  assert cli.main(["predict", "--hypernet", hypernet_dir, "--image", image, "--out", scaled,
+                   "--scale", "1.5"]) == 0
+  scaled_train, _, scaled_metadata = lidb.load(scaled)
+  assert scaled_metadata["scale"] == "1.5" and metadata["scale"] == "1.0"
+  for component, layers in train.items():
+    for layer, weights in layers.items():
+      np.testing.assert_array_equal(scaled_train[component][layer]["D_train"],
+                                    weights["D_train"])
+      np.testing.assert_allclose(scaled_train[component][layer]["U_train"],
+                                 1.5 * weights["U_train"], rtol=1e-6)
+  assert cli.main(["predict", "--hypernet", hypernet_dir, "--image", image,
+                   "--out", str(tmp_path / "none.safetensors"), "--scale", "0"]) == 1
+  assert not os.path.exists(tmp_path / "none.safetensors")
   not_image = tmp_path / "not_an_image.png"
   not_image.write_text("hello")
   assert cli.main(["predict", "--hypernet", hypernet_dir, "--image", str(not_image),
