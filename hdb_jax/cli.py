@@ -144,7 +144,7 @@ def export_base(args) -> dict:
 def predict(args) -> dict:
   """One face photo -> a LiDB file by the hypernetwork alone (no finetuning). The file
   loads like any LiDB file (`lidb.load`, `hdb export`); its metadata names the
-  hypernetwork and the iterations."""
+  hypernetwork, the iterations and the scale."""
   from hdb_jax import hub, hypernet
   folder = hub.resolve(args.hypernet, "--hypernet", args.allow_download)
   return hypernet.predict_file(folder, args.image, args.out, args.iterations, args.scale)
